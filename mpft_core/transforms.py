@@ -1,0 +1,88 @@
+"""Pixel transforms: tile small images, crop to the model size, flip, normalise.
+
+There is deliberately no resize anywhere: resampling wipes out the low-level traces generators leave (METHOD.md).
+Per-image functions work on numpy uint8 HWC arrays (decode side, CPU tasks); ``normalize`` works on a torch batch
+right before the model so the data pipeline can ship compact uint8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# open_clip's OPENAI_DATASET_MEAN/STD; the model's own preprocess cfg overrides these when it has one.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything needed to turn decoded pixels into model input; stored in every checkpoint."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+def tile_to_min_size(img: np.ndarray, size: int) -> np.ndarray:
+    """Repeat the image (wrap-around) until both sides are at least ``size``; larger images pass unchanged."""
+    h, w = img.shape[:2]
+    pad_h, pad_w = max(0, size - h), max(0, size - w)
+    if pad_h == 0 and pad_w == 0:
+        return img
+    return np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="wrap")
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    img = tile_to_min_size(img, size)
+    h, w = img.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(img[top : top + size, left : left + size])
+
+
+def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    img = tile_to_min_size(img, size)
+    h, w = img.shape[:2]
+    top = int(rng.integers(0, h - size + 1))
+    left = int(rng.integers(0, w - size + 1))
+    return np.ascontiguousarray(img[top : top + size, left : left + size])
+
+
+def train_view(img: np.ndarray, size: int, rng: np.random.Generator, flip_prob: float = 0.5) -> np.ndarray:
+    """Training-time view: random crop then random horizontal flip."""
+    out = random_crop(img, size, rng)
+    if rng.random() < flip_prob:
+        out = np.ascontiguousarray(out[:, ::-1])
+    return out
+
+
+def eval_view(img: np.ndarray, size: int) -> np.ndarray:
+    """Evaluation/scoring view: deterministic center crop."""
+    return center_crop(img, size)
+
+
+def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 NHWC (as shipped by the pipeline) -> float32 NCHW normalised for the model."""
+    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 NHWC batch with 3 channels, got {tuple(batch.shape)} {batch.dtype}")
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Inverse of ``normalize`` back to [0, 1] RGB (float NCHW); used by TAM and by mask visualisations."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x * s + m

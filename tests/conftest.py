@@ -1,0 +1,40 @@
+"""Shared fixtures: the real local stack (S3 server, MLflow server, private Ray), started and stopped by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server process on 127.0.0.1 (never an in-process mock: Ray workers must reach it)."""
+    from infra.local_stack.s3 import LocalS3Server
+
+    with LocalS3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """An MLflow tracking server with a sqlite backend and local artifact store."""
+    from infra.local_stack.mlflow_server import LocalMlflowServer
+
+    with LocalMlflowServer(root=tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private Ray instance for the whole session (starting Ray costs seconds; tests share it)."""
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
