@@ -1,0 +1,121 @@
+"""Detector checkpoints as plain data: ``model.safetensors`` (all tensors) + ``mpft.json`` (everything else).
+
+Nothing is ever unpickled: a checkpoint from an untrusted bucket can at worst hold wrong numbers, never code.
+Loading rebuilds the architecture from the recorded ``DetectorConfig`` with random init (no download), then loads
+the tensors strictly, so a checkpoint restores on a machine without network access or the original weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+import open_clip
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import DetectorConfig
+from .detector import MPFTDetector, build_detector
+from .transforms import Preprocess
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "mpft.json"
+FORMAT_NAME = "mpft-detector"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, os.PathLike]
+
+
+def save_checkpoint(detector: MPFTDetector, directory: PathLike, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``mpft.json`` into ``directory`` (created if needed); returns the directory.
+
+    ``extra`` is any JSON-serialisable run information (metrics, dataset hash, step) stored alongside.
+    """
+    detector = getattr(detector, "module", detector)  # unwrap DistributedDataParallel: keys without "module."
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        # backbone.pretrained records where training started; the weights themselves are in model.safetensors.
+        "detector": detector.config.to_dict(),
+        "preprocess": detector.preprocess.to_dict(),
+        "threshold": detector.threshold,
+        "extra": extra or {},
+        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+    }
+    meta_text = json.dumps(meta, indent=2, sort_keys=True)  # fail on unserialisable `extra` before writing anything
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in detector.state_dict().items()}
+    # Write-then-rename, so a reader never sees a half-written file (checkpoints are read while training runs).
+    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME}))
+    _atomic_write(directory / META_FILE, lambda tmp: tmp.write_text(meta_text, encoding="utf-8"))
+    return directory
+
+
+def read_checkpoint_meta(path: PathLike) -> dict:
+    """The parsed ``mpft.json`` of a checkpoint directory (or of the directory holding ``model.safetensors``)."""
+    directory, _ = _checkpoint_files(Path(path))
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{str(directory)!r} is not an MPFT checkpoint: {META_FILE} is missing")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(meta_path)!r} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{str(meta_path)!r} is not an MPFT checkpoint description")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported MPFT checkpoint format version {meta.get('format_version')!r}")
+    return meta
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> MPFTDetector:
+    """Rebuild a detector from a checkpoint directory or its ``model.safetensors``; returned in eval mode.
+
+    Raises:
+        ValueError: for anything that is not safetensors + JSON (e.g. a pickled ``.pt``), or a malformed checkpoint.
+    """
+    directory, weights_path = _checkpoint_files(Path(path))
+    meta = read_checkpoint_meta(directory)
+    config = DetectorConfig.from_dict(meta["detector"])
+
+    architecture_only = config.model_copy(deep=True)
+    architecture_only.backbone.pretrained = None
+    detector = build_detector(architecture_only)
+    detector.load_state_dict(_read_tensors(weights_path), strict=True)
+
+    detector.config = config
+    # The recorded preprocessing wins: a random-init rebuild only knows open_clip's defaults, not the tag's.
+    detector.preprocess = Preprocess.from_dict(meta["preprocess"])
+    detector.threshold = float(meta["threshold"])
+    return detector.to(map_location).eval()
+
+
+def _checkpoint_files(path: Path) -> tuple[Path, Path]:
+    """(directory, weights file) for a checkpoint directory or a path to its ``.safetensors`` file."""
+    if path.is_dir():
+        return path, path / WEIGHTS_FILE
+    if path.suffix == ".safetensors":
+        return path.parent, path
+    raise ValueError(
+        f"refusing to load {str(path)!r}: MPFT checkpoints are a directory with {WEIGHTS_FILE} + {META_FILE} "
+        "(pickled .pt/.pth/.bin files are never loaded)"
+    )
+
+
+def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    if not weights_path.is_file():
+        raise ValueError(f"checkpoint weights {str(weights_path)!r} are missing")
+    try:
+        return load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(weights_path)!r} is not a valid safetensors file: {err}") from err
+
+
+def _atomic_write(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    write(tmp)
+    os.replace(tmp, target)

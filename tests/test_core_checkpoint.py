@@ -1,0 +1,196 @@
+"""Checkpoints (safetensors + JSON only) and backbone weight sources (local file, s3:// via resolver, tags)."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mpft_core.backbone import create_backbone, register_shipped_configs
+from mpft_core.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from mpft_core.config import BackboneConfig, DetectorConfig, MaskConfig, OptimConfig
+from mpft_core.detector import build_detector
+from mpft_core.optim import make_optimizer, train_step
+from mpft_core.transforms import Preprocess
+
+
+def tiny_detector(**overrides):
+    cfg = DetectorConfig(
+        backbone=BackboneConfig(name="mpft-tiny-32", pretrained="openai-like-tag-recorded-only"),
+        mask=MaskConfig(strategy="tam", ratio=0.5, mode="drop"),
+        **overrides,
+    )
+    # Record a weight source but build with random init: the loader must never try to fetch it.
+    detector = build_detector(cfg.model_copy(update={"backbone": BackboneConfig(name="mpft-tiny-32", pretrained=None)}))
+    detector.config = cfg
+    return detector
+
+
+def trained_tiny_detector():
+    torch.manual_seed(0)
+    detector = tiny_detector(trainable="last-k", last_k=1)
+    optimizer = make_optimizer(detector, OptimConfig(backbone_lr=1e-3))
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    for _ in range(2):
+        train_step(detector, images, [0, 1, 0, 1], optimizer)
+    return detector
+
+
+def test_round_trip_reproduces_logits_bit_for_bit(tmp_path):
+    detector = trained_tiny_detector()
+    detector.threshold = 0.73
+    detector.preprocess = Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = detector.eval()(x)
+
+    directory = save_checkpoint(detector, tmp_path / "ckpt", extra={"step": 2, "val_acc": 0.5})
+    restored = load_checkpoint(directory)
+
+    with torch.no_grad():
+        assert torch.equal(restored(x), expected)
+    assert not restored.training
+    assert restored.threshold == 0.73
+    assert restored.preprocess == detector.preprocess
+    assert restored.config == detector.config  # including the recorded pretrained source
+    assert {n for n, p in restored.named_parameters() if p.requires_grad} == {
+        n for n, p in detector.named_parameters() if p.requires_grad
+    }
+
+
+def test_checkpoint_directory_holds_only_safetensors_and_json(tmp_path):
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt", extra={"manifest_sha256": "abc"})
+    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "mpft.json"]
+
+    meta = read_checkpoint_meta(directory)
+    assert meta["extra"] == {"manifest_sha256": "abc"}
+    assert meta["detector"]["backbone"]["pretrained"] == "openai-like-tag-recorded-only"
+    assert meta["preprocess"]["image_size"] == 32
+    assert meta["threshold"] == 0.5
+
+
+def test_loader_accepts_the_safetensors_file_path(tmp_path):
+    detector = tiny_detector()
+    directory = save_checkpoint(detector, tmp_path / "ckpt")
+    restored = load_checkpoint(directory / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), detector.state_dict().values()))
+
+
+def test_loader_refuses_a_pickle_file(tmp_path):
+    pickle_path = tmp_path / "model.pt"
+    torch.save(tiny_detector().state_dict(), pickle_path)
+    with pytest.raises(ValueError, match="refusing"):
+        load_checkpoint(pickle_path)
+
+
+def test_loader_refuses_a_pickle_disguised_as_safetensors(tmp_path):
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
+    torch.save(tiny_detector().state_dict(), directory / "model.safetensors")
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        load_checkpoint(directory)
+
+
+def test_loader_refuses_a_directory_without_description(tmp_path):
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
+    (directory / "mpft.json").unlink()
+    with pytest.raises(ValueError, match="mpft.json"):
+        load_checkpoint(directory)
+
+
+def test_loader_refuses_weights_of_another_architecture(tmp_path):
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
+    meta = json.loads((directory / "mpft.json").read_text())
+    meta["detector"]["backbone"]["name"] = "mpft-tiny-224"
+    (directory / "mpft.json").write_text(json.dumps(meta))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_checkpoint(directory)
+
+
+def test_unserialisable_extra_fails_before_writing(tmp_path):
+    with pytest.raises(TypeError):
+        save_checkpoint(tiny_detector(), tmp_path / "ckpt", extra={"tensor": torch.zeros(1)})
+    assert not any((tmp_path / "ckpt").iterdir())
+
+
+# --- backbone weight sources ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_clip_weights(tmp_path):
+    """An open_clip-style CLIP state dict (both towers) for mpft-tiny-32, as safetensors."""
+    register_shipped_configs()
+    torch.manual_seed(123)
+    model = open_clip.create_model("mpft-tiny-32", pretrained=None)
+    path = tmp_path / "clip-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path, {k.removeprefix("visual."): v for k, v in model.state_dict().items() if k.startswith("visual.")}
+
+
+def assert_same_weights(visual, expected: dict):
+    state = visual.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_local_safetensors_file_loads_the_vision_weights(open_clip_weights):
+    path, expected = open_clip_weights
+    torch.manual_seed(999)  # a different seed: a random init would not match
+    visual, preprocess = create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained=str(path)))
+    assert_same_weights(visual, expected)
+    assert preprocess.image_size == 32
+
+
+def test_s3_weights_need_a_resolver(open_clip_weights):
+    with pytest.raises(ValueError, match="resolve_uri"):
+        create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained="s3://models/clip-tiny.safetensors"))
+
+
+def test_s3_weights_load_through_the_resolver(open_clip_weights):
+    path, expected = open_clip_weights
+    asked = []
+
+    def fake_resolver(uri):
+        asked.append(uri)
+        return path
+
+    visual, _ = create_backbone(
+        BackboneConfig(name="mpft-tiny-32", pretrained="s3://models/clip-tiny.safetensors"), resolve_uri=fake_resolver
+    )
+    assert asked == ["s3://models/clip-tiny.safetensors"]
+    assert_same_weights(visual, expected)
+
+
+def test_pickled_backbone_weights_are_refused(tmp_path):
+    path = tmp_path / "clip.pt"
+    torch.save({"x": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="safetensors"):
+        create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained=str(path)))
+
+
+def test_unknown_tag_or_missing_file_is_a_clear_error():
+    with pytest.raises(ValueError, match="neither an existing file nor an open_clip pretrained tag"):
+        create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained="/no/such/weights.safetensors"))
+
+
+def test_preprocess_comes_from_the_open_clip_tag(monkeypatch):
+    # A tag with non-CLIP normalisation; open_clip's download is stubbed (no network) with random-init weights.
+    tag = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "hf_hub": "none/none", "quick_gelu": True}
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, t: tag if t == "fake-tag" else {})
+    monkeypatch.setattr("open_clip.factory.get_pretrained_cfg", lambda name, t: tag)
+    monkeypatch.setattr("open_clip.factory.download_pretrained", lambda cfg, cache_dir=None: None)
+
+    visual, preprocess = create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained="fake-tag"))
+
+    assert preprocess == Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    # The tag was trained with QuickGELU, so the tower must use it even though the config does not say so.
+    assert type(visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
+def test_a_wrapped_detector_saves_under_plain_names(tmp_path):
+    detector = tiny_detector()
+    directory = save_checkpoint(torch.nn.DataParallel(detector), tmp_path / "ckpt")  # as DDP would wrap it
+    restored = load_checkpoint(directory)
+    assert restored.state_dict().keys() == detector.state_dict().keys()
