@@ -1,0 +1,205 @@
+"""Detection metrics per subset (generator) and decision-threshold calibration.
+
+Conventions used throughout:
+
+* ``labels``: 1 = generated (fake), 0 = real.
+* ``scores``: the detector's probability that an image is generated.
+* Prediction rule: an image is called *generated* iff ``score >= threshold``; otherwise *real*.
+
+Every number is computed once on the full subset (METHOD.md): no resampling, no averaging of per-batch values.
+Average precision and ROC AUC need both classes, so they are NaN on a subset that holds only one class (a common case:
+a test folder of one generator's fakes only); per-class accuracies are NaN when that class is absent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+RATE_METRICS = ("acc", "acc_real", "acc_fake", "ap", "auc")
+COUNT_FIELDS = ("n", "n_real", "n_fake")
+MEAN_KEY = "mean"
+POOLED_KEY = "all"
+TABLE_COLUMNS = ("subset",) + COUNT_FIELDS + RATE_METRICS
+
+
+# --- input checks -------------------------------------------------------------------------------------------------
+def _as_labels(labels) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.isin(arr, (0, 1)).all():
+        raise ValueError("labels must be 0 (real) or 1 (generated)")
+    return arr.astype(np.int64)
+
+
+def _as_scores(scores) -> np.ndarray:
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"scores must be 1-D, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("scores contain NaN or infinite values")
+    return arr
+
+
+def _checked_pair(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    y, s = _as_labels(labels), _as_scores(scores)
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
+    return y, s
+
+
+# --- one set of images --------------------------------------------------------------------------------------------
+def predict_generated(scores, threshold: float = 0.5) -> np.ndarray:
+    """Boolean verdicts: True (generated) iff ``score >= threshold``."""
+    return _as_scores(scores) >= threshold
+
+
+def _fraction_correct(correct: np.ndarray) -> float:
+    return float(correct.mean()) if correct.size else math.nan
+
+
+def binary_metrics(labels, scores, threshold: float = 0.5) -> dict:
+    """Accuracy (overall / real only / fake only) at ``threshold``, AP, ROC AUC and counts for one set of images.
+
+    Returns a dict with keys ``acc, acc_real, acc_fake, ap, auc, n, n_real, n_fake``. Rates are floats and may be
+    NaN (see module docstring); counts are ints.
+    """
+    y, s = _checked_pair(labels, scores)
+    predicted = (s >= threshold).astype(np.int64)
+    correct = predicted == y
+    is_fake = y == 1
+    both_classes = bool(is_fake.any() and (~is_fake).any())
+    return {
+        "acc": _fraction_correct(correct),
+        "acc_real": _fraction_correct(correct[~is_fake]),
+        "acc_fake": _fraction_correct(correct[is_fake]),
+        "ap": float(average_precision_score(y, s)) if both_classes else math.nan,
+        "auc": float(roc_auc_score(y, s)) if both_classes else math.nan,
+        "n": int(y.size),
+        "n_real": int((~is_fake).sum()),
+        "n_fake": int(is_fake.sum()),
+    }
+
+
+# --- several subsets ----------------------------------------------------------------------------------------------
+def _nan_mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    # np.nanmean warns on an all-NaN slice; a metric undefined everywhere is simply undefined on average.
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _mean_over_subsets(per_subset: dict[str, dict]) -> dict:
+    """Unweighted mean of each rate over subsets (NaNs skipped); counts are totals so the row still says how much
+    data stands behind it."""
+    rows = list(per_subset.values())
+    mean = {name: _nan_mean([row[name] for row in rows]) for name in RATE_METRICS}
+    mean.update({name: int(sum(row[name] for row in rows)) for name in COUNT_FIELDS})
+    return mean
+
+
+def per_subset_metrics(labels, scores, subsets, threshold: float = 0.5) -> dict[str, dict]:
+    """``binary_metrics`` on each subset (sorted by name), plus ``"mean"`` and ``"all"``.
+
+    ``"mean"`` is the unweighted, NaN-skipping mean over subsets of each rate — the number papers report as "mean
+    accuracy" — with counts summed. ``"all"`` is ``binary_metrics`` on the pooled images.
+    """
+    y, s = _checked_pair(labels, scores)
+    names = np.asarray(subsets).astype(str)
+    if names.shape != y.shape:
+        raise ValueError(f"subsets ({names.size}) and labels ({y.size}) differ in length")
+    if y.size == 0:
+        raise ValueError("no images to evaluate")
+    reserved = {MEAN_KEY, POOLED_KEY} & set(names.tolist())
+    if reserved:
+        raise ValueError(f"subset names {sorted(reserved)} are reserved for the summary rows")
+
+    results = {
+        name: binary_metrics(y[names == name], s[names == name], threshold) for name in sorted(set(names.tolist()))
+    }
+    summary = {MEAN_KEY: _mean_over_subsets(results), POOLED_KEY: binary_metrics(y, s, threshold)}
+    return {**results, **summary}
+
+
+def metrics_table(labels, scores, subsets, threshold: float = 0.5, include_pooled: bool = False) -> pd.DataFrame:
+    """One row per subset, then the ``mean`` row (and the pooled ``all`` row if asked); columns ``TABLE_COLUMNS``."""
+    return table_from_results(per_subset_metrics(labels, scores, subsets, threshold), include_pooled)
+
+
+def table_from_results(results: dict[str, dict], include_pooled: bool = False) -> pd.DataFrame:
+    """The DataFrame of ``metrics_table`` from an existing ``per_subset_metrics`` result (no recomputation)."""
+    rows = [{"subset": name, **values} for name, values in results.items() if name != POOLED_KEY or include_pooled]
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+# --- markdown -----------------------------------------------------------------------------------------------------
+def _format_cell(value, float_digits: int) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if math.isnan(value) else f"{float(value):.{float_digits}f}"
+    # A literal pipe would split the cell; newlines would break the row.
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(df: pd.DataFrame, float_digits: int = 4) -> str:
+    """A GitHub-flavoured markdown table of ``df`` (index not included); numbers right-aligned, NaN as ``n/a``."""
+    header = [_format_cell(str(col), float_digits) for col in df.columns]
+    numeric = [pd.api.types.is_numeric_dtype(df[col]) for col in df.columns]
+    align = ["---:" if is_num else ":---" for is_num in numeric]
+    body = [[_format_cell(value, float_digits) for value in row] for row in df.itertuples(index=False, name=None)]
+    lines = [header, align, *body]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+# --- threshold calibration ----------------------------------------------------------------------------------------
+def _just_above(value: float, float32_exact: bool) -> float:
+    """The smallest float strictly greater than ``value``.
+
+    When the scores are float32 numbers (the detector's output) the step is taken in float32, so the threshold keeps
+    its meaning if a consumer compares in float32 too (a float64 step would round back onto ``value``).
+    """
+    if float32_exact:
+        return float(np.nextafter(np.float32(value), np.float32(np.inf)))
+    return float(np.nextafter(value, np.inf))
+
+
+def calibrate_threshold(real_scores, target_fpr: float) -> float:
+    """The lowest threshold at which at most ``target_fpr`` of these real images would be flagged as generated.
+
+    With the rule "generated iff score >= threshold", flagging at most ``k = floor(target_fpr * n)`` of ``n`` real
+    images requires a threshold strictly above the (k+1)-th highest real score; the result is the next representable
+    number above it, i.e. the tightest such threshold. Ties are never split: if several real images share that score
+    they are all let through (FPR may land below the target). The result may exceed 1.0 when ``target_fpr`` is so
+    small that even the top score (possibly 1.0) must pass as real.
+
+    Use validation images only — never test labels (METHOD.md).
+
+    Raises:
+        ValueError: no scores, non-finite scores, or ``target_fpr`` outside [0, 1).
+    """
+    scores = _as_scores(real_scores)
+    if scores.size == 0:
+        raise ValueError("cannot calibrate a threshold on an empty set of real scores")
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    # The epsilon keeps products like 0.29 * 100 = 28.999999999999996 from losing an allowed false positive.
+    allowed = min(int(math.floor(target_fpr * scores.size + 1e-9)), scores.size - 1)
+    highest_first = np.sort(scores)[::-1]
+    highest_passing = highest_first[allowed]
+    float32_exact = bool((scores.astype(np.float32).astype(np.float64) == scores).all())
+    return _just_above(float(highest_passing), float32_exact)
+
+
+def false_positive_rate(real_scores, threshold: float) -> float:
+    """Fraction of real images flagged as generated at ``threshold`` (same >= rule)."""
+    scores = _as_scores(real_scores)
+    if scores.size == 0:
+        raise ValueError("no real scores")
+    return float((scores >= threshold).mean())

@@ -1,0 +1,158 @@
+"""Per-subset metrics agree with scikit-learn computed independently; threshold rule and calibration are exact."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
+from mpft_core.metrics import (
+    binary_metrics,
+    calibrate_threshold,
+    false_positive_rate,
+    metrics_table,
+    per_subset_metrics,
+    to_markdown,
+)
+
+# Imbalanced sizes and unequal difficulty on purpose: the mean over subsets must not be the pooled number.
+SUBSET_SIZES = {"adm": (40, 10), "biggan": (5, 60), "glide": (25, 25), "midjourney": (70, 3)}  # (n_real, n_fake)
+SEPARATION = {"adm": 0.5, "biggan": 0.1, "glide": 0.3, "midjourney": 0.4}
+
+
+def random_eval_set(seed: int = 0):
+    """Scores that are informative but noisy, so no metric is trivially 0 or 1."""
+    rng = np.random.default_rng(seed)
+    labels, scores, subsets = [], [], []
+    for name, (n_real, n_fake) in SUBSET_SIZES.items():
+        y = np.array([0] * n_real + [1] * n_fake)
+        s = np.clip(rng.normal(0.5 + SEPARATION[name] * (y - 0.5), 0.2), 0.0, 1.0)
+        labels.append(y), scores.append(s), subsets.append(np.full(y.size, name))
+    order = rng.permutation(sum(a + b for a, b in SUBSET_SIZES.values()))  # subsets interleaved, as in real data
+    return np.concatenate(labels)[order], np.concatenate(scores)[order], np.concatenate(subsets)[order]
+
+
+def sklearn_reference(labels, scores, subsets, threshold):
+    reference = {}
+    for name in SUBSET_SIZES:
+        y, s = labels[subsets == name], scores[subsets == name]
+        pred = (s >= threshold).astype(int)
+        reference[name] = {
+            "acc": accuracy_score(y, pred),
+            "acc_real": accuracy_score(y[y == 0], pred[y == 0]),
+            "acc_fake": accuracy_score(y[y == 1], pred[y == 1]),
+            "ap": average_precision_score(y, s),
+            "auc": roc_auc_score(y, s),
+            "n": y.size,
+            "n_real": int((y == 0).sum()),
+            "n_fake": int((y == 1).sum()),
+        }
+    return reference
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.42])
+def test_per_subset_metrics_match_sklearn_on_each_full_subset(threshold):
+    labels, scores, subsets = random_eval_set()
+    result = per_subset_metrics(labels, scores, subsets, threshold=threshold)
+    reference = sklearn_reference(labels, scores, subsets, threshold)
+
+    for name, expected in reference.items():
+        for metric, value in expected.items():
+            assert result[name][metric] == pytest.approx(value, abs=1e-12), (name, metric)
+    for metric in ("acc", "acc_real", "acc_fake", "ap", "auc"):
+        assert result["mean"][metric] == pytest.approx(np.mean([r[metric] for r in reference.values()]), abs=1e-12)
+    assert result["all"]["auc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert result["all"]["acc"] == pytest.approx(accuracy_score(labels, (scores >= threshold).astype(int)))
+    # Imbalanced subsets: the paper's "mean accuracy" is not the pooled accuracy.
+    assert abs(result["mean"]["acc"] - result["all"]["acc"]) > 1e-3
+    assert result["mean"]["n"] == labels.size
+
+
+def test_score_equal_to_threshold_counts_as_generated():
+    result = binary_metrics([0, 1, 0, 1], [0.5, 0.5, 0.49999, 0.7], threshold=0.5)
+    # 0.5 >= 0.5 -> generated: the real image at 0.5 is wrong, the fake at 0.5 is right.
+    assert result["acc_real"] == 0.5
+    assert result["acc_fake"] == 1.0
+    assert result["acc"] == 0.75
+
+
+def test_single_class_subset_gives_nan_ap_auc_without_crashing():
+    labels = np.array([1, 1, 1, 0, 1])
+    scores = np.array([0.9, 0.2, 0.8, 0.1, 0.7])
+    subsets = np.array(["fakes_only", "fakes_only", "fakes_only", "mixed", "mixed"])
+    result = per_subset_metrics(labels, scores, subsets)
+
+    only_fakes = result["fakes_only"]
+    assert math.isnan(only_fakes["ap"]) and math.isnan(only_fakes["auc"]) and math.isnan(only_fakes["acc_real"])
+    assert only_fakes["acc"] == pytest.approx(2 / 3) and only_fakes["acc_fake"] == pytest.approx(2 / 3)
+    # NaN-aware mean: the single-class subset does not poison the mean AP, it is just left out.
+    assert result["mean"]["ap"] == pytest.approx(result["mixed"]["ap"])
+    assert result["mean"]["acc"] == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+def test_metrics_table_and_markdown_show_every_subset_and_the_mean():
+    labels, scores, subsets = random_eval_set()
+    table = metrics_table(labels, scores, subsets)
+    assert table["subset"].tolist() == sorted(SUBSET_SIZES) + ["mean"]
+
+    markdown = to_markdown(table)
+    lines = markdown.strip().splitlines()
+    assert lines[0].split("|")[1].strip() == "subset"
+    assert len(lines) == 2 + len(SUBSET_SIZES) + 1
+    expected_acc = per_subset_metrics(labels, scores, subsets)["glide"]["acc"]
+    glide_row = next(line for line in lines if line.startswith("| glide "))
+    assert f"{expected_acc:.4f}" in glide_row
+
+
+def test_markdown_marks_undefined_values_and_escapes_pipes():
+    table = metrics_table([1, 1, 0, 1], [0.9, 0.8, 0.1, 0.4], ["a|b", "a|b", "c", "c"])
+    markdown = to_markdown(table)
+    assert "a\\|b" in markdown
+    a_row = next(line for line in markdown.splitlines() if "a\\|b" in line)
+    assert "n/a" in a_row  # AP of a fakes-only subset
+
+
+def test_reserved_subset_name_is_rejected():
+    with pytest.raises(ValueError, match="reserved"):
+        per_subset_metrics([0, 1], [0.1, 0.9], ["mean", "x"])
+
+
+@pytest.mark.parametrize("target_fpr", [0.0, 0.01, 0.05, 0.1, 0.29, 0.5])
+def test_calibrated_threshold_is_the_tightest_meeting_the_target(target_fpr):
+    rng = np.random.default_rng(1)
+    real = rng.uniform(0, 1, size=100).astype(np.float32)  # detector outputs are float32
+    threshold = calibrate_threshold(real, target_fpr)
+
+    assert false_positive_rate(real, threshold) <= target_fpr
+    # Any lower threshold, down to the next score below, breaks the target: nothing tighter exists.
+    just_below = np.nextafter(np.float32(threshold), np.float32(-np.inf))
+    assert false_positive_rate(real, float(just_below)) > target_fpr
+    # Distinct scores: the target is met exactly where it is reachable.
+    assert false_positive_rate(real, threshold) == pytest.approx(math.floor(target_fpr * 100 + 1e-9) / 100)
+    # Same answer when compared in float32, as a torch scorer would.
+    assert int((real >= np.float32(threshold)).sum()) == int((real >= threshold).sum())
+
+
+def test_calibration_with_tied_scores_stays_under_the_target():
+    real = np.array([0.9, 0.9, 0.9, 0.2, 0.1, 0.1, 0.05, 0.05, 0.01, 0.0])
+    threshold = calibrate_threshold(real, 0.2)  # 2 allowed, but the top 3 tie: none can be flagged
+    assert false_positive_rate(real, threshold) == 0.0
+    assert threshold == pytest.approx(0.9) and threshold > 0.9
+
+
+def test_calibration_rejects_empty_and_bad_inputs():
+    with pytest.raises(ValueError, match="empty"):
+        calibrate_threshold([], 0.05)
+    with pytest.raises(ValueError):
+        calibrate_threshold([0.1, 0.2], 1.0)
+    with pytest.raises(ValueError):
+        calibrate_threshold([0.1, float("nan")], 0.05)
+
+
+def test_mismatched_or_invalid_inputs_raise():
+    with pytest.raises(ValueError):
+        binary_metrics([0, 1], [0.3])
+    with pytest.raises(ValueError):
+        binary_metrics([0, 2], [0.3, 0.4])
