@@ -1,0 +1,106 @@
+"""`mpft evaluate`: driver side — resolve the model, run pipelines.evaluation, write the table, log to MLflow."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.score import resolve_model_info
+from mpft_core.metrics import to_markdown
+from mpft_core.perturb import Perturbation
+from pipelines import storage
+from pipelines.evaluation import CLEAN, EvalOptions, EvalResult, evaluate, finite_metrics
+from pipelines.storage import StorageConfig
+
+log = logging.getLogger(__name__)
+
+EVALUATION_EXPERIMENT = "mpft-evaluation"
+TABLE_NAME = "eval_metrics"
+SCORES_FILE = "eval_scores.parquet"
+
+
+def run_evaluate(model_ref: str, sources: Sequence, *, storage_cfg: Optional[StorageConfig] = None,
+                 perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
+                 output_uri: Optional[str] = None, tracking_uri: Optional[str] = None,
+                 ray_address: Optional[str] = None, run_name: Optional[str] = None) -> tuple[EvalResult, Optional[str]]:
+    """Evaluate; write table + scores under ``output_uri`` if given; log to MLflow if a tracking URI is given.
+
+    Returns the result and the MLflow run id (None when not logged).
+    """
+    from pipelines.runtime import init_ray
+
+    model = resolve_model_info(model_ref, storage_cfg)
+    init_ray(ray_address)
+    result = evaluate(model, sources, storage_cfg, perturbations, options)
+    print(to_markdown(result.table))
+    if output_uri:
+        write_outputs(result, output_uri, storage_cfg)
+    run_id = None
+    if tracking_uri:
+        run_id = log_evaluation(result, model_ref, sources, perturbations, run_name)
+    return result, run_id
+
+
+def all_scores(result: EvalResult) -> pa.Table:
+    """Every condition's score rows in one table with a ``condition`` column (embeddings left out)."""
+    tables = []
+    for cond in result.conditions:
+        scores = cond.scores.drop_columns([c for c in ("embedding",) if c in cond.scores.column_names])
+        tables.append(scores.add_column(0, "condition", pa.array([cond.name] * scores.num_rows, pa.string())))
+    return pa.concat_tables(tables)
+
+
+def write_outputs(result: EvalResult, output_uri: str, storage_cfg: Optional[StorageConfig] = None) -> None:
+    """``eval_metrics.parquet`` + ``eval_metrics.md`` + ``eval_scores.parquet`` under ``output_uri``."""
+    table = result.table
+    storage.write_bytes(storage.join(output_uri, f"{TABLE_NAME}.parquet"), _parquet_bytes(pa.Table.from_pandas(
+        table, preserve_index=False)), storage_cfg)
+    storage.write_bytes(storage.join(output_uri, f"{TABLE_NAME}.md"), to_markdown(table).encode(), storage_cfg)
+    storage.write_bytes(storage.join(output_uri, SCORES_FILE), _parquet_bytes(all_scores(result)), storage_cfg)
+    log.info("evaluation table and scores written to %s", output_uri)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def log_evaluation(result: EvalResult, model_ref: str, sources: Sequence, perturbations: Sequence[Perturbation],
+                   run_name: Optional[str] = None) -> str:
+    """An MLflow run in ``mpft-evaluation``: params, flat metrics, the table, ROC/accuracy/feature-space plots."""
+    import matplotlib.pyplot as plt
+
+    from jobs import plots, tracking
+
+    model = result.model
+    name = run_name or f"evaluate-{model.name or 'checkpoint'}-{model.version or 'local'}"
+    with tracking.start_run(EVALUATION_EXPERIMENT, name) as run:
+        tracking.log_params({
+            "model_ref": model_ref, "model_uri": model.uri, "model_name": model.name or "",
+            "model_version": model.version or "", "threshold": result.threshold,
+            "sources": "; ".join(f"{s.uri} ({s.layout}, split={s.split})" for s in sources),
+            "perturbations": ",".join(p.name for p in perturbations) or "none",
+        })
+        tracking.log_metrics(finite_metrics(result))
+        tracking.log_table(result.table, TABLE_NAME)
+        tracking.log_table(all_scores(result).to_pandas(), "eval_scores")
+        clean = result.condition(CLEAN).scores
+        scored = clean.filter(clean.column("error").is_null())
+        figures = {"roc_clean.png": plots.roc_curves(scored.column("label").to_numpy(zero_copy_only=False),
+                                                     scored.column("score").to_numpy(zero_copy_only=False),
+                                                     scored.column("subset").to_pylist())}
+        for cond in result.conditions:
+            figures[f"accuracy_{cond.name}.png"] = plots.subset_accuracy_bars(cond.results)
+        for i, space in enumerate(result.feature_spaces):
+            kind = "frozen" if i == 0 else "finetuned"
+            figures[f"feature_space_{kind}.png"] = plots.feature_space(space.embeddings, space.subsets,
+                                                                       space.labels, space.title)
+        for artifact_file, fig in figures.items():
+            tracking.log_figure(fig, artifact_file)
+            plt.close(fig)
+        return run.info.run_id

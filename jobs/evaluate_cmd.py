@@ -1,0 +1,59 @@
+"""`mpft evaluate --model REF --source URI [--source URI ...] [--perturb jpeg=65,30 blur=3,5 downscale=112,64]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import add_stack_arguments, connect_tracking, storage_from_args
+from pipelines.scoring import DEFAULT_MAX_PIXELS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="models:/name@alias, models:/name/version, runs:/<id>/model, or a checkpoint directory")
+    parser.add_argument("--source", action="append", required=True,
+                        help="labelled images: folder/prefix (GenImage or UFD layout) or a manifest; repeatable")
+    parser.add_argument("--layout", default="genimage", choices=["genimage", "ufd", "manifest"])
+    parser.add_argument("--split", default=None,
+                        help="genimage: train/val (test images live in val); manifest: its split column")
+    parser.add_argument("--subsets", nargs="+", default=None, help="only these subsets")
+    parser.add_argument("--perturb", nargs="+", default=[], metavar="KIND=V1,V2",
+                        help="also evaluate degraded copies, e.g. jpeg=65,30 blur=3,5 downscale=112,64")
+    parser.add_argument("--output", help="folder or s3:// prefix for eval_metrics.{parquet,md} and eval_scores")
+    parser.add_argument("--no-log", dest="log", action="store_false", help="do not log to MLflow")
+    parser.add_argument("--no-feature-space", dest="feature_space", action="store_false",
+                        help="skip the PCA plots of the frozen and fine-tuned embeddings")
+    parser.add_argument("--max-feature-points", type=int, default=1000)
+    parser.add_argument("--run-name", default=None, help="MLflow run name")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-actors", type=int, default=1)
+    parser.add_argument("--actor-cpus", type=float, default=1.0)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    add_stack_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from jobs.evaluate import run_evaluate
+    from mpft_core.perturb import parse_perturb_specs
+    from pipelines.evaluation import EvalOptions
+    from pipelines.sources import SourceConfig
+
+    try:
+        perturbations = parse_perturb_specs(args.perturb)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    tracking_uri = connect_tracking(args, required=args.log)
+    sources = [SourceConfig(uri=uri, layout=args.layout, split=args.split, subsets=args.subsets)
+               for uri in args.source]
+    options = EvalOptions(batch_size=args.batch_size, num_actors=args.num_actors, actor_cpus=args.actor_cpus,
+                          torch_threads=args.torch_threads, use_gpu=args.gpu, max_pixels=args.max_pixels,
+                          feature_space=args.feature_space, max_feature_points=args.max_feature_points)
+    _, run_id = run_evaluate(args.model, sources, storage_cfg=storage_from_args(args), perturbations=perturbations,
+                             options=options, output_uri=args.output,
+                             tracking_uri=tracking_uri if args.log else None, ray_address=args.ray_address,
+                             run_name=args.run_name)
+    if run_id:
+        print(f"MLflow run: {run_id}")
+    return 0

@@ -1,0 +1,101 @@
+"""`mpft promote`: evaluate `challenger` and `champion` on a frozen holdout, apply the gate, move the alias.
+
+    challenger ─┐
+                ├─ same holdout manifest, same evaluation code as `mpft evaluate` ─▶ gate ─▶ tags on the challenger
+    champion  ──┘                                                                        └▶ alias `champion` (if passed)
+
+Both results are recorded as tags on the challenger version whether or not it passes, so the registry says why a
+version was (not) promoted. `--dry-run` evaluates and prints the table but writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from jobs import tracking
+from jobs.gate import GateConfig, GateDecision, decide
+from mpft_core.metrics import MEAN_KEY, to_markdown
+from pipelines.sources import SourceConfig
+from pipelines.storage import StorageConfig
+
+log = logging.getLogger(__name__)
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+# model_ref, holdout sources, storage -> (per-subset results, holdout manifest hash)
+Evaluator = Callable[[str, list[SourceConfig], Optional[StorageConfig]], tuple[dict, str]]
+
+
+@dataclass
+class PromotionOutcome:
+    decision: GateDecision
+    challenger_version: str
+    champion_version: Optional[str]
+    promoted: bool
+    holdout_hash: str
+
+
+def default_evaluator(model_ref: str, holdout: list[SourceConfig], storage_cfg: Optional[StorageConfig]):
+    """Clean per-subset metrics of one registered version, by the same code path as `mpft evaluate`."""
+    from jobs.score import resolve_model_info
+    from pipelines.evaluation import CLEAN, EvalOptions, build_eval_manifest, evaluate
+    from pipelines.sources import manifest_hash
+
+    manifest = build_eval_manifest(holdout, storage_cfg)
+    result = evaluate(resolve_model_info(model_ref, storage_cfg), holdout, storage_cfg,
+                      options=EvalOptions(feature_space=False), manifest=manifest)
+    return result.condition(CLEAN).results, manifest_hash(manifest)
+
+
+def promote(model_name: str, holdout: list[SourceConfig], gate: GateConfig, *, storage_cfg=None,
+            dry_run: bool = False, evaluator: Evaluator = default_evaluator) -> PromotionOutcome:
+    challenger_version = tracking.get_alias_version(model_name, CHALLENGER)
+    if challenger_version is None:
+        raise LookupError(f"registered model {model_name!r} has no {CHALLENGER!r} alias: train one first")
+    champion_version = tracking.get_alias_version(model_name, CHAMPION)
+
+    challenger, holdout_hash = evaluator(f"models:/{model_name}/{challenger_version}", holdout, storage_cfg)
+    champion = None
+    if champion_version is not None and champion_version != challenger_version:
+        champion, champion_hash = evaluator(f"models:/{model_name}/{champion_version}", holdout, storage_cfg)
+        assert champion_hash == holdout_hash, "both models must see the same holdout"
+    decision = decide(challenger, champion, gate)
+    if champion_version == challenger_version:
+        decision.reasons.append(f"version {challenger_version} is already the champion")
+        decision.passed = False
+
+    promoted = decision.passed and not dry_run
+    if not dry_run:
+        tracking.set_version_tags(model_name, challenger_version,
+                                  _gate_tags(decision, challenger, champion, champion_version, holdout_hash, gate))
+        if promoted:
+            tracking.set_alias(model_name, CHAMPION, challenger_version)
+            log.info("promoted %s version %s to %s", model_name, challenger_version, CHAMPION)
+    return PromotionOutcome(decision, challenger_version, champion_version, promoted, holdout_hash)
+
+
+def _gate_tags(decision: GateDecision, challenger: dict, champion: Optional[dict], champion_version: Optional[str],
+               holdout_hash: str, gate: GateConfig) -> dict[str, str]:
+    tags = {
+        "gate.decision": "promoted" if decision.passed else "refused",
+        "gate.reasons": "; ".join(decision.reasons)[:4000] or "all rules pass",
+        "gate.config": json.dumps(gate.to_dict(), sort_keys=True),
+        "gate.holdout_manifest_hash": holdout_hash,
+        "gate.compared_to_version": champion_version or "none",
+        "gate.challenger_mean_acc": f"{challenger[MEAN_KEY]['acc']:.6f}",
+        "gate.challenger_mean_ap": f"{challenger[MEAN_KEY]['ap']:.6f}",
+    }
+    if champion is not None:
+        tags["gate.champion_mean_acc"] = f"{champion[MEAN_KEY]['acc']:.6f}"
+        tags["gate.champion_mean_ap"] = f"{champion[MEAN_KEY]['ap']:.6f}"
+    return tags
+
+
+def render_decision(outcome: PromotionOutcome, model_name: str, dry_run: bool) -> str:
+    head = (f"model {model_name}: challenger v{outcome.challenger_version} vs champion "
+            f"{'v' + outcome.champion_version if outcome.champion_version else '(none)'}"
+            f"{'  [dry run: nothing changed]' if dry_run else ''}")
+    return "\n".join([head, "", to_markdown(outcome.decision.table), outcome.decision.summary()])

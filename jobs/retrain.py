@@ -1,0 +1,91 @@
+"""`mpft retrain`: the scheduled flow when a new generator appears, as one parent MLflow run with three children.
+
+    parent run "retrain-<name>-<time>"
+      ├─ train     existing training sources + the new generator's images → challenger
+      ├─ evaluate  challenger on the frozen holdout (table + plots)
+      └─ promote   challenger vs champion through the gate → alias moves, or the job exits non-zero
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field
+
+from jobs import tracking
+from jobs.config import TrainJobConfig, load_yaml
+from jobs.gate import GateConfig
+from jobs.promote import PromotionOutcome, default_evaluator, promote, render_decision
+from mpft_core.config import _Strict
+from mpft_core.metrics import MEAN_KEY
+from pipelines.sources import SourceConfig
+
+log = logging.getLogger(__name__)
+
+
+class RetrainConfig(_Strict):
+    # The regular training job; its `train` sources are the data the current champion was trained on.
+    train: TrainJobConfig
+    # The new generator's images (and any fresh real images), merged into the training manifest.
+    new_data: list[SourceConfig] = Field(default_factory=list)
+    # Frozen holdout both challenger and champion are judged on; keep it fixed between retrains.
+    holdout: list[SourceConfig]
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+@dataclass
+class RetrainOutcome:
+    parent_run_id: str
+    model_version: str
+    promotion: PromotionOutcome
+
+
+def load_retrain_config(path: str | Path) -> RetrainConfig:
+    return RetrainConfig.from_dict(load_yaml(path))
+
+
+def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] = None) -> RetrainOutcome:
+    from jobs.train import run_train
+
+    model_name = cfg.train.tracking.registered_model
+    if not model_name:
+        raise ValueError("retraining needs train.tracking.registered_model: promotion works on the registry")
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    experiment = cfg.train.tracking.experiment
+    tracking.set_tracking(tracking_uri)
+    with tracking.start_run(experiment, run_name=f"retrain-{cfg.train.name}-{stamp}") as parent:
+        parent_id = parent.info.run_id
+        tracking.log_config(cfg.to_dict())
+
+        # A fresh run name per retrain: re-using the base name would resume the previous training run instead.
+        train_cfg = cfg.train.model_copy(update={"name": f"{cfg.train.name}-{stamp}",
+                                                 "train": [*cfg.train.train, *cfg.new_data]})
+        trained = run_train(train_cfg, tracking_uri, parent_run_id=parent_id)
+
+        with tracking.start_run(experiment, run_name="evaluate", parent_run_id=parent_id):
+            challenger_ref = f"models:/{model_name}/{trained.model_version}"
+            results, holdout_hash = default_evaluator(challenger_ref, cfg.holdout, cfg.train.storage)
+            tracking.log_params({"model_uri": challenger_ref, "holdout_manifest_hash": holdout_hash})
+            tracking.log_metrics({f"holdout_{subset}_{k}": v for subset, row in results.items()
+                                  for k, v in row.items() if k in ("acc", "ap", "auc")})
+
+        def reuse_challenger_result(ref, holdout, storage_cfg):
+            # The challenger was just evaluated on this holdout; only the champion needs a pass.
+            if ref == challenger_ref:
+                return results, holdout_hash
+            return default_evaluator(ref, holdout, storage_cfg)
+
+        with tracking.start_run(experiment, run_name="promote", parent_run_id=parent_id):
+            outcome = promote(model_name, cfg.holdout, cfg.gate, storage_cfg=cfg.train.storage,
+                              evaluator=reuse_challenger_result)
+            tracking.log_params({"challenger_version": outcome.challenger_version,
+                                 "champion_version_before": outcome.champion_version or "none"})
+            tracking.log_metrics({"promoted": float(outcome.promoted),
+                                  "challenger_mean_acc": results[MEAN_KEY]["acc"]})
+            tracking.log_text(render_decision(outcome, model_name, dry_run=False), "gate.md")
+        tracking.set_run_tags({"retrain.decision": "promoted" if outcome.promoted else "refused"})
+    return RetrainOutcome(parent_id, trained.model_version, outcome)

@@ -1,0 +1,30 @@
+"""`mpft retrain --config retrain.yaml`: merge new data, train, evaluate, promote; non-zero exit when refused."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="retrain YAML: train, new_data, holdout, gate")
+
+
+def main(args: argparse.Namespace) -> int:
+    from jobs.promote import render_decision
+    from jobs.retrain import load_retrain_config, run_retrain
+
+    cfg = load_retrain_config(args.config)
+    tracking_uri = cfg.train.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise SystemExit("no MLflow tracking URI: set train.tracking.uri in the config or MLFLOW_TRACKING_URI")
+    outcome = run_retrain(cfg, tracking_uri)
+    print(render_decision(outcome.promotion, cfg.train.tracking.registered_model, dry_run=False))
+    print(json.dumps({"parent_run_id": outcome.parent_run_id, "model_version": outcome.model_version,
+                      "promoted": outcome.promotion.promoted}))
+    if not outcome.promotion.promoted:
+        print(f"promotion refused: {'; '.join(outcome.promotion.decision.reasons)}", file=sys.stderr)
+        return 1
+    return 0

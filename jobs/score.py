@@ -1,0 +1,135 @@
+"""`mpft score`: driver side of batch scoring, and the quick in-process path for a person checking a few files.
+
+The Ray job itself is pipelines/scoring.py; this module resolves the model reference (registry alias, run URI or
+checkpoint path), starts Ray, and logs the run summary to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines import storage
+from pipelines.scoring import DetectorScorer, ModelInfo, ScoreJob, ScoreSummary, make_model_bundle, run_scoring
+from pipelines.storage import StorageConfig
+
+log = logging.getLogger(__name__)
+
+SCORING_EXPERIMENT = "mpft-scoring"
+
+
+def resolve_model_info(ref: str, storage_cfg: Optional[StorageConfig] = None) -> ModelInfo:
+    """``models:/name@alias`` | ``models:/name/version`` | ``runs:/id/model`` | checkpoint dir (local or s3://)."""
+    if _is_local_checkpoint(ref):
+        # A plain local checkpoint needs no MLflow at all (works without a tracking server).
+        return ModelInfo(checkpoint_dir=str(Path(ref).resolve()), uri=str(Path(ref).resolve()))
+    from jobs import tracking
+
+    resolved = tracking.resolve_model(ref, storage_cfg)
+    return ModelInfo(checkpoint_dir=resolved.checkpoint_dir, uri=resolved.uri, name=resolved.name,
+                     version=None if resolved.version is None else str(resolved.version))
+
+
+def _is_local_checkpoint(ref: str) -> bool:
+    return "://" not in ref and ":/" not in ref and Path(ref).is_dir()
+
+
+# ------------------------------------------------------------------------------------------- a few files, no Ray
+
+
+def local_inputs(input_uri: str) -> Optional[list[str]]:
+    """The image files of a local file or folder, or None when the input is remote or a manifest."""
+    if storage.is_remote(input_uri):
+        return None
+    path = Path(input_uri)
+    if path.is_file() and path.suffix.lower() in storage.IMAGE_EXTENSIONS:
+        return [str(path.resolve())]
+    if path.is_dir():
+        return storage.list_files(str(path.resolve()))
+    return None
+
+
+def score_in_process(model: ModelInfo, paths: Sequence[str], *, max_pixels: int,
+                     storage_cfg: Optional[StorageConfig] = None, batch_size: int = 16) -> pa.Table:
+    """Score ``paths`` in this process with the same decode and scorer code as the Ray job (no Ray started)."""
+    from pipelines.decode import decode_batch
+
+    import os
+
+    bundle = make_model_bundle(model)
+    scorer = DetectorScorer(bundle, torch_threads=os.cpu_count() or 1)  # this process is the only consumer
+    image_size = int(bundle["meta"]["preprocess"]["image_size"])
+    storage_dict = (storage_cfg or StorageConfig()).resolved().to_dict(reveal_secrets=True)
+    tables = []
+    for start in range(0, len(paths), batch_size):
+        chunk = list(paths[start:start + batch_size])
+        manifest_batch = {"path": np.array(chunk, dtype=object),
+                          "label": np.array([None] * len(chunk), dtype=object),
+                          "subset": np.array([None] * len(chunk), dtype=object),
+                          "split": np.array([None] * len(chunk), dtype=object)}
+        decoded = decode_batch(manifest_batch, image_size=image_size, train=False, max_pixels=max_pixels,
+                               storage=storage_dict)
+        tables.append(scorer(decoded))
+    return pa.concat_tables(tables)
+
+
+def format_table(table: pa.Table, base: Optional[str] = None) -> str:
+    """A fixed-width table (path, score, verdict, error) for a terminal; paths shown relative to ``base``."""
+    rows = []
+    for row in table.select(["path", "score", "verdict", "error"]).to_pylist():
+        path = row["path"]
+        if base and path.startswith(base.rstrip("/") + "/"):
+            path = path[len(base.rstrip("/")) + 1:]
+        score = "" if row["score"] is None or math.isnan(row["score"]) else f"{row['score']:.4f}"
+        rows.append((path, score, row["verdict"] or "error", row["error"] or ""))
+    header = ("path", "score", "verdict", "error")
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(4)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    for r in rows:
+        lines.append("  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]), r[3]]).rstrip())
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- the Ray job
+
+
+def run_score_job(job: ScoreJob, model: ModelInfo, *, tracking_uri: Optional[str],
+                  ray_address: Optional[str] = None) -> ScoreSummary:
+    """Run the streaming scoring job and log its summary as an MLflow run (when a tracking URI is given)."""
+    from pipelines.runtime import init_ray
+
+    init_ray(ray_address)
+    summary = run_scoring(job, model)
+    log.info("scored %d files (%d errors, %d skipped as already scored) in %.1f s: %.1f images/s -> %s",
+             summary.n_written, summary.n_errors, summary.n_skipped_already_scored, summary.seconds,
+             summary.images_per_s, summary.output_uri)
+    if tracking_uri:
+        log_summary(job, model, summary)
+    return summary
+
+
+def log_summary(job: ScoreJob, model: ModelInfo, summary: ScoreSummary) -> str:
+    """One MLflow run per scoring job in experiment ``mpft-scoring``; returns its run id."""
+    from jobs import tracking
+
+    with tracking.start_run(SCORING_EXPERIMENT, f"score-{job.run_id}") as run:
+        tracking.log_params({
+            "model_ref": job.model_ref, "model_uri": model.uri, "model_name": model.name or "",
+            "model_version": model.version or "", "input": job.input_uri, "output": job.output_uri,
+            "layout": job.layout, "batch_size": job.batch_size, "num_actors": job.num_actors,
+            "actor_cpus": job.actor_cpus, "torch_threads": job.torch_threads, "use_gpu": job.use_gpu,
+            "scoring_run_id": job.run_id,
+        })
+        tracking.log_metrics({
+            "n_inputs": summary.n_inputs, "n_scored": summary.n_scored, "n_errors": summary.n_errors,
+            "n_skipped_already_scored": summary.n_skipped_already_scored,
+            "n_torn_parts_removed": summary.n_torn_parts_removed,
+            "seconds": summary.seconds, "images_per_s": summary.images_per_s,
+        })
+        return run.info.run_id

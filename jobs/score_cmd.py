@@ -1,0 +1,65 @@
+"""`mpft score --model REF --input URI [--output URI]`.
+
+With --output: the streaming Ray job (resumable; re-run the same command to finish an interrupted job).
+Without it, on one image or a local folder of at most --table-max files: score in-process and print a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from jobs.common import add_stack_arguments, connect_tracking, storage_from_args
+from pipelines.scoring import DEFAULT_MAX_PIXELS, ScoreJob
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="models:/name@alias, models:/name/version, runs:/<id>/model, or a checkpoint directory")
+    parser.add_argument("--input", required=True, help="s3://bucket/prefix, a local folder, one image, or a manifest")
+    parser.add_argument("--output", help="s3://bucket/prefix or folder for the Parquet parts (omit for a table)")
+    parser.add_argument("--layout", default="unlabelled", choices=["unlabelled", "genimage", "ufd", "manifest"],
+                        help="how to list --input (default: every image file under it)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    parser.add_argument("--num-actors", type=int, default=1, help="scoring actors (model replicas)")
+    parser.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs reserved per scoring actor")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per actor")
+    parser.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per read/decode task")
+    parser.add_argument("--rows-per-block", type=int, default=64, help="files per read/decode task")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per scoring actor")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse larger images (decompression bombs)")
+    parser.add_argument("--table-max", type=int, default=50,
+                        help="without --output, print a table for at most this many local files")
+    add_stack_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from jobs.score import (format_table, local_inputs, resolve_model_info, run_score_job,
+                            score_in_process)
+
+    storage_cfg = storage_from_args(args)
+    if args.output is None:
+        paths = local_inputs(args.input)
+        if paths is None or len(paths) > args.table_max:
+            found = "a remote input" if paths is None else f"{len(paths)} files"
+            raise SystemExit(f"{found}: pass --output for a scoring job (a table is printed only for a local file "
+                             f"or folder of at most --table-max={args.table_max} files)")
+        if args.tracking_uri:  # only needed to resolve a registry reference; nothing is logged for a table
+            from jobs import tracking
+
+            tracking.set_tracking(args.tracking_uri)
+        model = resolve_model_info(args.model, storage_cfg)
+        table = score_in_process(model, paths, max_pixels=args.max_pixels, storage_cfg=storage_cfg)
+        print(format_table(table, base=args.input))
+        return 0
+
+    tracking_uri = connect_tracking(args, required=False)
+    model = resolve_model_info(args.model, storage_cfg)
+    job = ScoreJob(model_ref=args.model, input_uri=args.input, output_uri=args.output, layout=args.layout,
+                   storage=storage_cfg, batch_size=args.batch_size, num_actors=args.num_actors,
+                   actor_cpus=args.actor_cpus, torch_threads=args.torch_threads, use_gpu=args.gpu,
+                   decode_cpus=args.decode_cpus, max_pixels=args.max_pixels, rows_per_block=args.rows_per_block)
+    summary = run_score_job(job, model, tracking_uri=tracking_uri, ray_address=args.ray_address)
+    print(json.dumps(summary.to_dict(), indent=2))
+    return 0

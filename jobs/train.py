@@ -1,0 +1,121 @@
+"""`mpft train`: the driver side of a training run.
+
+Builds the manifests, starts the Ray Train job, and does everything MLflow-related on the driver except the
+per-epoch metrics, which rank 0 logs through `MlflowRankZeroLogger` while training runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs import plots, tracking
+from jobs.config import TrainJobConfig
+from mpft_core.backbone import input_size
+from pipelines import ingest, sources, training
+from pipelines.runtime import init_ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    checkpoint_dir: str
+    model_uri: Optional[str]
+    model_version: Optional[str]
+    metrics: dict
+
+
+class MlflowRankZeroLogger:
+    """Picklable handle rank 0 uses to log into the driver's MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        tracking.log_metrics_to_run(self.tracking_uri, self.run_id, metrics, step=step)
+
+    def log_training_masks(self, images: np.ndarray, masks: np.ndarray, grid_size: int) -> None:
+        fig = plots.mask_grid(images, masks, grid_size)
+        tracking.log_figure_to_run(self.tracking_uri, self.run_id, fig, "tam_masks.png")
+
+
+def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[str] = None) -> TrainOutcome:
+    init_ray(cfg.ray_address)
+    tracking.set_tracking(tracking_uri)
+    train_manifest = labelled_manifest(cfg.train, cfg.storage)
+    val_manifest = labelled_manifest(cfg.val, cfg.storage)
+    size = input_size(cfg.method.detector.backbone)
+    # Undecodable files are reported by ingest as error rows; training and validation skip them.
+    train_ds = ingest.for_training(ingest.read_images(train_manifest, cfg.storage, image_size=size, train=True,
+                                                      max_pixels=cfg.max_pixels, seed=cfg.method.optim.seed))
+    val_ds = ingest.drop_errors(ingest.read_images(val_manifest, cfg.storage, image_size=size, train=False,
+                                                   max_pixels=cfg.max_pixels))
+
+    with tracking.start_run(cfg.tracking.experiment, run_name=cfg.name, parent_run_id=parent_run_id,
+                            resume_by_name=True) as run:
+        tracking.log_config(cfg.to_dict())
+        tracking.log_params({
+            "data.train_manifest_hash": sources.manifest_hash(train_manifest),
+            "data.val_manifest_hash": sources.manifest_hash(val_manifest),
+            "data.train_rows": train_manifest.num_rows,
+            "data.val_rows": val_manifest.num_rows,
+        })
+        loop_config = training.LoopConfig(
+            method=cfg.method.to_dict(),
+            storage=cfg.storage.to_dict(reveal_secrets=True),
+            steps_per_epoch=training.steps_per_epoch(train_manifest.num_rows, cfg.method.optim.batch_size,
+                                                     cfg.scaling.num_workers),
+            log_every_steps=cfg.log_every_steps,
+            torch_threads=cfg.scaling.torch_threads,
+            inject_failure_at_step=cfg.inject_failure_at_step,
+        )
+        trainer = training.build_trainer(
+            name=cfg.name, loop_config=loop_config, logger=MlflowRankZeroLogger(tracking_uri, run.info.run_id),
+            train_ds=train_ds, val_ds=val_ds, checkpoint_root=cfg.checkpoint_root, storage_cfg=cfg.storage,
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            cpus_per_worker=cfg.scaling.cpus_per_worker, keep_checkpoints=cfg.keep_checkpoints,
+            max_failures=cfg.max_failures,
+        )
+        result = trainer.fit()
+        best_dir = training.best_checkpoint_dir(result)
+        _log_validation_plots(best_dir)
+        model_uri = version = None
+        if cfg.tracking.registered_model:
+            model_uri = tracking.log_detector_model(best_dir)
+            version = tracking.register_model(model_uri, cfg.tracking.registered_model, tags={
+                "train_run_id": run.info.run_id,
+                "train_manifest_hash": sources.manifest_hash(train_manifest),
+            })
+            tracking.set_alias(cfg.tracking.registered_model, "challenger", version)
+            log.info("registered %s version %s as challenger", cfg.tracking.registered_model, version)
+        return TrainOutcome(run.info.run_id, best_dir, model_uri, version, dict(result.metrics or {}))
+
+
+def labelled_manifest(source_list, storage_cfg) -> pa.Table:
+    """One manifest from several sources, labelled rows only, sorted by path (so its hash names the data)."""
+    tables = [sources.build_manifest(source, storage_cfg) for source in source_list]
+    merged = pa.concat_tables(tables).sort_by("path")
+    labelled = merged.filter(pc.is_valid(merged["label"]))
+    if labelled.num_rows == 0:
+        raise ValueError(f"no labelled images in {[s.uri for s in source_list]}")
+    return labelled
+
+
+def _log_validation_plots(checkpoint_dir: str) -> None:
+    preds = pq.read_table(Path(checkpoint_dir) / training.VAL_PREDICTIONS_FILE).to_pandas()
+    tracking.log_figure(plots.roc_curves(preds["label"].to_numpy(), preds["score"].to_numpy(),
+                                         preds["subset"].to_numpy()), "val_roc.png")
+    results = json.loads((Path(checkpoint_dir) / "val_metrics.json").read_text())
+    tracking.log_figure(plots.subset_accuracy_bars(results), "val_subset_accuracy.png")
+    tracking.log_artifact_file(str(Path(checkpoint_dir) / "val_metrics.json"))

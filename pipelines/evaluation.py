@@ -1,0 +1,324 @@
+"""Evaluation on labelled sources: per-subset accuracy / AP / AUC, on clean and on degraded copies of the images.
+
+    manifests (GenImage / UFD / manifest) ─▶ decode [+ degrade] + crop ─▶ DetectorScorer ─▶ scores on the driver
+                                                                                         ─▶ mpft_core.metrics
+
+Scores go through the same actor as ``mpft score`` (pipelines/scoring.py), so an evaluation measures exactly what
+production scoring produces. Only the score rows (no pixels) are collected on the driver: metrics need every score
+of a subset at once (METHOD.md: no per-batch averaging).
+
+Degraded copies (``--perturb``): the degradation is applied to the whole decoded image, before the usual tile +
+center crop, in a decode stage of this module (pipelines/decode.py knows nothing about perturbations).
+Files that cannot be decoded are reported (``n_errors``) and left out of the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from mpft_core.metrics import TABLE_COLUMNS, per_subset_metrics, table_from_results
+from mpft_core.perturb import Perturbation
+from pipelines import storage
+from pipelines.scoring import (DEFAULT_MAX_PIXELS, ModelInfo, ScoreJob, bundle_image_size, bundle_threshold,
+                               make_model_bundle, scored_dataset)
+from pipelines.storage import StorageConfig
+
+log = logging.getLogger(__name__)
+
+CLEAN = "clean"
+EVAL_COLUMNS = ("condition",) + TABLE_COLUMNS + ("n_errors",)
+
+
+@dataclass
+class EvalOptions:
+    batch_size: int = 64
+    num_actors: int = 1
+    actor_cpus: float = 0.5
+    torch_threads: int = 1
+    use_gpu: bool = False
+    decode_cpus: float = 0.5
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    rows_per_block: int = 64
+    feature_space: bool = True
+    max_feature_points: int = 1000  # PCA of a few hundred points per subset is as readable as of all of them
+    seed: int = 0
+
+
+@dataclass
+class ConditionResult:
+    """One evaluation condition (clean or one degradation): every row's score, and the metrics."""
+
+    name: str
+    scores: pa.Table                  # path, label, subset, score, verdict, error, ... (errors included)
+    results: dict                     # mpft_core.metrics.per_subset_metrics on the rows without error
+    n_errors: int
+
+
+@dataclass
+class FeatureSpace:
+    title: str
+    embeddings: np.ndarray
+    subsets: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class EvalResult:
+    model: ModelInfo
+    threshold: float
+    conditions: list[ConditionResult]
+    feature_spaces: list[FeatureSpace] = field(default_factory=list)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per (condition, subset) plus each condition's ``mean`` row; columns ``EVAL_COLUMNS``."""
+        frames = []
+        for cond in self.conditions:
+            frame = table_from_results(cond.results)
+            frame.insert(0, "condition", cond.name)
+            errors = _errors_per_subset(cond.scores)
+            frame["n_errors"] = [errors.get(s, sum(errors.values()) if s == "mean" else 0) for s in frame["subset"]]
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)[list(EVAL_COLUMNS)]
+
+    def condition(self, name: str) -> ConditionResult:
+        return next(c for c in self.conditions if c.name == name)
+
+
+def _errors_per_subset(scores: pa.Table) -> dict[str, int]:
+    failed = scores.filter(pc.is_valid(scores.column("error")))
+    return pd.Series(failed.column("subset").to_pylist(), dtype=object).value_counts().to_dict()
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+
+
+def build_eval_manifest(sources: Sequence, storage_cfg: Optional[StorageConfig] = None) -> pa.Table:
+    """Concatenated manifests of ``sources`` (``pipelines.sources.SourceConfig``), labelled rows only."""
+    from pipelines.sources import build_manifest
+
+    tables = [build_manifest(src, storage_cfg) for src in sources]
+    manifest = pa.concat_tables(tables) if tables else None
+    if manifest is None or manifest.num_rows == 0:
+        raise ValueError("the evaluation sources list no images")
+    labelled = manifest.filter(pc.is_valid(manifest.column("label")))
+    if labelled.num_rows < manifest.num_rows:
+        log.warning("%d unlabelled rows left out of the evaluation", manifest.num_rows - labelled.num_rows)
+    if labelled.num_rows == 0:
+        raise ValueError("no labelled images in the evaluation sources (layouts genimage/ufd/manifest carry labels)")
+    # Subset names must not collide with the summary rows, and a missing subset still needs a name.
+    subsets = pc.fill_null(labelled.column("subset"), "default")
+    return labelled.set_column(labelled.schema.get_field_index("subset"), "subset", subsets)
+
+
+# ------------------------------------------------------------------------------------------ degraded decode stage
+
+
+def decode_perturbed_batch(batch: dict, *, perturbation: Perturbation, image_size: int, max_pixels: int,
+                           storage_cfg: dict) -> dict:
+    """Manifest rows -> decoded rows (DECODED_COLUMNS) of degraded images: read, decode, degrade, tile + crop.
+
+    Like ``pipelines.decode.decode_batch`` but with the degradation between decode and crop; width/height are the
+    original file's. Never raises for a bad file: the row gets ``error``, zero pixels and width = height = -1.
+    """
+    from mpft_core.imageio import decode_rgb
+    from mpft_core.transforms import eval_view
+    from pipelines.decode import describe_error
+
+    reader = storage.BytesReader(storage_cfg)
+    paths = [str(p) for p in batch["path"]]
+    n = len(paths)
+    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    errors = np.full(n, None, dtype=object)
+    widths = np.full(n, -1, dtype=np.int32)
+    heights = np.full(n, -1, dtype=np.int32)
+    for i, path in enumerate(paths):
+        try:
+            pixels = decode_rgb(reader.read(path), max_pixels=max_pixels)
+            images[i] = eval_view(perturbation.apply(pixels), image_size)
+            heights[i], widths[i] = pixels.shape[:2]
+        except Exception as err:  # noqa: BLE001 - one bad file becomes that row's error, never a failed task
+            errors[i] = describe_error(err)
+        finally:
+            pixels = None  # release the full-size decode before the next file
+    out = {name: batch[name] for name in ("path", "label", "subset", "split") if name in batch}
+    out.update({"image": images, "error": errors, "width": widths, "height": heights})
+    return out
+
+
+def _decode_perturbed_arrow(batch: dict, *, image_size: int, **kwargs) -> pa.Table:
+    """``decode_perturbed_batch`` with the exact Arrow types of the normal decode stage (nulls stay nulls)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    from pipelines.decode import decoded_schema
+
+    out = decode_perturbed_batch(batch, image_size=image_size, **kwargs)
+    schema = decoded_schema(image_size)
+    columns = [ArrowTensorArray.from_numpy(out["image"]) if f.name == "image"
+               else pa.array(out[f.name], from_pandas=True).cast(f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _perturbed_dataset(manifest: pa.Table, perturbation: Perturbation, image_size: int, options: EvalOptions,
+                       storage_cfg: Optional[StorageConfig]):
+    from pipelines.ingest import manifest_blocks
+
+    return ray.data.from_arrow(manifest_blocks(manifest, options.rows_per_block)).map_batches(
+        _decode_perturbed_arrow,
+        fn_kwargs={"perturbation": perturbation, "image_size": image_size, "max_pixels": options.max_pixels,
+                   "storage_cfg": (storage_cfg or StorageConfig()).resolved().to_dict(reveal_secrets=True)},
+        batch_size=options.rows_per_block, batch_format="numpy", num_cpus=options.decode_cpus,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ scoring
+
+
+def _score_job(options: EvalOptions, storage_cfg: Optional[StorageConfig]) -> ScoreJob:
+    return ScoreJob(model_ref="", input_uri="", output_uri="", storage=storage_cfg, batch_size=options.batch_size,
+                    num_actors=options.num_actors, actor_cpus=options.actor_cpus,
+                    torch_threads=options.torch_threads, use_gpu=options.use_gpu, decode_cpus=options.decode_cpus,
+                    max_pixels=options.max_pixels, rows_per_block=options.rows_per_block,
+                    carry_columns=("label", "subset"))
+
+
+def score_rows(manifest: pa.Table, bundle_ref, image_size: int, options: EvalOptions,
+               storage_cfg: Optional[StorageConfig] = None, perturbation: Optional[Perturbation] = None,
+               embed: bool = False) -> pa.Table:
+    """Every manifest row scored (and embedded if asked), collected on the driver, sorted by path."""
+    job = _score_job(options, storage_cfg)
+    decoded = None if perturbation is None else _perturbed_dataset(manifest, perturbation, image_size, options,
+                                                                   storage_cfg)
+    ds = scored_dataset(manifest, bundle_ref, image_size, job, decoded=decoded, embed=embed)
+    batches = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    table = pa.concat_tables(batches, promote_options="permissive") if batches else None
+    if table is None or table.num_rows != manifest.num_rows:
+        got = 0 if table is None else table.num_rows
+        raise RuntimeError(f"scored {got} rows for {manifest.num_rows} inputs")
+    return table.sort_by("path")
+
+
+def condition_metrics(scores: pa.Table, threshold: float) -> tuple[dict, int]:
+    """(per_subset_metrics on the rows that were scored, number of rows with an error)."""
+    ok = scores.filter(pc.is_null(scores.column("error")))
+    if ok.num_rows == 0:
+        raise ValueError("no image of the evaluation set could be scored")
+    results = per_subset_metrics(ok.column("label").to_numpy(zero_copy_only=False).astype(np.int64),
+                                 ok.column("score").to_numpy(zero_copy_only=False).astype(np.float64),
+                                 ok.column("subset").to_pylist(), threshold)
+    return results, scores.num_rows - ok.num_rows
+
+
+def evaluate(model: ModelInfo, sources: Sequence, storage_cfg: Optional[StorageConfig] = None,
+             perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
+             manifest: Optional[pa.Table] = None) -> EvalResult:
+    """Score the labelled ``sources`` (or a ready ``manifest``) clean and under each perturbation; Ray must be up."""
+    options = options or EvalOptions()
+    manifest = manifest if manifest is not None else build_eval_manifest(sources, storage_cfg)
+    bundle = make_model_bundle(model)
+    bundle_ref = ray.put(bundle)
+    image_size, threshold = bundle_image_size(bundle), bundle_threshold(bundle)
+
+    conditions = []
+    for perturbation in [None, *perturbations]:
+        name = CLEAN if perturbation is None else perturbation.name
+        log.info("evaluating %s on %d images (%s)", model.uri, manifest.num_rows, name)
+        scores = score_rows(manifest, bundle_ref, image_size, options, storage_cfg, perturbation)
+        results, n_errors = condition_metrics(scores, threshold)
+        conditions.append(ConditionResult(name=name, scores=scores, results=results, n_errors=n_errors))
+
+    result = EvalResult(model=model, threshold=threshold, conditions=conditions)
+    if options.feature_space:
+        result.feature_spaces = feature_spaces(bundle, manifest, image_size, options, storage_cfg)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ feature space
+
+
+def sample_for_plot(manifest: pa.Table, max_points: int, seed: int) -> pa.Table:
+    """A fixed random sample of at most ``max_points`` rows (same rows for both models)."""
+    if manifest.num_rows <= max_points:
+        return manifest
+    chosen = np.sort(np.random.default_rng(seed).choice(manifest.num_rows, size=max_points, replace=False))
+    return manifest.take(pa.array(chosen))
+
+
+def frozen_backbone_bundle(bundle: dict, storage_cfg: Optional[StorageConfig] = None) -> tuple[dict, str]:
+    """A bundle of the same architecture with the backbone weights training started from, and a description.
+
+    Falls back to random init when the checkpoint records no pretrained source or it cannot be loaded offline;
+    the description says which, so the plot title never claims a pretrained backbone that was not used.
+    """
+    from mpft_core.checkpoint import save_checkpoint
+    from mpft_core.config import DetectorConfig
+    from mpft_core.detector import build_detector
+
+    config = DetectorConfig.from_dict(bundle["meta"]["detector"])
+    source = config.backbone.pretrained
+    name = config.backbone.name
+    detector, description = None, f"frozen {name}, random init (the checkpoint records no pretrained weights)"
+    if source:
+        try:
+            detector = build_detector(config, resolve_uri=lambda uri: str(storage.fetch_to_local(uri, storage_cfg)))
+            description = f"frozen {name} ({source})"
+        except Exception as err:  # noqa: BLE001 - offline hub, missing file: fall back, and say so
+            log.warning("pretrained backbone %r unavailable (%s): using random init for the frozen plot", source, err)
+            description = f"frozen {name}, random init ({source!r} not available here)"
+    if detector is None:
+        architecture = config.model_copy(deep=True)
+        architecture.backbone.pretrained = None
+        detector = build_detector(architecture)
+    tmp = Path(tempfile.mkdtemp(prefix="mpft-frozen-"))
+    try:
+        save_checkpoint(detector, tmp)
+        frozen = make_model_bundle(ModelInfo(checkpoint_dir=str(tmp), uri=f"frozen:{name}"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return frozen, description
+
+
+def feature_spaces(bundle: dict, manifest: pa.Table, image_size: int, options: EvalOptions,
+                   storage_cfg: Optional[StorageConfig] = None) -> list[FeatureSpace]:
+    """Embeddings of a sample of the clean eval images by the frozen backbone and by the fine-tuned model."""
+    sample = sample_for_plot(manifest, options.max_feature_points, options.seed)
+    frozen, frozen_title = frozen_backbone_bundle(bundle, storage_cfg)
+    out = []
+    for model_bundle, title in ((frozen, frozen_title), (bundle, f"fine-tuned ({bundle['uri']})")):
+        rows = score_rows(sample, ray.put(model_bundle), image_size, options, storage_cfg, embed=True)
+        rows = rows.filter(pc.is_null(rows.column("error")))
+        if rows.num_rows < 3:
+            log.warning("too few decodable images for a feature-space plot")
+            return []
+        out.append(FeatureSpace(
+            title=title,
+            embeddings=np.stack(rows.column("embedding").to_numpy(zero_copy_only=False)),
+            subsets=np.asarray(rows.column("subset").to_pylist(), dtype=object),
+            labels=rows.column("label").to_numpy(zero_copy_only=False),
+        ))
+    return out
+
+
+def finite_metrics(result: EvalResult) -> dict[str, float]:
+    """Flat ``{condition}/{subset}/{metric}`` numbers for MLflow (NaN, i.e. undefined, left out)."""
+    metrics = {}
+    for cond in result.conditions:
+        for subset, values in cond.results.items():
+            for key, value in values.items():
+                if isinstance(value, float) and math.isnan(value):
+                    continue
+                metrics[f"{cond.name}/{subset}/{key}"] = float(value)
+        metrics[f"{cond.name}/n_errors"] = float(cond.n_errors)
+    return metrics

@@ -1,0 +1,439 @@
+"""Batch scoring with Ray Data: one Parquet row per input file, resumable and exactly-once.
+
+    list (driver) ─▶ read + decode + crop (CPU tasks) ─▶ DetectorScorer (actor pool, GPU when asked) ─▶ Parquet parts
+
+Nothing is materialised: Ray Data streams blocks through the stages with bounded buffers, so memory stays flat however
+large the input. Only the listing (one path string per input) and the set of already-scored paths live on the driver.
+
+Exactly-once, and what it rests on
+- The output folder is the checkpoint. Each run writes ``part-<run_id>-<write_uuid>-<task>-<i>.parquet`` files directly
+  under the output; Ray names a write task's files deterministically, so a retried write task overwrites its own
+  files instead of adding a copy.
+- Before running, every existing part's ``path`` column is read. A part that cannot be read (a local file torn by a
+  crash mid-write: Parquet writes its footer last, so a readable footer means a complete file) is deleted and its
+  rows are simply scored again; on S3 an object only appears once its upload completed, so there is nothing torn.
+- Inputs whose path is already in a committed part are skipped; the rest are scored. So after an interrupted run and
+  a re-run, every input appears once: rows of the crashed run are either in a complete part (kept, skipped now) or
+  nowhere (scored now).
+- A scoring actor that dies is restarted by Ray Data and its in-flight batches are retried (actor pool defaults
+  ``max_restarts=-1``, ``max_task_retries=-1``); a batch's rows only reach the writer once.
+- An output belongs to one model: resuming with another model is refused (its scores would be mixed with the
+  first model's and the files the first model scored would be skipped).
+- Assumes one job at a time per output folder (a second concurrent job would see the first one's files in progress
+  as torn). ``read_scores`` de-duplicates by path anyway, keeping the latest ``scored_at``, as a last line of defence.
+- Ray Data's own checkpointing (``ray.data.checkpoint``) was not used: it keeps a second store of IDs next to the
+  output, needs a shared network filesystem for local paths and reserves memory per filter actor, while the output
+  here already says exactly which paths are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from ray.data.datasource import FilenameProvider
+
+from pipelines import storage
+from pipelines.storage import StorageConfig
+
+log = logging.getLogger(__name__)
+
+VERDICT_GENERATED = "generated"
+VERDICT_REAL = "real"
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit; matches jobs.config
+
+OUTPUT_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("score", pa.float32()),          # probability of "generated"; null when the file could not be scored
+    ("verdict", pa.string()),         # "generated" / "real"; null on error
+    ("threshold", pa.float64()),
+    ("model_name", pa.string()),
+    ("model_version", pa.string()),
+    ("model_uri", pa.string()),
+    ("error", pa.string()),           # null when scored
+    ("width", pa.int32()),            # original size, -1 when undecodable
+    ("height", pa.int32()),
+    ("scored_at", pa.timestamp("us", tz="UTC")),
+])
+OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
+# Manifest columns carried through when asked (evaluation needs the labels next to the scores).
+LABEL_FIELDS = {"label": pa.int8(), "subset": pa.string(), "split": pa.string()}
+
+
+# ------------------------------------------------------------------------------------------------ the model bundle
+
+
+@dataclass
+class ModelInfo:
+    """A resolved model: a local checkpoint directory plus how it is known to the registry (for the output rows)."""
+
+    checkpoint_dir: str
+    uri: str
+    name: Optional[str] = None
+    version: Optional[str] = None
+
+
+def make_model_bundle(model: ModelInfo) -> dict:
+    """The checkpoint as plain data (weights bytes + parsed mpft.json + identity) for shipping to actors.
+
+    Actors on other nodes then need neither the driver's disk nor MLflow access.
+    """
+    from mpft_core.checkpoint import META_FILE, WEIGHTS_FILE, read_checkpoint_meta
+
+    directory = Path(model.checkpoint_dir)
+    meta = read_checkpoint_meta(directory)
+    return {
+        "weights": (directory / WEIGHTS_FILE).read_bytes(),
+        "meta_file": META_FILE,
+        "weights_file": WEIGHTS_FILE,
+        "meta": meta,
+        "uri": model.uri,
+        "name": model.name,
+        "version": model.version,
+    }
+
+
+def bundle_image_size(bundle: dict) -> int:
+    return int(bundle["meta"]["preprocess"]["image_size"])
+
+
+def bundle_threshold(bundle: dict) -> float:
+    return float(bundle["meta"]["threshold"])
+
+
+def _load_bundle(bundle: dict, device):
+    import json
+
+    from mpft_core.checkpoint import load_checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="mpft-model-"))
+    try:
+        (tmp / bundle["weights_file"]).write_bytes(bundle["weights"])
+        (tmp / bundle["meta_file"]).write_text(json.dumps(bundle["meta"]), encoding="utf-8")
+        return load_checkpoint(tmp, map_location=device)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------- the actor
+
+
+class DetectorScorer:
+    """Ray Data callable class: decoded rows in, score rows out (the ``image`` column is dropped).
+
+    Rows whose ``error`` is set (undecodable, too large, unreadable) keep that error and get a null score and verdict;
+    the others are scored in one forward pass under inference mode.
+
+    Args:
+        model_bundle: ``make_model_bundle(...)`` or an ObjectRef to it (``ray.put`` once on the driver).
+        torch_threads: intra-op threads for this actor; keep actors x threads <= CPUs so they don't oversubscribe.
+        use_gpu: run on the first CUDA device when there is one.
+        carry_columns: extra input columns copied to the output (e.g. ``label``, ``subset`` for evaluation).
+        embed: also output ``embedding`` (the tower's image embedding) for feature-space plots.
+    """
+
+    def __init__(self, model_bundle: Any, torch_threads: int = 1, use_gpu: bool = False,
+                 carry_columns: tuple[str, ...] = (), embed: bool = False):
+        import torch
+
+        if not isinstance(model_bundle, dict):  # an ObjectRef: resolved here, once per actor
+            model_bundle = ray.get(model_bundle)
+        torch.set_num_threads(max(1, int(torch_threads)))
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.detector = _load_bundle(model_bundle, device)
+        self.threshold = float(self.detector.threshold)
+        self.model_name = model_bundle.get("name")
+        self.model_version = None if model_bundle.get("version") is None else str(model_bundle["version"])
+        self.model_uri = model_bundle.get("uri")
+        self.carry_columns = tuple(carry_columns)
+        self.embed = embed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["path"])
+        errors = [None if e is None or (isinstance(e, float) and math.isnan(e)) else str(e)
+                  for e in batch.get("error", [None] * n)]
+        ok = np.array([e is None for e in errors], dtype=bool)
+        scores = np.zeros(n, dtype=np.float32)
+        embeddings = None
+        if ok.any():
+            scores[ok], emb = self._forward(np.asarray(batch["image"])[ok])
+            if self.embed:
+                embeddings = np.zeros((n, emb.shape[1]), dtype=np.float32)
+                embeddings[ok] = emb
+        return self._rows(batch, n, errors, ok, scores, embeddings)
+
+    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        import torch
+
+        from mpft_core.transforms import normalize
+
+        pixels = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        scores = self.detector.score_uint8(pixels).numpy().astype(np.float32)
+        if not self.embed:
+            return scores, None
+        with torch.inference_mode():
+            prep = self.detector.preprocess
+            x = normalize(pixels.to(self.detector.device), prep.mean, prep.std)
+            return scores, self.detector.embed(x).float().cpu().numpy()
+
+    def _rows(self, batch, n, errors, ok, scores, embeddings) -> pa.Table:
+        verdicts = np.where(scores >= self.threshold, VERDICT_GENERATED, VERDICT_REAL)
+        scored_at = datetime.now(timezone.utc)
+        columns = {
+            "path": pa.array([str(p) for p in batch["path"]], pa.string()),
+            "score": pa.array(scores, pa.float32(), mask=~ok),
+            "verdict": pa.array(verdicts, pa.string(), mask=~ok),
+            "threshold": pa.array(np.full(n, self.threshold), pa.float64()),
+            "model_name": pa.array([self.model_name] * n, pa.string()),
+            "model_version": pa.array([self.model_version] * n, pa.string()),
+            "model_uri": pa.array([self.model_uri] * n, pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "width": pa.array(_int_column(batch, "width", n), pa.int32()),
+            "height": pa.array(_int_column(batch, "height", n), pa.int32()),
+            "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
+        }
+        for name in self.carry_columns:
+            columns[name] = _carried(batch.get(name), n, LABEL_FIELDS.get(name, pa.string()))
+        if embeddings is not None:
+            columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.ravel()),
+                                                                     embeddings.shape[1])
+        return pa.table(columns)
+
+
+def _int_column(batch, name: str, n: int) -> np.ndarray:
+    values = batch.get(name)
+    return np.full(n, -1, dtype=np.int32) if values is None else np.asarray(values).astype(np.int32)
+
+
+def _carried(values, n: int, arrow_type: pa.DataType) -> pa.Array:
+    if values is None:
+        return pa.nulls(n, arrow_type)
+    cleaned = [None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in list(values)]
+    return pa.array(cleaned, arrow_type)
+
+
+# ----------------------------------------------------------------------------------------- output parts and resume
+
+
+def _output_location(output_uri: str, cfg: Optional[StorageConfig]) -> tuple[pafs.FileSystem, str]:
+    # resolved(): keys taken from this process's environment go into the filesystem object itself, so the write
+    # tasks on other nodes (where the driver's environment does not exist) can still log in.
+    return storage.resolve(output_uri, (cfg or StorageConfig()).resolved())
+
+
+def list_part_files(output_uri: str, cfg: Optional[StorageConfig] = None) -> list[str]:
+    """Filesystem paths (no scheme) of the Parquet parts directly under ``output_uri``, sorted."""
+    fs, root = _output_location(output_uri, cfg)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    names = [i.path for i in infos if i.type == pafs.FileType.File]
+    return sorted(p for p in names if Path(p).name.startswith(PART_PREFIX) and p.endswith(PART_SUFFIX))
+
+
+def committed_paths(output_uri: str, cfg: Optional[StorageConfig] = None,
+                    delete_torn: bool = True) -> tuple[set[str], list[str]]:
+    """(paths already scored in readable parts, parts found unreadable). Unreadable parts are deleted if asked."""
+    done, torn, _ = _scan_parts(output_uri, cfg, delete_torn)
+    return done, torn
+
+
+def _scan_parts(output_uri: str, cfg: Optional[StorageConfig], delete_torn: bool) -> tuple[set, list, set]:
+    """(scored paths, torn parts, model URIs) of the parts under ``output_uri``."""
+    fs, _ = _output_location(output_uri, cfg)
+    done: set[str] = set()
+    torn: list[str] = []
+    models: set[str] = set()
+    for part in list_part_files(output_uri, cfg):
+        try:
+            table = _read_part_keys(fs, part)
+        except (pa.ArrowInvalid, OSError) as err:
+            log.warning("output part %s is unreadable (%s): removing it, its rows will be scored again", part, err)
+            torn.append(part)
+            if delete_torn:
+                fs.delete_file(part)
+            continue
+        done.update(table.column("path").to_pylist())
+        if "model_uri" in table.column_names:
+            models.update(m for m in pc.unique(table.column("model_uri")).to_pylist() if m is not None)
+    return done, torn, models
+
+
+def _read_part_keys(fs: pafs.FileSystem, part: str) -> pa.Table:
+    """The ``path`` (and ``model_uri``) columns of one part; raises if the file is torn."""
+    with fs.open_input_file(part) as handle:
+        # Opening reads the footer, which Parquet writes last: a file cut short by a crash fails here.
+        parquet = pq.ParquetFile(handle)
+        columns = [c for c in ("path", "model_uri") if c in parquet.schema_arrow.names]
+        return parquet.read(columns=columns)
+
+
+def read_scores(output_uri: str, cfg: Optional[StorageConfig] = None, run_id: Optional[str] = None) -> pa.Table:
+    """All scored rows under ``output_uri`` (optionally only one run's parts), one row per path (latest wins)."""
+    fs, _ = _output_location(output_uri, cfg)
+    parts = list_part_files(output_uri, cfg)
+    if run_id is not None:
+        parts = [p for p in parts if Path(p).name.startswith(f"{PART_PREFIX}{run_id}-")]
+    if not parts:
+        return OUTPUT_SCHEMA.empty_table()
+    table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts], promote_options="permissive")
+    return _latest_per_path(table)
+
+
+def _latest_per_path(table: pa.Table) -> pa.Table:
+    if table.num_rows == len(pc.unique(table.column("path"))):
+        return table
+    order = pc.sort_indices(table, sort_keys=[("path", "ascending"), ("scored_at", "descending")])
+    table = table.take(order)
+    paths = table.column("path").to_pylist()
+    first = [i for i, p in enumerate(paths) if i == 0 or p != paths[i - 1]]
+    return table.take(pa.array(first))
+
+
+def remaining_inputs(manifest: pa.Table, done: set[str]) -> pa.Table:
+    """Manifest rows whose path has not been scored yet."""
+    if not done:
+        return manifest
+    already = pc.is_in(manifest.column("path"), value_set=pa.array(sorted(done), pa.string()))
+    return manifest.filter(pc.invert(already))
+
+
+class PartNames(FilenameProvider):
+    """Names this run's parts ``part-<run_id>-<write_uuid>-<task>-<i>.parquet``."""
+
+    def __init__(self, run_id: str):
+        super().__init__(file_format="parquet")
+        self.run_id = run_id
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        # Deterministic per task: a retried write overwrites, never duplicates. No extension: Ray appends
+        # "-{i}.parquet" (one task may split its rows over several files).
+        return f"{PART_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}"
+
+# --------------------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class ScoreJob:
+    """A batch scoring job; plain data (the CLI builds it, tests and the benchmark tune it)."""
+
+    model_ref: str
+    input_uri: str
+    output_uri: str
+    layout: str = "unlabelled"
+    storage: Optional[StorageConfig] = None
+    batch_size: int = 64
+    num_actors: int = 1
+    actor_cpus: float = 0.5
+    torch_threads: int = 1
+    use_gpu: bool = False
+    decode_cpus: float = 0.5
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    rows_per_block: int = 64
+    rows_per_output_file: int = 4096
+    max_tasks_in_flight_per_actor: int = 2
+    carry_columns: tuple[str, ...] = ()
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
+
+
+@dataclass
+class ScoreSummary:
+    run_id: str
+    output_uri: str
+    n_inputs: int
+    n_skipped_already_scored: int
+    n_scored: int
+    n_errors: int
+    n_torn_parts_removed: int
+    seconds: float
+
+    @property
+    def n_written(self) -> int:
+        return self.n_scored + self.n_errors
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_written / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "images_per_s": self.images_per_s}
+
+
+def input_manifest(input_uri: str, layout: str, cfg: Optional[StorageConfig]) -> pa.Table:
+    """The files to score: a single image file, a folder/prefix, or a manifest (layout "manifest")."""
+    from pipelines import sources
+
+    if layout != "manifest" and Path(input_uri).suffix.lower() in storage.IMAGE_EXTENSIONS:
+        return pa.table({"path": [input_uri], "label": pa.nulls(1, pa.int8()), "subset": pa.nulls(1, pa.string()),
+                         "split": pa.nulls(1, pa.string())}, schema=sources.MANIFEST_SCHEMA)
+    return sources.build_manifest(sources.SourceConfig(uri=input_uri, layout=layout), cfg)
+
+
+def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: ScoreJob, scorer_cls=None,
+                   decoded=None, embed: bool = False):
+    """The lazy Ray Dataset decode -> score (no write); ``decoded`` replaces the default read/decode stage."""
+    from pipelines import ingest
+
+    if decoded is None:
+        decoded = ingest.read_images(manifest, job.storage, image_size=image_size, train=False,
+                                     max_pixels=job.max_pixels, rows_per_block=job.rows_per_block,
+                                     num_cpus=job.decode_cpus)
+    return decoded.map_batches(
+        scorer_cls or DetectorScorer,
+        fn_constructor_kwargs={"model_bundle": bundle_ref, "torch_threads": job.torch_threads,
+                               "use_gpu": job.use_gpu, "carry_columns": tuple(job.carry_columns), "embed": embed},
+        batch_size=job.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=job.num_actors,
+                                           max_tasks_in_flight_per_actor=job.max_tasks_in_flight_per_actor),
+        num_cpus=job.actor_cpus,
+        num_gpus=1 if job.use_gpu else 0,
+    )
+
+
+def run_scoring(job: ScoreJob, model: ModelInfo, *, scorer_cls=None, bundle: Optional[dict] = None) -> ScoreSummary:
+    """Score every input of ``job`` not yet in its output; returns counts for this run (Ray must be initialised).
+
+    ``scorer_cls`` swaps the actor class (tests use a subclass that slows down or reports its handle).
+    """
+    started = time.perf_counter()
+    manifest = input_manifest(job.input_uri, job.layout, job.storage)
+    done, torn, models = _scan_parts(job.output_uri, job.storage, delete_torn=True)
+    if models - {model.uri}:
+        # Resuming would skip files another model scored and mix two models' verdicts in one output.
+        raise ValueError(f"{job.output_uri} already holds scores from {sorted(models)}, not {model.uri!r}: "
+                         "use a fresh --output for another model")
+    todo = remaining_inputs(manifest, done)
+    skipped = manifest.num_rows - todo.num_rows
+    log.info("scoring %d of %d inputs (%d already in %s, %d torn parts removed)", todo.num_rows,
+             manifest.num_rows, skipped, job.output_uri, len(torn))
+    if todo.num_rows:
+        bundle = bundle or make_model_bundle(model)
+        ds = scored_dataset(todo, ray.put(bundle), bundle_image_size(bundle), job, scorer_cls)
+        fs, root = _output_location(job.output_uri, job.storage)
+        ds.select_columns(list(OUTPUT_COLUMNS) + list(job.carry_columns)).write_parquet(
+            root, filesystem=fs, filename_provider=PartNames(job.run_id),
+            min_rows_per_file=job.rows_per_output_file,
+            # Writing is light; a whole CPU per write task would starve decode on small machines.
+            ray_remote_args={"num_cpus": 0.1},
+        )
+    written = read_scores(job.output_uri, job.storage, run_id=job.run_id) if todo.num_rows else None
+    n_errors = 0 if written is None else int(written.column("error").is_valid().to_numpy(zero_copy_only=False).sum())
+    n_rows = 0 if written is None else written.num_rows
+    return ScoreSummary(run_id=job.run_id, output_uri=job.output_uri, n_inputs=manifest.num_rows,
+                        n_skipped_already_scored=skipped, n_scored=n_rows - n_errors, n_errors=n_errors,
+                        n_torn_parts_removed=len(torn), seconds=time.perf_counter() - started)

@@ -1,0 +1,270 @@
+"""Object storage and local files behind one interface: the only module that builds filesystems / S3 clients.
+
+A location is either ``s3://bucket/key`` or a local path. ``resolve`` turns it into a ``pyarrow.fs`` filesystem plus a
+scheme-less path, which is what Ray Data, Ray Train (``storage_filesystem``) and PyArrow readers take.
+
+Where the S3 settings come from, in order: the ``StorageConfig`` fields, then the standard AWS variables
+(``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``), then the AWS SDK's own chain (profiles, instance metadata). PyArrow ignores
+``AWS_ENDPOINT_URL``, so it is read here and passed on as ``endpoint_override`` + ``scheme``.
+
+Secrets: the keys (and an STS session token) are pydantic ``SecretStr``: ``repr``/``str``/``to_dict()`` show
+``**********``. Only ``to_dict(reveal_secrets=True)`` (used to ship the config to Ray workers) contains them. A masked
+config read back (``from_dict`` of a saved ``to_dict()``) has no keys and falls back to the environment, instead of
+trying to log in with the literal mask.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+from pydantic import SecretStr, field_validator
+
+from mpft_core.config import _Strict
+
+log = logging.getLogger(__name__)
+
+S3_PREFIX = "s3://"
+SECRET_MASK = "**********"  # what pydantic prints for a SecretStr
+DEFAULT_REGION = "us-east-1"
+# Formats Pillow decodes out of the box. Lower-case, with the dot.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "mpft-cache"
+STAMP_DIR = ".mpft-stamps"
+_SECRET_FIELDS = ("access_key", "secret_key", "session_token")
+
+
+class StorageConfig(_Strict):
+    """Where S3 is and how to log in; every field may be left empty to use the standard AWS variables."""
+
+    endpoint_url: Optional[str] = None  # e.g. "http://127.0.0.1:5123"; None -> AWS_ENDPOINT_URL(_S3), else AWS
+    region: Optional[str] = None  # None -> AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    access_key: Optional[SecretStr] = None  # None -> AWS_ACCESS_KEY_ID / the SDK's default chain
+    secret_key: Optional[SecretStr] = None  # None -> AWS_SECRET_ACCESS_KEY
+    session_token: Optional[SecretStr] = None  # temporary (STS) credentials only; None -> AWS_SESSION_TOKEN
+
+    @field_validator("access_key", "secret_key", "session_token", mode="before")
+    @classmethod
+    def _masked_means_unset(cls, value):
+        # A saved (masked) config must not log in with the mask itself; it falls back to the environment.
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        return None if value in (None, "", SECRET_MASK) else value
+
+    def to_dict(self, reveal_secrets: bool = False) -> dict:
+        data = self.model_dump(mode="json")  # SecretStr dumps as the mask
+        if reveal_secrets:
+            for name in _SECRET_FIELDS:
+                secret = getattr(self, name)
+                data[name] = secret.get_secret_value() if secret is not None else None
+        return data
+
+    def resolved(self) -> "StorageConfig":
+        """A copy with empty fields filled from the AWS variables of *this* process.
+
+        Ship ``resolved().to_dict(reveal_secrets=True)`` to Ray workers: on another node the driver's environment
+        does not exist.
+        """
+        if self.access_key is not None:  # keys from the config: the environment's token belongs to other keys
+            access, secret, token = self.access_key, self.secret_key, self.session_token
+        else:
+            access, secret, token = (os.environ.get(name) for name in
+                                     ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
+        return StorageConfig(endpoint_url=self.endpoint(), region=self.effective_region(), access_key=access,
+                             secret_key=secret, session_token=token)
+
+    def endpoint(self) -> Optional[str]:
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    def effective_region(self) -> str:
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+def _as_config(cfg: StorageConfig | dict | None) -> StorageConfig:
+    if cfg is None:
+        return StorageConfig()
+    if isinstance(cfg, dict):
+        return StorageConfig.from_dict(cfg)
+    return cfg
+
+
+def _s3_filesystem(cfg: StorageConfig, allow_bucket_creation: bool = False) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": cfg.effective_region(), "allow_bucket_creation": allow_bucket_creation}
+    endpoint = cfg.endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kwargs["scheme"] = parsed.scheme
+    # Keys from the config win; otherwise PyArrow's AWS SDK chain reads the AWS_* variables, profiles, metadata.
+    if cfg.access_key is not None or cfg.secret_key is not None:
+        if cfg.access_key is None or cfg.secret_key is None:
+            raise ValueError("StorageConfig needs both access_key and secret_key, or neither")
+        kwargs["access_key"] = cfg.access_key.get_secret_value()
+        kwargs["secret_key"] = cfg.secret_key.get_secret_value()
+        if cfg.session_token is not None:
+            kwargs["session_token"] = cfg.session_token.get_secret_value()
+    return pafs.S3FileSystem(**kwargs)
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(S3_PREFIX)
+
+
+def _local_path(uri: str) -> str:
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported location {uri!r}: use s3://bucket/key or a local path")
+    # abspath, not resolve(): symlinked data folders keep the paths their users know
+    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def resolve(uri: str, cfg: StorageConfig | dict | None = None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem for ``uri`` and the path inside it (``bucket/key`` for S3, an absolute path locally)."""
+    if is_remote(uri):
+        path = uri[len(S3_PREFIX):].strip("/")
+        if not path:
+            raise ValueError(f"{uri!r} names no bucket")
+        return _s3_filesystem(_as_config(cfg)), path
+    return pafs.LocalFileSystem(), _local_path(uri)
+
+
+def _to_uri(fs: pafs.FileSystem, path: str) -> str:
+    return S3_PREFIX + path if fs.type_name == "s3" else path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts; ``.``/``..`` in the parts are normalised (S3 keys would otherwise contain them literally)."""
+    tail = posixpath.normpath("/".join(p.strip("/") for p in parts if p)) if any(parts) else ""
+    if tail in ("", "."):
+        return uri
+    if tail.startswith(".."):
+        raise ValueError(f"{parts!r} leaves {uri!r}")
+    if is_remote(uri):
+        return uri.rstrip("/") + "/" + tail
+    return os.path.join(uri, tail)
+
+
+def create_bucket(uri: str, cfg: StorageConfig | dict | None = None) -> None:
+    """Create the bucket of an ``s3://bucket[/...]`` URI (a no-op if it exists)."""
+    if not is_remote(uri):
+        raise ValueError(f"{uri!r} is not an s3:// URI")
+    bucket = uri[len(S3_PREFIX):].split("/", 1)[0]
+    fs = _s3_filesystem(_as_config(cfg), allow_bucket_creation=True)
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        fs.create_dir(bucket)
+
+
+def _wanted(path: str, extensions: Optional[Iterable[str]]) -> bool:
+    name = posixpath.basename(path)
+    # Hidden files include macOS "._photo.jpg" resource forks, which crawled archives are full of and never decode.
+    if name.startswith("."):
+        return False
+    return extensions is None or posixpath.splitext(name)[1].lower() in extensions
+
+
+def list_files(uri: str, cfg: StorageConfig | dict | None = None,
+               extensions: Optional[Iterable[str]] = IMAGE_EXTENSIONS) -> list[str]:
+    """All files under ``uri`` (recursive; or ``uri`` itself if it is a file), sorted full URIs.
+
+    ``extensions`` (lower-case, with the dot) filters by suffix case-insensitively; None keeps every file. Raises
+    FileNotFoundError if ``uri`` does not exist. S3 listings are paged by PyArrow (ListObjectsV2 continuation).
+    """
+    fs, path = resolve(uri, cfg)
+    extensions = {e.lower() for e in extensions} if extensions is not None else None
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {uri}")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(_to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.File and _wanted(i.path, extensions))
+
+
+def read_bytes(uri: str, cfg: StorageConfig | dict | None = None) -> bytes:
+    fs, path = resolve(uri, cfg)
+    return _read(fs, path)
+
+
+def _read(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+class BytesReader:
+    """Reads many URIs through one filesystem per kind (an S3 client is built once, not once per file)."""
+
+    def __init__(self, cfg: StorageConfig | dict | None = None):
+        self._cfg = _as_config(cfg)
+        self._s3: Optional[pafs.S3FileSystem] = None
+        self._local = pafs.LocalFileSystem()
+
+    def read(self, uri: str) -> bytes:
+        if is_remote(uri):
+            if self._s3 is None:
+                self._s3 = _s3_filesystem(self._cfg)
+            return _read(self._s3, uri[len(S3_PREFIX):])
+        return _read(self._local, _local_path(uri))
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig | dict | None = None) -> None:
+    fs, path = resolve(uri, cfg)
+    if fs.type_name == "local":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def exists(uri: str, cfg: StorageConfig | dict | None = None) -> bool:
+    fs, path = resolve(uri, cfg)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def fetch_to_local(uri: str, cfg: StorageConfig | dict | None = None, cache_dir: Optional[Path] = None) -> Path:
+    """A local path holding ``uri``: local paths are returned as they are; ``s3://`` files (or whole prefixes) are
+    downloaded into ``cache_dir/<bucket>/<key>`` and reused while their size and modification time are unchanged."""
+    fs, path = resolve(uri, cfg)
+    if fs.type_name == "local":
+        if not Path(path).exists():
+            raise FileNotFoundError(path)
+        return Path(path)
+    root = Path(cache_dir or DEFAULT_CACHE_DIR)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {uri}")
+    if info.type == pafs.FileType.File:
+        return _fetch_file(fs, info, root)
+    for child in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if child.type == pafs.FileType.File:
+            _fetch_file(fs, child, root)
+    return root / path
+
+
+def _fetch_file(fs: pafs.FileSystem, info: pafs.FileInfo, root: Path) -> Path:
+    local = root / info.path
+    # Stamps live in their own tree so a fetched folder (e.g. a checkpoint) holds exactly the remote files.
+    stamp = root / STAMP_DIR / (info.path + ".stamp")
+    expected = f"{info.size} {info.mtime_ns}"
+    if local.exists() and stamp.exists() and stamp.read_text() == expected:
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    # Download next to the target and rename: a crash or a parallel worker never sees a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=local.name + ".part-")
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open_input_stream(info.path) as stream:
+            while chunk := stream.read(8 << 20):
+                out.write(chunk)
+        os.replace(tmp, local)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(expected)
+    log.debug("fetched s3://%s to %s", info.path, local)
+    return local

@@ -1,0 +1,253 @@
+"""Distributed MPFT fine-tuning with Ray Train (V2 API).
+
+    manifest ─▶ read + decode (Ray Data, CPU tasks) ─▶ streaming split ─▶ N workers: TAM mask → detector → BCE
+                                                                       └▶ rank 0: full validation every epoch
+
+Design notes
+- Every epoch ends with a checkpoint (weights as safetensors + optimiser state) and a report carrying `val_loss`;
+  Ray keeps the best N by that. A crashed worker group restarts from the latest checkpoint (FailureConfig), and a
+  re-run with the same run name finds Ray's run snapshot in storage and resumes the same way.
+- Validation runs on rank 0 over the whole validation set, so the metrics are exact full-subset numbers (METHOD.md);
+  the other workers wait at the report. The validation predictions are stored in the checkpoint so the driver can
+  draw plots and calibrate from the best epoch without another pass.
+- MLflow never appears here: the driver hands in a `logger` object (see jobs/train.py) that rank 0 calls.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from mpft_core.checkpoint import load_checkpoint, save_checkpoint
+from mpft_core.config import MethodConfig
+from mpft_core.detector import MPFTDetector, build_detector, pick_device
+from mpft_core.metrics import calibrate_threshold, per_subset_metrics
+from mpft_core.optim import make_grad_scaler, make_optimizer, make_scheduler, train_step
+from mpft_core.tam import compute_mask
+from mpft_core.transforms import normalize
+from pipelines import storage
+
+TRAIN_STATE_FILE = "train_state.pt"
+VAL_PREDICTIONS_FILE = "val_predictions.parquet"
+
+
+class RankZeroLogger(Protocol):
+    """What the loop needs from experiment tracking; implemented in jobs/ (the only place that knows MLflow)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_training_masks(self, images: np.ndarray, masks: np.ndarray, grid_size: int) -> None: ...
+
+
+@dataclass
+class LoopConfig:
+    """Everything a worker needs; plain data so Ray can ship it."""
+
+    method: dict
+    storage: dict
+    steps_per_epoch: int
+    log_every_steps: int = 10
+    torch_threads: int = 1
+    inject_failure_at_step: Optional[int] = None
+
+
+# --------------------------------------------------------------------------------------------------- worker side
+
+
+def train_loop_per_worker(config: dict) -> None:
+    loop = LoopConfig(**{k: v for k, v in config.items() if k != "logger"})
+    logger: Optional[RankZeroLogger] = config.get("logger")
+    method = MethodConfig.from_dict(loop.method)
+    torch.set_num_threads(loop.torch_threads)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(method.optim.seed + rank)
+
+    storage_cfg = storage.StorageConfig.from_dict(loop.storage)
+    detector = build_detector(method.detector, resolve_uri=lambda uri: str(storage.fetch_to_local(uri, storage_cfg)))
+    optimizer = make_optimizer(detector, method.optim)
+    scheduler = make_scheduler(optimizer, method.optim, total_steps=loop.steps_per_epoch * method.optim.epochs)
+    start_epoch, global_step, resumed = _restore(detector, optimizer, scheduler)
+    device = pick_device()
+    detector.to(device)
+    model = ray.train.torch.prepare_model(detector) if ctx.get_world_size() > 1 else detector
+    scaler = make_grad_scaler(method.optim, device)
+
+    resumed_from_step = global_step if resumed else -1
+    train_shard = ray.train.get_dataset_shard("train")
+    val_iter = ray.train.get_dataset_shard("val")
+    batch_size = method.optim.batch_size
+    for epoch in range(start_epoch, method.optim.epochs):
+        model.train()
+        batches = train_shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=str(device),
+                                                 dtypes={"image": torch.uint8, "label": torch.float32})
+        for batch in batches:
+            if rank == 0 and logger is not None and global_step == 0:
+                _log_mask_examples(detector, batch["image"], method, logger)
+            loss = train_step(model, batch["image"], batch["label"], optimizer, scheduler=scheduler, scaler=scaler)
+            global_step += 1
+            if not resumed and loop.inject_failure_at_step is not None and global_step == loop.inject_failure_at_step:
+                raise RuntimeError(f"injected failure at step {global_step} (resilience drill)")
+            if rank == 0 and logger is not None and global_step % loop.log_every_steps == 0:
+                logger.log_metrics({"train_loss": loss, "lr_head": optimizer.param_groups[-1]["lr"]}, global_step)
+
+        summary = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                summary = _validate_and_save(detector, val_iter, method, batch_size, device, Path(tmp),
+                                             epoch=epoch, global_step=global_step, optimizer=optimizer,
+                                             scheduler=scheduler)
+                if logger is not None:
+                    logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, global_step)
+                checkpoint = Checkpoint.from_directory(tmp)
+            summary = _broadcast_from_rank0(summary)
+            ray.train.report({**summary, "epoch": epoch, "global_step": global_step,
+                              "resumed_from_step": resumed_from_step}, checkpoint=checkpoint)
+
+
+def _restore(detector: MPFTDetector, optimizer, scheduler) -> tuple[int, int, bool]:
+    """Resume from the latest reported checkpoint if Ray hands us one (restart after failure, or same-name re-run)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0, False
+    with checkpoint.as_directory() as d:
+        restored = load_checkpoint(d)
+        detector.load_state_dict(restored.state_dict())
+        detector.threshold = restored.threshold
+        # Our own file, tensors and plain numbers only: weights_only refuses anything else.
+        state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]) + 1, int(state["global_step"]), True
+
+
+def _log_mask_examples(detector: MPFTDetector, images: torch.Tensor, method: MethodConfig, logger) -> None:
+    """A picture of what TAM hides on the very first batch: the quickest sanity check of the method."""
+    if method.detector.mask.strategy == "none":
+        return
+    shown = images[:8].cpu()
+    pixels01 = shown.permute(0, 3, 1, 2).float() / 255.0
+    masks = compute_mask(pixels01, detector.patch_size, method.detector.mask)
+    logger.log_training_masks(shown.numpy(), masks.numpy(), detector.grid_size)
+
+
+@torch.inference_mode()
+def predict_batches(detector: MPFTDetector, batches, device) -> dict[str, np.ndarray]:
+    """Scores and BCE loss terms for every row of an iterable of decoded batches (error rows already removed)."""
+    detector.eval()
+    cols: dict[str, list] = {"path": [], "label": [], "subset": [], "score": [], "loss": []}
+    for batch in batches:
+        x = normalize(batch["image"].to(device), detector.preprocess.mean, detector.preprocess.std)
+        logits = detector(x).float()
+        labels = torch.as_tensor(batch["label"], dtype=torch.float32, device=logits.device)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        cols["score"].append(torch.sigmoid(logits).cpu().numpy())
+        cols["loss"].append(loss.cpu().numpy())
+        cols["label"].append(labels.cpu().numpy().astype(np.int8))
+        cols["path"].append(np.asarray(batch["path"]))
+        cols["subset"].append(np.asarray(batch["subset"]))
+    return {k: (np.concatenate(v) if v else np.array([])) for k, v in cols.items()}
+
+
+def _validate_and_save(detector, val_iter, method: MethodConfig, batch_size: int, device, out: Path, *, epoch: int,
+                       global_step: int, optimizer, scheduler) -> dict[str, float]:
+    batches = val_iter.iter_batches(batch_size=batch_size, batch_format="numpy")
+    batches = ({**b, "image": torch.from_numpy(b["image"])} for b in batches)
+    preds = predict_batches(detector, batches, device)
+    if len(preds["score"]) == 0:
+        raise RuntimeError("the validation split has no decodable images")
+    threshold = 0.5
+    if method.threshold.target_fpr is not None:
+        real = preds["score"][preds["label"] == 0]
+        threshold = calibrate_threshold(real, method.threshold.target_fpr)
+    detector.threshold = float(threshold)
+    per_subset = per_subset_metrics(preds["label"], preds["score"], preds["subset"], threshold=threshold)
+
+    save_checkpoint(detector.cpu() if device.type != "cpu" else detector, out,
+                    extra={"epoch": epoch, "global_step": global_step})
+    detector.to(device)
+    torch.save({"optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "epoch": epoch, "global_step": global_step}, out / TRAIN_STATE_FILE)
+    pq.write_table(pa.table({k: preds[k] for k in ("path", "label", "subset", "score")}), out / VAL_PREDICTIONS_FILE)
+    (out / "val_metrics.json").write_text(json.dumps(per_subset, indent=2, default=float))
+
+    summary = {"val_loss": float(np.mean(preds["loss"])), "threshold": float(threshold)}
+    for subset, metrics in per_subset.items():
+        for name, value in metrics.items():
+            if name in ("acc", "acc_real", "acc_fake", "ap", "auc"):
+                summary[f"val_{subset}_{name}"] = float(value)
+    return summary
+
+
+def _broadcast_from_rank0(obj: dict) -> dict:
+    """All workers must report identical metrics; only rank 0 computed them."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------------------------------- driver side
+
+
+def build_trainer(*, name: str, loop_config: LoopConfig, logger: Optional[RankZeroLogger], train_ds, val_ds,
+                  checkpoint_root: str, storage_cfg, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+                  keep_checkpoints: int, max_failures: int) -> TorchTrainer:
+    """A TorchTrainer wired for MPFT: best-N checkpoints by val loss, retries, storage on a local path or S3."""
+    fs, root = storage.resolve(checkpoint_root, storage_cfg)
+    if fs.type_name == "local":
+        Path(root).mkdir(parents=True, exist_ok=True)
+        root = str(Path(root).resolve())
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    run_config = RunConfig(
+        name=name,
+        storage_path=root,
+        storage_filesystem=fs,
+        checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute="val_loss",
+                                           checkpoint_score_order="min"),
+        failure_config=FailureConfig(max_failures=max_failures),
+    )
+    config: dict[str, Any] = {**loop_config.__dict__, "logger": logger}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=run_config,
+        # The step needs only pixels and labels; strings (path, subset) cannot become tensors.
+        datasets={"train": train_ds.select_columns(["image", "label"]), "val": val_ds},
+        # Validation is not split: rank 0 scores all of it so the metrics are exact full-subset numbers.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def best_checkpoint_dir(result) -> str:
+    """Local directory of the best checkpoint (lowest val loss) of a finished run."""
+    best = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"])[0] if result.best_checkpoints else None
+    checkpoint = best or result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    local = Path(tempfile.mkdtemp(prefix="mpft-best-"))
+    return checkpoint.to_directory(str(local))
+
+
+def steps_per_epoch(n_train_rows: int, batch_size: int, num_workers: int) -> int:
+    """Batches each worker runs per epoch: the split gives equal shards and the loop drops the last partial batch."""
+    return max(1, (n_train_rows // num_workers) // batch_size)
+

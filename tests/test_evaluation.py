@@ -1,0 +1,132 @@
+"""Evaluation: the metrics are exactly scikit-learn's on the written scores, degraded copies are really degraded, and a
+CLI run logs the table and plots to MLflow."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
+from mpft_core.perturb import Perturbation
+from pipelines.evaluation import EvalOptions, decode_perturbed_batch, evaluate
+from pipelines.scoring import ModelInfo
+from pipelines.sources import SourceConfig
+from tests.helpers.images import BAD_CORPUS_MAX_PIXELS, write_bad_corpus, write_genimage_tree
+
+THRESHOLD = 0.5002
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from mpft_core import BackboneConfig, DetectorConfig, build_detector, save_checkpoint
+
+    torch.manual_seed(1)
+    detector = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None)))
+    detector.threshold = THRESHOLD
+    return save_checkpoint(detector, tmp_path_factory.mktemp("ckpt") / "model")
+
+
+@pytest.fixture(scope="module")
+def genimage(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("genimage")
+    write_genimage_tree(root, subsets=("adm", "sdv14"), n_per_class=5, size=48, splits=("val",), fmt="png")
+    return root
+
+
+def _sklearn_row(rows: list[dict], threshold: float) -> dict:
+    y = np.array([r["label"] for r in rows])
+    s = np.array([r["score"] for r in rows], dtype=np.float64)
+    predicted = (s >= threshold).astype(int)
+    return {"acc": accuracy_score(y, predicted), "acc_real": accuracy_score(y[y == 0], predicted[y == 0]),
+            "acc_fake": accuracy_score(y[y == 1], predicted[y == 1]), "ap": average_precision_score(y, s),
+            "auc": roc_auc_score(y, s), "n": len(y)}
+
+
+def test_perturbed_decode_degrades_the_whole_image_before_the_crop(genimage):
+    from mpft_core.imageio import decode_rgb
+    from mpft_core.transforms import eval_view
+
+    path = str(sorted(genimage.rglob("*.png"))[0])
+    bad = genimage.parent / "bad"
+    write_bad_corpus(bad)
+    batch = {"path": np.array([path, str(bad / "truncated.jpg")], dtype=object),
+             "label": np.array([1, 0]), "subset": np.array(["adm", "adm"], dtype=object)}
+    jpeg30 = Perturbation("jpeg", 30)
+
+    out = decode_perturbed_batch(batch, perturbation=jpeg30, image_size=32, max_pixels=BAD_CORPUS_MAX_PIXELS,
+                                 storage_cfg={})
+
+    whole = decode_rgb(Path(path).read_bytes())
+    np.testing.assert_array_equal(out["image"][0], eval_view(jpeg30.apply(whole), 32))
+    assert not np.array_equal(out["image"][0], eval_view(whole, 32))
+    assert (out["width"][0], out["height"][0]) == (48, 48) and out["error"][0] is None
+    assert out["error"][1] and out["width"][1] == -1 and not out["image"][1].any()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_metrics_equal_sklearn_on_the_output_scores(ray_local, checkpoint, genimage, tmp_path):
+    from jobs.evaluate import SCORES_FILE, write_outputs
+
+    model = ModelInfo(checkpoint_dir=str(checkpoint), uri=str(checkpoint))
+    perturbations = [Perturbation("downscale", 16)]
+    result = evaluate(model, [SourceConfig(uri=str(genimage), layout="genimage", split="val")],
+                      perturbations=perturbations,
+                      options=EvalOptions(batch_size=8, rows_per_block=8, actor_cpus=0.5, decode_cpus=0.25,
+                                          feature_space=False))
+    write_outputs(result, str(tmp_path))
+    scores = pq.read_table(tmp_path / SCORES_FILE).to_pylist()
+    table = result.table
+
+    assert set(table["condition"]) == {"clean", "downscale16"}
+    for condition in ("clean", "downscale16"):
+        rows = [r for r in scores if r["condition"] == condition]
+        assert len(rows) == 20 and all(r["error"] is None for r in rows)
+        per_subset = {s: _sklearn_row([r for r in rows if r["subset"] == s], THRESHOLD) for s in ("adm", "sdv14")}
+        for subset, expected in per_subset.items():
+            got = table[(table.condition == condition) & (table.subset == subset)].iloc[0]
+            for key, value in expected.items():
+                assert got[key] == pytest.approx(value, abs=1e-12), (condition, subset, key)
+        mean = table[(table.condition == condition) & (table.subset == "mean")].iloc[0]
+        for key in ("acc", "acc_real", "acc_fake", "ap", "auc"):
+            assert mean[key] == pytest.approx(np.mean([per_subset[s][key] for s in per_subset]), abs=1e-12)
+
+    clean = {r["path"]: r["score"] for r in scores if r["condition"] == "clean"}
+    degraded = {r["path"]: r["score"] for r in scores if r["condition"] == "downscale16"}
+    assert any(not math.isclose(clean[p], degraded[p], rel_tol=1e-6) for p in clean)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_evaluate_logs_table_and_plots_to_mlflow(ray_local, mlflow_server, checkpoint, genimage, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    import argparse
+
+    from jobs import evaluate_cmd
+    from jobs.evaluate import EVALUATION_EXPERIMENT
+
+    parser = argparse.ArgumentParser(prog="mpft evaluate")
+    evaluate_cmd.add_arguments(parser)
+    code = evaluate_cmd.main(parser.parse_args(["--model", str(checkpoint), "--source", str(genimage), "--split", "val",
+                 "--perturb", "blur=3", "--tracking-uri", mlflow_server.tracking_uri, "--output", str(tmp_path),
+                 "--run-name", "eval-cli-test", "--actor-cpus", "0.5", "--batch-size", "8",
+                 "--max-feature-points", "12"]))
+    assert code == 0
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    experiment = client.get_experiment_by_name(EVALUATION_EXPERIMENT)
+    run = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'eval-cli-test'")[0]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"eval_metrics.parquet", "eval_metrics.md", "roc_clean.png", "accuracy_clean.png", "accuracy_blur3.png",
+            "feature_space_frozen.png", "feature_space_finetuned.png"} <= artifacts
+    table = pq.read_table(tmp_path / "eval_metrics.parquet").to_pandas()
+    logged = run.data.metrics
+    for row in table[table.condition == "blur3"].itertuples():
+        assert logged[f"blur3/{row.subset}/acc"] == pytest.approx(row.acc)
+    assert "| condition | subset |" in (tmp_path / "eval_metrics.md").read_text()

@@ -1,0 +1,164 @@
+"""The local two-node Ray cluster: a job submitted through the dashboard runs on both nodes, then nothing is left.
+
+The ``ray_cluster`` fixture is module-scoped so further job tests (e.g. the real ``mpft train``/``mpft score``) can
+share one cluster start (~10 s) by taking it as an argument.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from infra.local_stack.ray_cluster import LocalRayCluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+# The job's driver prints one line starting with this marker, holding what the test checks.
+RESULT_MARKER = "JOB_RESULT "
+
+JOB_SCRIPT = textwrap.dedent(
+    '''
+    """Runs inside the cluster: one task pinned to each node, plus a small Ray Data pipeline."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import ray
+
+    ray.init()  # the job server sets RAY_ADDRESS to this cluster
+
+
+    @ray.remote(num_cpus=0.25)
+    def where_am_i():
+        # Read from the uploaded working dir: proves the package was shipped to whichever node runs this.
+        payload = Path("payload.txt").read_text().strip()
+        return {"node_id": ray.get_runtime_context().get_node_id(), "payload": payload,
+                "probe": os.environ.get("MPFT_PROBE"), "python": sys.executable}
+
+
+    on_worker = where_am_i.options(resources={"worker_node": 0.1}).remote()
+    on_head = where_am_i.options(resources={"node:__internal_head__": 0.01}).remote()
+    worker, head = ray.get([on_worker, on_head], timeout=120)
+
+    doubled = ray.data.range(16, override_num_blocks=4).map_batches(
+        lambda batch: {"id": batch["id"] * 2}, num_cpus=0.25, batch_size=4
+    )
+    total = int(doubled.sum("id"))
+
+    print("JOB_RESULT " + json.dumps({"worker": worker, "head": head, "data_sum": total,
+                                      "driver_python": sys.executable}), flush=True)
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A started two-node cluster, stopped (and checked for leftovers by ``stop``) after the module's tests."""
+    with LocalRayCluster() as cluster:
+        yield cluster
+
+
+def _job_result(logs: str) -> dict:
+    lines = [line for line in logs.splitlines() if line.startswith(RESULT_MARKER)]
+    assert lines, f"the job printed no result line; logs:\n{logs[-4000:]}"
+    return json.loads(lines[-1][len(RESULT_MARKER):])
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _accepts_connections(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+# First in the module, before the shared `ray_cluster` starts: one cluster at a time on this small machine.
+@pytest.mark.timeout(300)
+def test_stop_leaves_no_process_of_the_cluster(tmp_path):
+    cluster = LocalRayCluster().start()
+    try:
+        assert len(cluster.nodes()) == 2
+        (tmp_path / "task.py").write_text(
+            "import ray\nray.init()\n"
+            "print(ray.get(ray.remote(num_cpus=0.25, resources={'worker_node': 0.1})(lambda: 1).remote()))\n"
+        )
+        job_id = cluster.submit_job(cluster.python_entrypoint("task.py"), working_dir=str(tmp_path))
+        assert cluster.wait_job(job_id, timeout=120) == "SUCCEEDED", cluster.job_logs(job_id)
+        running = cluster.leftover_processes()
+        # the two `ray start` parents, gcs_server, two raylets, ... and Ray workers, which rename themselves
+        # ("ray::IDLE"): found through the marker in their environment, not their command line
+        assert len(running) >= 5
+        assert any(_command_line(pid).startswith("ray::") for pid in running)
+    finally:
+        cluster.stop()
+    assert cluster.leftover_processes() == []
+    assert not _accepts_connections(cluster.address)
+    assert not Path(cluster.temp_root).exists()
+
+
+@pytest.mark.timeout(300)
+def test_job_runs_tasks_and_ray_data_on_both_nodes(ray_cluster, tmp_path):
+    nodes = ray_cluster.nodes()
+    assert len(nodes) == 2
+    head_id, worker_id = ray_cluster.head_node_id(), ray_cluster.worker_node_id()
+    assert head_id != worker_id
+
+    # Written here, so the job can only see it through the uploaded working_dir.
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "job.py").write_text(JOB_SCRIPT)
+    (job_dir / "payload.txt").write_text("shipped-with-the-job\n")
+
+    job_id = ray_cluster.submit_job(
+        ray_cluster.python_entrypoint("job.py"), working_dir=str(job_dir), env_vars={"MPFT_PROBE": "from-runtime-env"}
+    )
+    status = ray_cluster.wait_job(job_id, timeout=240)
+    logs = ray_cluster.job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+
+    result = _job_result(logs)
+    assert result["worker"]["node_id"] == worker_id
+    assert result["head"]["node_id"] == head_id
+    assert result["data_sum"] == 2 * sum(range(16))
+    for task in (result["worker"], result["head"]):
+        assert task["payload"] == "shipped-with-the-job"
+        assert task["probe"] == "from-runtime-env"
+        assert task["python"] == sys.executable  # the venv, not the machine's python
+    assert result["driver_python"] == sys.executable
+
+
+@pytest.mark.timeout(300)
+def test_failing_job_reports_failed_with_its_output(ray_cluster, tmp_path):
+    (tmp_path / "fail.py").write_text("import sys\nprint('about to fail')\nsys.exit(3)\n")
+    job_id = ray_cluster.submit_job(ray_cluster.python_entrypoint("fail.py"), working_dir=str(tmp_path))
+    assert ray_cluster.wait_job(job_id, timeout=120) == "FAILED"
+    assert "about to fail" in ray_cluster.job_logs(job_id)
+
+
+@pytest.mark.timeout(60)
+def test_cluster_refuses_requests_without_its_token(ray_cluster):
+    # Other users and sessions on the machine can reach 127.0.0.1: the private token keeps them out.
+    request = urllib.request.Request(ray_cluster.dashboard_url + "/api/jobs/")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 401
+    wrong = urllib.request.Request(request.full_url, headers={"Authorization": "Bearer not-the-token"})
+    with pytest.raises(urllib.error.HTTPError) as forbidden:
+        urllib.request.urlopen(wrong, timeout=5)
+    assert forbidden.value.code == 403

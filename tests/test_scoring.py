@@ -1,0 +1,385 @@
+"""Batch scoring: one row per input with a score or an error, exactly once, across crashes, retries and killed actors.
+
+Everything runs on the real stack: files on disk or on the local S3 server, a private Ray instance, the MLflow server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines import scoring
+from pipelines.scoring import DetectorScorer, ModelInfo, ScoreJob, read_scores, run_scoring
+from tests.helpers.images import (BAD_CORPUS_FAILURES, BAD_CORPUS_MAX_PIXELS, fake_images, real_photo_crops,
+                                  write_bad_corpus)
+
+REPO = Path(__file__).resolve().parents[1]
+THRESHOLD = 0.47
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny detector (32 px input) with a calibrated-looking threshold, saved like training saves it."""
+    from mpft_core import BackboneConfig, DetectorConfig, build_detector, save_checkpoint
+
+    torch.manual_seed(0)
+    detector = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None)))
+    detector.threshold = THRESHOLD
+    return save_checkpoint(detector, tmp_path_factory.mktemp("ckpt") / "model")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> ModelInfo:
+    return ModelInfo(checkpoint_dir=str(checkpoint), uri=str(checkpoint), name="tiny", version="3")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, bool]]:
+    """A mixed folder: the awkward-files corpus (5 undecodable) plus photo crops and synthetic fakes in a subfolder."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("corpus")
+    expected = {str(root / name): ok for name, ok in write_bad_corpus(root).items()}
+    (root / "more").mkdir()
+    for i, pixels in enumerate(real_photo_crops(6, 40, seed=1) + fake_images(6, 40, seed=1)):
+        path = root / "more" / f"{i:03d}.png"
+        Image.fromarray(pixels).save(path)
+        expected[str(path)] = True
+    return root, expected
+
+
+def _job(input_uri, output_uri, **kw) -> ScoreJob:
+    defaults = dict(model_ref="tiny", input_uri=str(input_uri), output_uri=str(output_uri), batch_size=8,
+                    rows_per_block=8, max_pixels=BAD_CORPUS_MAX_PIXELS, num_actors=1, actor_cpus=0.5,
+                    decode_cpus=0.25)
+    defaults.update(kw)
+    return ScoreJob(**defaults)
+
+
+def _all_rows(output) -> pa.Table:
+    """Every row of every part, without the de-duplication read_scores does: what a naive reader would see."""
+    parts = scoring.list_part_files(str(output))
+    return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else scoring.OUTPUT_SCHEMA.empty_table()
+
+
+def _assert_exactly_once(output, expected: dict[str, bool]) -> pa.Table:
+    rows = _all_rows(output)
+    paths = rows.column("path").to_pylist()
+    assert len(paths) == len(set(paths)), "duplicated rows"
+    assert set(paths) == set(expected), f"missing {set(expected) - set(paths)}, extra {set(paths) - set(expected)}"
+    for row in rows.to_pylist():
+        assert (row["score"] is None) == (row["error"] is not None), row
+        assert (row["score"] is None) == (not expected[row["path"]]), row
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- the scoring actor
+
+
+def _decoded_batch(images: np.ndarray, errors: list) -> dict:
+    n = len(errors)
+    return {"path": np.array([f"/x/{i}.png" for i in range(n)], dtype=object),
+            "label": np.array([None] * n, dtype=object), "subset": np.array([None] * n, dtype=object),
+            "split": np.array([None] * n, dtype=object), "image": images,
+            "error": np.array(errors, dtype=object), "width": np.full(n, 40), "height": np.full(n, 30)}
+
+
+def test_scorer_scores_good_rows_and_keeps_errors_with_null_score(model, checkpoint):
+    from mpft_core.checkpoint import load_checkpoint
+
+    images = np.stack(real_photo_crops(2, 32) + fake_images(2, 32))
+    errors = [None, "ImageDecodeError: truncated JPEG", None, None]
+    images[1] = 0  # what decode puts in an error row
+    out = DetectorScorer(scoring.make_model_bundle(model))(_decoded_batch(images, errors))
+
+    expected = load_checkpoint(checkpoint).score_uint8(torch.from_numpy(images[[0, 2, 3]])).numpy()
+    assert "image" not in out.column_names
+    assert out.column("score").to_pylist()[1] is None and out.column("verdict").to_pylist()[1] is None
+    assert out.column("error").to_pylist() == errors
+    np.testing.assert_allclose([out.column("score").to_pylist()[i] for i in (0, 2, 3)], expected, rtol=1e-6)
+    verdicts = [out.column("verdict").to_pylist()[i] for i in (0, 2, 3)]
+    assert verdicts == ["generated" if s >= THRESHOLD else "real" for s in expected]
+    assert set(out.column("threshold").to_pylist()) == {THRESHOLD}
+    row = out.slice(0, 1).to_pylist()[0]
+    assert (row["model_name"], row["model_version"], row["model_uri"]) == ("tiny", "3", model.uri)
+    assert (row["width"], row["height"]) == (40, 30) and row["scored_at"] is not None
+
+
+def test_scorer_writes_its_schema(model):
+    out = DetectorScorer(scoring.make_model_bundle(model))(_decoded_batch(np.zeros((1, 32, 32, 3), np.uint8), [None]))
+    assert out.select(list(scoring.OUTPUT_COLUMNS)).schema.equals(scoring.OUTPUT_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------- resume bookkeeping
+
+
+def _write_part(folder: Path, name: str, paths: list[str], minutes: int = 0) -> None:
+    n = len(paths)
+    when = datetime(2026, 1, 1, 0, minutes, tzinfo=timezone.utc)
+    table = pa.table({"path": paths, "score": pa.array([0.5] * n, pa.float32()), "error": pa.nulls(n, pa.string()),
+                      "scored_at": pa.array([when] * n, pa.timestamp("us", tz="UTC"))})
+    pq.write_table(table, folder / name)
+
+
+def test_torn_part_is_removed_and_its_rows_count_as_not_scored(tmp_path):
+    _write_part(tmp_path, "part-a-1.parquet", ["/in/1.png", "/in/2.png"])
+    good = (tmp_path / "part-a-1.parquet").read_bytes()
+    (tmp_path / "part-b-1.parquet").write_bytes(good[: len(good) // 2])  # a crash mid-write
+    (tmp_path / "notes.txt").write_text("not a part")
+
+    done, torn = scoring.committed_paths(str(tmp_path))
+
+    assert done == {"/in/1.png", "/in/2.png"}
+    assert [Path(p).name for p in torn] == ["part-b-1.parquet"]
+    assert not (tmp_path / "part-b-1.parquet").exists() and (tmp_path / "notes.txt").exists()
+    manifest = pa.table({"path": ["/in/1.png", "/in/2.png", "/in/3.png"]})
+    assert scoring.remaining_inputs(manifest, done).column("path").to_pylist() == ["/in/3.png"]
+
+
+def test_resuming_an_output_of_another_model_is_refused(model, corpus, tmp_path):
+    table = pa.table({"path": ["/in/1.png"], "model_uri": ["models:/other/1"]})
+    pq.write_table(table, tmp_path / "part-old-1.parquet")
+    with pytest.raises(ValueError, match="fresh --output"):
+        run_scoring(_job(corpus[0], tmp_path), model)
+
+
+def test_read_scores_keeps_one_row_per_path_the_latest(tmp_path):
+    _write_part(tmp_path, "part-a-1.parquet", ["/in/1.png", "/in/2.png"], minutes=0)
+    _write_part(tmp_path, "part-b-1.parquet", ["/in/2.png"], minutes=5)
+    rows = read_scores(str(tmp_path)).sort_by("path").to_pylist()
+    assert [r["path"] for r in rows] == ["/in/1.png", "/in/2.png"]
+    assert rows[1]["scored_at"].minute == 5
+
+
+# ----------------------------------------------------------------------------------------- CLI table, no Ray
+
+
+def score_cli(argv: list[str]) -> int:
+    """`mpft score ...` through its own argument parser (the full CLI needs every other subcommand's module)."""
+    import argparse
+
+    from jobs import score_cmd
+
+    parser = argparse.ArgumentParser(prog="mpft score")
+    score_cmd.add_arguments(parser)
+    return score_cmd.main(parser.parse_args(argv))
+
+
+def test_cli_prints_a_table_for_a_local_folder_without_ray(checkpoint, corpus, capsys):
+    import ray
+
+    root, expected = corpus
+    code = score_cli([ "--model", str(checkpoint), "--input", str(root), "--max-pixels", str(BAD_CORPUS_MAX_PIXELS)])
+    printed = capsys.readouterr().out.splitlines()
+
+    assert code == 0 and not ray.is_initialized()
+    assert printed[0].split() == ["path", "score", "verdict", "error"]
+    body = {line.split()[0]: line for line in printed[2:]}
+    assert set(body) == {str(Path(p).relative_to(root)) for p in expected}
+    for name in BAD_CORPUS_FAILURES:
+        assert body[name].split()[1] == "error"
+    assert body["more/000.png"].split()[2] in ("generated", "real")
+
+
+def test_cli_refuses_a_large_folder_without_output(checkpoint, corpus):
+    with pytest.raises(SystemExit, match="pass --output"):
+        score_cli(["--model", str(checkpoint), "--input", str(corpus[0]), "--table-max", "3"])
+
+
+# ---------------------------------------------------------------------------------------------- the Ray job
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_every_input_appears_exactly_once_and_a_rerun_adds_nothing(ray_local, model, corpus, tmp_path):
+    root, expected = corpus
+    out = tmp_path / "scores"
+
+    first = run_scoring(_job(root, out), model)
+    rows = _assert_exactly_once(out, expected)
+    second = run_scoring(_job(root, out), model)
+
+    assert (first.n_inputs, first.n_errors, first.n_scored) == (len(expected), len(BAD_CORPUS_FAILURES),
+                                                                 len(expected) - len(BAD_CORPUS_FAILURES))
+    assert second.n_skipped_already_scored == len(expected) and second.n_written == 0
+    assert _all_rows(out).num_rows == rows.num_rows
+    assert all(Path(p).name.startswith(f"part-{first.run_id}-") for p in scoring.list_part_files(str(out)))
+
+
+SLOW_RUN = """
+import sys, time
+import ray
+from pipelines.scoring import DetectorScorer, ModelInfo, ScoreJob, run_scoring
+
+class SlowScorer(DetectorScorer):
+    def __call__(self, batch):
+        time.sleep(0.4)  # slow enough that the test can kill this driver half-way
+        return super().__call__(batch)
+
+address, checkpoint, input_uri, output_uri, max_pixels = sys.argv[1:]
+ray.init(address=address)
+job = ScoreJob(model_ref=checkpoint, input_uri=input_uri, output_uri=output_uri, batch_size=2, rows_per_block=2,
+               rows_per_output_file=1, max_pixels=int(max_pixels), actor_cpus=0.5, decode_cpus=0.25)
+run_scoring(job, ModelInfo(checkpoint_dir=checkpoint, uri=checkpoint), scorer_cls=SlowScorer)
+print("FINISHED", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_rerun_after_a_killed_driver_completes_without_duplicates(ray_local, model, checkpoint, corpus, tmp_path):
+    import ray
+
+    root, expected = corpus
+    out = tmp_path / "scores"
+    out.mkdir()
+    script = tmp_path / "slow_run.py"
+    script.write_text(SLOW_RUN)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, str(script), ray.get_runtime_context().gcs_address, str(checkpoint),
+                               str(root), str(out), str(BAD_CORPUS_MAX_PIXELS)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while len(scoring.list_part_files(str(out))) < 2:  # some rows committed, most not yet
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the first run never wrote a part"
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait(timeout=30)
+    # A part torn by the crash (on local disk pyarrow writes in place): simulate one explicitly as well.
+    (out / "part-crashed-0-0.parquet").write_bytes(b"PAR1 half a file")
+    done_before = len(scoring.committed_paths(str(out), delete_torn=False)[0])
+    assert 0 < done_before < len(expected)
+
+    summary = run_scoring(_job(root, out), model)
+
+    assert summary.n_skipped_already_scored == done_before and summary.n_torn_parts_removed == 1
+    _assert_exactly_once(out, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_killing_a_scoring_actor_mid_run_loses_no_rows(ray_local, model, corpus, tmp_path):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Registry:
+        """Collects scoring-actor handles and batch counts, so the test can aim ray.kill at a busy actor."""
+
+        def __init__(self):
+            self.handles, self.started, self.done = [], 0, 0
+
+        def register(self, handle):
+            self.handles.append(handle)
+
+        def batch_started(self):
+            self.started += 1
+
+        def batch_done(self):
+            self.done += 1
+
+        def state(self):
+            return self.handles, self.started, self.done
+
+    registry_name = f"registry-{os.getpid()}"
+    registry = Registry.options(name=registry_name).remote()
+
+    class ReportingScorer(DetectorScorer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.registry = ray.get_actor(registry_name)
+            ray.get(self.registry.register.remote(ray.get_runtime_context().current_actor))
+
+        def __call__(self, batch):
+            ray.get(self.registry.batch_started.remote())
+            time.sleep(0.3)
+            out = super().__call__(batch)
+            ray.get(self.registry.batch_done.remote())
+            return out
+
+    root, expected = corpus
+    out = tmp_path / "scores"
+    killed = {}
+
+    def kill_after_first_batches():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            handles, started, done = ray.get(registry.state.remote())
+            if handles and done >= 1 and started > done:  # mid-batch
+                ray.kill(handles[0], no_restart=False)  # Ray restarts it; its in-flight batches must be retried
+                killed["at_batch"] = done
+                return
+            time.sleep(0.05)
+
+    import threading
+
+    killer = threading.Thread(target=kill_after_first_batches, daemon=True)
+    killer.start()
+    summary = run_scoring(_job(root, out, batch_size=2, rows_per_block=2), model, scorer_cls=ReportingScorer)
+    killer.join(timeout=5)
+
+    handles, started, done = ray.get(registry.state.remote())
+    assert killed, "the actor was never killed"
+    assert len(handles) >= 2, "the killed actor was not replaced"
+    assert started > done, "no batch was interrupted"
+    assert summary.n_written == len(expected)
+    _assert_exactly_once(out, expected)
+    ray.kill(registry)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_scoring_from_s3_to_s3_with_a_registered_model_logs_a_summary(ray_local, s3_server, mlflow_server, checkpoint,
+                                                                      corpus, tmp_path):
+    import mlflow
+
+    from jobs import tracking
+    from jobs.score import SCORING_EXPERIMENT, resolve_model_info, run_score_job
+
+    root, expected = corpus
+    s3_server.create_bucket("score-in")
+    s3_server.create_bucket("score-out")
+    s3_server.upload_dir(root, "s3://score-in/corpus")
+    cfg = s3_server.storage_config()
+    expected_s3 = {"s3://score-in/corpus/" + str(Path(p).relative_to(root)): ok for p, ok in expected.items()}
+
+    tracking.set_tracking(mlflow_server.tracking_uri)
+    with tracking.start_run("mpft-test-registry", "register-tiny"):
+        version = tracking.register_model(tracking.log_detector_model(str(checkpoint)), "tiny-scorer")
+    tracking.set_alias("tiny-scorer", "challenger", version)
+
+    model = resolve_model_info("models:/tiny-scorer@challenger", cfg)
+    job = _job("s3://score-in/corpus", "s3://score-out/run1", storage=cfg, model_ref="models:/tiny-scorer@challenger")
+    summary = run_score_job(job, model, tracking_uri=mlflow_server.tracking_uri)
+
+    rows = read_scores("s3://score-out/run1", cfg)
+    assert sorted(rows.column("path").to_pylist()) == sorted(expected_s3)
+    assert len(scoring.list_part_files("s3://score-out/run1", cfg)) >= 1
+    assert {(r["model_name"], r["model_version"]) for r in rows.select(["model_name", "model_version"]).to_pylist()} \
+        == {("tiny-scorer", str(version))}
+    failed = {p for p, ok in expected_s3.items() if not ok}
+    assert {r["path"] for r in rows.to_pylist() if r["error"] is not None} == failed
+    assert summary.n_errors == len(failed)
+
+    runs = mlflow.search_runs(experiment_names=[SCORING_EXPERIMENT], output_format="list")
+    logged = next(r for r in runs if r.data.params.get("scoring_run_id") == job.run_id)
+    assert logged.data.metrics["n_inputs"] == len(expected_s3)
+    assert logged.data.metrics["n_errors"] == len(failed)
+    assert logged.data.params["output"] == "s3://score-out/run1"
