@@ -231,8 +231,8 @@ def render_markdown(result: dict) -> str:
         f"({m['torch_threads']} threads), Python {m['python']}",
         f"- load average (1/5/15 min) at start {result['load_average_start']}, at end {result['load_average_end']} "
         "(the machine was shared with other jobs: figures are medians over interleaved repeats)",
-        f"- setup: {result['setup']['backbone']} random weights, full fine-tuning, batch {BATCH_SIZE} x 224 px, fp32 CPU, "
-        f"TAM `diversity` at ratio {MASK_RATIO}; {result['repeats']} timed steps per mode after one warm-up step",
+        f"- setup: {result['setup']['backbone']} random weights, full fine-tuning, batch {BATCH_SIZE} x 224 px, "
+        f"fp32 CPU, TAM `diversity` at ratio {MASK_RATIO}; {result['repeats']} timed steps per mode after one warm-up step",
         "",
         "| figure | value | target | result |",
         "|---|---|---|---|",
