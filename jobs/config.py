@@ -50,6 +50,9 @@ class TrainJobConfig(_Strict):
     ray_address: Optional[str] = None
     max_pixels: int = Field(178_956_970, ge=1)  # Pillow's default decompression-bomb limit
     log_every_steps: int = Field(10, ge=1)
+    # Decode the train/val images once and keep them in Ray's object store for every epoch. For corpora that fit in
+    # memory (the demo, small-data fine-tuning): the crops are the same each epoch either way (seeded per path).
+    cache_decoded: bool = False
     # Resilience drill: raise once inside the loop at this global step on a fresh (not resumed) attempt, to check
     # that FailureConfig restarts from the last checkpoint. Off by default.
     inject_failure_at_step: Optional[int] = None

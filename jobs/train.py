@@ -57,10 +57,15 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
     val_manifest = labelled_manifest(cfg.val, cfg.storage)
     size = input_size(cfg.method.detector.backbone)
     # Undecodable files are reported by ingest as error rows; training and validation skip them.
-    train_ds = ingest.for_training(ingest.read_images(train_manifest, cfg.storage, image_size=size, train=True,
+    # Manifests are sorted by path, i.e. grouped by class and generator: shuffle the rows once (cheap, paths only)
+    # so that every block, and with the loop's local shuffle buffer every batch, mixes classes and subsets.
+    train_rows = shuffled(train_manifest, seed=cfg.method.optim.seed)
+    train_ds = ingest.for_training(ingest.read_images(train_rows, cfg.storage, image_size=size, train=True,
                                                       max_pixels=cfg.max_pixels, seed=cfg.method.optim.seed))
     val_ds = ingest.drop_errors(ingest.read_images(val_manifest, cfg.storage, image_size=size, train=False,
                                                    max_pixels=cfg.max_pixels))
+    if cfg.cache_decoded:
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
 
     with tracking.start_run(cfg.tracking.experiment, run_name=cfg.name, parent_run_id=parent_run_id,
                             resume_by_name=True) as run:
@@ -100,6 +105,10 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
             tracking.set_alias(cfg.tracking.registered_model, "challenger", version)
             log.info("registered %s version %s as challenger", cfg.tracking.registered_model, version)
         return TrainOutcome(run.info.run_id, best_dir, model_uri, version, dict(result.metrics or {}))
+
+
+def shuffled(table: pa.Table, seed: int) -> pa.Table:
+    return table.take(pa.array(np.random.default_rng(seed).permutation(table.num_rows)))
 
 
 def labelled_manifest(source_list, storage_cfg) -> pa.Table:

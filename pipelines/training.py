@@ -92,8 +92,11 @@ def train_loop_per_worker(config: dict) -> None:
     batch_size = method.optim.batch_size
     for epoch in range(start_epoch, method.optim.epochs):
         model.train()
+        # A local shuffle buffer re-mixes rows every epoch without a global (all-to-all) shuffle of the images.
         batches = train_shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=str(device),
-                                                 dtypes={"image": torch.uint8, "label": torch.float32})
+                                                 dtypes={"image": torch.uint8, "label": torch.float32},
+                                                 local_shuffle_buffer_size=4 * batch_size,
+                                                 local_shuffle_seed=method.optim.seed + epoch)
         for batch in batches:
             if rank == 0 and logger is not None and global_step == 0:
                 _log_mask_examples(detector, batch["image"], method, logger)
