@@ -17,8 +17,11 @@ Parts:
 The machine is shared, so the modes are interleaved (and their order alternates every repeat) so that background
 load hits both alike, and the figures are medians. Results go to ``bench/results/train_step.{json,md}``.
 
-Ray Train scaling (samples/s of 1 vs 2 workers) is not measured here yet: it needs the driver API of
-``pipelines/training.py``, which is being rewritten; add it as another entry of ``PARTS`` once that settles.
+* ``ray``: training samples/s of 1 vs 2 Ray Train workers (the real loop of ``pipelines/training.py``, DDP over
+  gloo) on the tiny ``mpft-tiny-224`` config, from an in-memory dataset so that only the training side is measured.
+  Both runs use the same 2 torch threads in total (1 worker x 2 threads vs 2 workers x 1 thread); samples/s is the
+  loop's own per-epoch figure, the first epoch (warm-up) left out. On 2 cores this shows what data-parallelism costs
+  or gains when the cores are already busy; the gain it exists for comes with more nodes or GPUs.
 """
 
 from __future__ import annotations
@@ -260,13 +263,72 @@ def render_markdown(result: dict) -> str:
             f"| >= {TARGET_DROP_SPEEDUP}x | {'PASS' if modes['pass'] else 'FAIL'} |",
             f"| `drop` speed-up, median of paired rounds | {modes['speedup_paired_median']:.2f}x | | |",
         ]
-    lines += ["", "Not measured here yet: samples/s of 1 vs 2 Ray Train workers (see the module docstring).", ""]
+    ray_part = result.get("ray")
+    if ray_part:
+        lines += [
+            f"| Ray Train, 1 worker x {TORCH_THREADS} threads ({ray_part['backbone']}, median) "
+            f"| {ray_part['samples_per_s_1_worker']:.1f} samples/s | | |",
+            f"| Ray Train, 2 workers x {TORCH_THREADS // 2} thread (median) "
+            f"| {ray_part['samples_per_s_2_workers']:.1f} samples/s | | |",
+            f"| 2 workers / 1 worker | {ray_part['speedup_2_over_1']:.2f}x | | |",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- entry point
 
-PARTS = ("tam", "mask-modes")
+PARTS = ("tam", "mask-modes", "ray")
+
+RAY_BACKBONE = "mpft-tiny-224"
+RAY_ROWS = 512
+RAY_BATCH_PER_WORKER = 16
+
+
+def measure_ray_scaling(log, epochs: int, rounds: int) -> dict:
+    """Samples/s of the Ray Train loop with 1 and 2 workers, alternating, ``rounds`` runs each."""
+    import tempfile
+
+    import numpy as np
+    import ray
+
+    from mpft_core.config import MethodConfig
+    from pipelines import training
+    from pipelines.runtime import init_ray
+    from pipelines.storage import StorageConfig
+
+    init_ray(num_cpus=2)
+    rng = np.random.default_rng(0)
+    rows = [{"image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), "label": i % 2} for i in range(RAY_ROWS)]
+    train_ds = ray.data.from_items(rows).materialize()
+    val_ds = ray.data.from_items([{**r, "path": f"mem://{i}", "subset": "bench"} for i, r in enumerate(rows[:32])])
+    val_ds = val_ds.materialize()
+    method = MethodConfig.from_dict({
+        "detector": {"backbone": {"name": RAY_BACKBONE, "pretrained": None}, "mask": {"ratio": MASK_RATIO}},
+        "optim": {"epochs": epochs, "batch_size": RAY_BATCH_PER_WORKER},
+    })
+    per_run: dict[int, list[float]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as root:
+        for round_index in range(rounds):
+            for workers in (1, 2) if round_index % 2 == 0 else (2, 1):
+                loop = training.LoopConfig(
+                    method=method.to_dict(), storage=StorageConfig().to_dict(reveal_secrets=True),
+                    steps_per_epoch=training.steps_per_epoch(RAY_ROWS, RAY_BATCH_PER_WORKER, workers),
+                    torch_threads=TORCH_THREADS // workers, log_every_steps=10**9)
+                trainer = training.build_trainer(
+                    name=f"bench-{workers}w-{round_index}", loop_config=loop, logger=None, train_ds=train_ds,
+                    val_ds=val_ds, checkpoint_root=root, storage_cfg=StorageConfig(), num_workers=workers,
+                    use_gpu=False, cpus_per_worker=0.5, keep_checkpoints=epochs, max_failures=0)
+                result = trainer.fit()
+                reported = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["epoch"])
+                rates = [m["train_samples_per_s"] for m in reported[1:]]  # epoch 0 includes warm-up
+                per_run[workers].append(median(rates))
+                log(f"ray: {workers} worker(s), round {round_index}: {median(rates):.1f} samples/s")
+    ray.shutdown()
+    one, two = median(per_run[1]), median(per_run[2])
+    return {"backbone": RAY_BACKBONE, "rows": RAY_ROWS, "batch_per_worker": RAY_BATCH_PER_WORKER, "epochs": epochs,
+            "rounds": rounds, "samples_per_s_1_worker": one, "samples_per_s_2_workers": two,
+            "speedup_2_over_1": two / one, "runs": per_run}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -299,9 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {"backbone": args.backbone, "pretrained": None, "batch_size": BATCH_SIZE, "image_size": 224,
                   "trainable": "full", "mask": {"strategy": "tam", "texture": "diversity", "ratio": MASK_RATIO}},
     }
-    log(f"{args.backbone}, batch {BATCH_SIZE}, modes {modes}, {repeats} repeats, torch threads {TORCH_THREADS}")
-    records, mask_alone_s = measure_steps(modes, repeats, log, backbone=args.backbone)
-    result["steps"] = records
+    if parts & {"tam", "mask-modes"}:
+        log(f"{args.backbone}, batch {BATCH_SIZE}, modes {modes}, {repeats} repeats, torch threads {TORCH_THREADS}")
+        records, mask_alone_s = measure_steps(modes, repeats, log, backbone=args.backbone)
+        result["steps"] = records
+    if "ray" in parts:
+        result["ray"] = measure_ray_scaling(log, epochs=3, rounds=1 if args.quick else 2)
     if "tam" in parts:
         result["tam"] = summarise_tam(records, mask_alone_s)
     if "mask-modes" in parts:

@@ -25,6 +25,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, runt
         env["env_vars"].update(runtime_env.get("env_vars", {}))
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # On a cluster the job's own runtime env (working_dir, env vars set at submission) must stay in force:
+        # only an explicitly requested runtime env is passed, since it would replace the job's.
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)

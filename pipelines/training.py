@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -97,16 +98,22 @@ def train_loop_per_worker(config: dict) -> None:
                                                  dtypes={"image": torch.uint8, "label": torch.float32},
                                                  local_shuffle_buffer_size=4 * batch_size,
                                                  local_shuffle_seed=method.optim.seed + epoch)
+        epoch_start, epoch_samples = time.perf_counter(), 0
         for batch in batches:
             if rank == 0 and logger is not None and global_step == 0:
                 _log_mask_examples(detector, batch["image"], method, logger)
             loss = train_step(model, batch["image"], batch["label"], optimizer, scheduler=scheduler, scaler=scaler)
             global_step += 1
+            epoch_samples += len(batch["label"])
             if not resumed and loop.inject_failure_at_step is not None and global_step == loop.inject_failure_at_step:
                 raise RuntimeError(f"injected failure at step {global_step} (resilience drill)")
             if rank == 0 and logger is not None and global_step % loop.log_every_steps == 0:
                 logger.log_metrics({"train_loss": loss, "lr_head": optimizer.param_groups[-1]["lr"]}, global_step)
 
+        epoch_seconds = time.perf_counter() - epoch_start
+        # Shards are equal (streaming_split(equal=True)), so rank 0's count times the world size is the total.
+        throughput = {"epoch_train_s": epoch_seconds,
+                      "train_samples_per_s": epoch_samples * ctx.get_world_size() / max(epoch_seconds, 1e-9)}
         summary = {}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -114,6 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
                 summary = _validate_and_save(detector, val_iter, method, batch_size, device, Path(tmp),
                                              epoch=epoch, global_step=global_step, optimizer=optimizer,
                                              scheduler=scheduler)
+                summary.update(throughput)
                 if logger is not None:
                     logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, global_step)
                 checkpoint = Checkpoint.from_directory(tmp)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from mpft_core.perturb import Perturbation
@@ -17,18 +16,14 @@ from pipelines.evaluation import EvalOptions, decode_perturbed_batch, evaluate
 from pipelines.scoring import ModelInfo
 from pipelines.sources import SourceConfig
 from tests.helpers.images import BAD_CORPUS_MAX_PIXELS, write_bad_corpus, write_genimage_tree
+from tests.helpers.models import tiny_checkpoint
 
 THRESHOLD = 0.5002
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from mpft_core import BackboneConfig, DetectorConfig, build_detector, save_checkpoint
-
-    torch.manual_seed(1)
-    detector = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None)))
-    detector.threshold = THRESHOLD
-    return save_checkpoint(detector, tmp_path_factory.mktemp("ckpt") / "model")
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", threshold=THRESHOLD, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from pipelines import scoring
 from pipelines.scoring import DetectorScorer, ModelInfo, ScoreJob, read_scores, run_scoring
 from tests.helpers.images import (BAD_CORPUS_FAILURES, BAD_CORPUS_MAX_PIXELS, fake_images, real_photo_crops,
                                   write_bad_corpus)
+from tests.helpers.models import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.47
@@ -35,12 +36,7 @@ THRESHOLD = 0.47
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny detector (32 px input) with a calibrated-looking threshold, saved like training saves it."""
-    from mpft_core import BackboneConfig, DetectorConfig, build_detector, save_checkpoint
-
-    torch.manual_seed(0)
-    detector = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None)))
-    detector.threshold = THRESHOLD
-    return save_checkpoint(detector, tmp_path_factory.mktemp("ckpt") / "model")
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", threshold=THRESHOLD, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -180,14 +176,22 @@ def score_cli(argv: list[str]) -> int:
     return score_cmd.main(parser.parse_args(argv))
 
 
-def test_cli_prints_a_table_for_a_local_folder_without_ray(checkpoint, corpus, capsys):
+def test_cli_prints_a_table_for_a_local_folder_without_ray(checkpoint, corpus, capsys, monkeypatch):
     import ray
 
+    from pipelines import runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the table path must not start or join Ray")
+
+    # Other tests may have a session Ray running, so check that this path never asks for one.
+    monkeypatch.setattr(runtime, "init_ray", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
     root, expected = corpus
-    code = score_cli([ "--model", str(checkpoint), "--input", str(root), "--max-pixels", str(BAD_CORPUS_MAX_PIXELS)])
+    code = score_cli(["--model", str(checkpoint), "--input", str(root), "--max-pixels", str(BAD_CORPUS_MAX_PIXELS)])
     printed = capsys.readouterr().out.splitlines()
 
-    assert code == 0 and not ray.is_initialized()
+    assert code == 0
     assert printed[0].split() == ["path", "score", "verdict", "error"]
     body = {line.split()[0]: line for line in printed[2:]}
     assert set(body) == {str(Path(p).relative_to(root)) for p in expected}
