@@ -13,6 +13,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from mpft_core.config import MethodConfig, _Strict
+from mpft_core.imageio import DEFAULT_MAX_PIXELS
 from pipelines.sources import SourceConfig
 from pipelines.storage import StorageConfig
 
@@ -48,7 +49,7 @@ class TrainJobConfig(_Strict):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     ray_address: Optional[str] = None
-    max_pixels: int = Field(178_956_970, ge=1)  # Pillow's default decompression-bomb limit
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # larger images become error rows (decompression bombs)
     log_every_steps: int = Field(10, ge=1)
     # Decode the train/val images once and keep them in Ray's object store for every epoch. For corpora that fit in
     # memory (the demo, small-data fine-tuning): the crops are the same each epoch either way (seeded per path).

@@ -48,6 +48,9 @@ class DemoSizes:
     generator_steps: int = 60
 
 
+QUICK_SIZES = DemoSizes(n_train_per_class=48, n_val_per_class=16, n_test_per_class=16, epochs=2, generator_steps=20)
+
+
 def demo_method(sizes: DemoSizes) -> MethodConfig:
     """MPFT on the tiny 32-px ViT: TAM on, full fine-tune; learning rates raised for a random-init backbone."""
     return MethodConfig.from_dict({

@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FilenameProvider
 
+from mpft_core.imageio import DEFAULT_MAX_PIXELS
 from pipelines import storage
 from pipelines.storage import StorageConfig
 
@@ -56,7 +57,6 @@ VERDICT_GENERATED = "generated"
 VERDICT_REAL = "real"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
-DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's decompression-bomb limit; matches jobs.config
 
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),

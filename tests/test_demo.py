@@ -1,0 +1,40 @@
+"""`mpft demo --quick` end to end: the stack comes up, every stage runs, and everything is stopped again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from jobs.demo import MODEL_NAME
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    listing = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in listing if text in line]
+
+
+def test_demo_runs_every_stage_and_stops_the_stack(tmp_path):
+    workdir, report_path = tmp_path / "demo", tmp_path / "report.json"
+    # A separate process, as `make demo` runs it: the demo owns its Ray instance and servers from start to stop.
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--quick", "--workdir", str(workdir),
+                           "--report", str(report_path)], cwd=REPO, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+
+    assert "MPFT demo finished" in done.stdout and "infra.local_stack.mlflow_server --root" in done.stdout
+    assert processes_mentioning(str(workdir)) == []  # the MLflow server (rooted in workdir) is gone
+    # Every crawled file has exactly one score row; the three planted broken files are error rows.
+    assert report["score_rows"] == report["crawl_files"] and report["score_errors"] == 3
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+    tags = client.get_model_version(MODEL_NAME, report["model_version"]).tags
+    assert tags["gate.decision"] == ("promoted" if report["promoted"] else "refused")
+    assert {"mpft-demo", "mpft-evaluation", "mpft-scoring"} <= {e.name for e in client.search_experiments()}
