@@ -8,10 +8,14 @@ right before the model so the data pipeline can ship compact uint8.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
+
+# torch is imported inside the two tensor functions only: the decode stage (numpy crops in Ray Data CPU tasks)
+# then never loads torch, which costs ~3 s and ~300 MB per worker process.
+if TYPE_CHECKING:
+    import torch
 
 # open_clip's OPENAI_DATASET_MEAN/STD; the model's own preprocess cfg overrides these when it has one.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -73,6 +77,8 @@ def eval_view(img: np.ndarray, size: int) -> np.ndarray:
 
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 NHWC (as shipped by the pipeline) -> float32 NCHW normalised for the model."""
+    import torch
+
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
         raise ValueError(f"expected a uint8 NHWC batch with 3 channels, got {tuple(batch.shape)} {batch.dtype}")
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)
@@ -83,6 +89,8 @@ def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
 
 def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Inverse of ``normalize`` back to [0, 1] RGB (float NCHW); used by TAM and by mask visualisations."""
+    import torch
+
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return x * s + m

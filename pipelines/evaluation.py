@@ -126,13 +126,20 @@ def build_eval_manifest(sources: Sequence, storage_cfg: Optional[StorageConfig] 
 # ------------------------------------------------------------------------------------------ degraded decode stage
 
 
-def decode_perturbed_batch(batch: dict, *, perturbation: Perturbation, image_size: int, max_pixels: int,
+def decode_perturbed_batch(batch: dict, *, perturbation: Optional[Perturbation], image_size: int, max_pixels: int,
                            storage_cfg: dict) -> dict:
     """Manifest rows -> decoded rows (DECODED_COLUMNS) of degraded images: read, decode, degrade, tile + crop.
 
-    Like ``pipelines.decode.decode_batch`` but with the degradation between decode and crop; width/height are the
-    original file's. Never raises for a bad file: the row gets ``error``, zero pixels and width = height = -1.
+    Like ``pipelines.decode.decode_batch`` but with the degradation between decode and crop (``None``: no
+    degradation, the clean view); width/height are the original file's. Never raises for a bad file: the row gets
+    ``error``, zero pixels and width = height = -1.
     """
+    n = len(batch["path"])
+    return _decode_rows(batch, [perturbation] * n, image_size, max_pixels, storage_cfg)
+
+
+def _decode_rows(batch: dict, perturbations: list, image_size: int, max_pixels: int, storage_cfg: dict) -> dict:
+    """Decode row ``i`` of ``batch`` degraded by ``perturbations[i]`` (``None``: clean)."""
     from mpft_core.imageio import decode_rgb
     from mpft_core.transforms import eval_view
     from pipelines.decode import describe_error
@@ -144,10 +151,10 @@ def decode_perturbed_batch(batch: dict, *, perturbation: Perturbation, image_siz
     errors = np.full(n, None, dtype=object)
     widths = np.full(n, -1, dtype=np.int32)
     heights = np.full(n, -1, dtype=np.int32)
-    for i, path in enumerate(paths):
+    for i, (path, perturbation) in enumerate(zip(paths, perturbations)):
         try:
             pixels = decode_rgb(reader.read(path), max_pixels=max_pixels)
-            images[i] = eval_view(perturbation.apply(pixels), image_size)
+            images[i] = eval_view(pixels if perturbation is None else perturbation.apply(pixels), image_size)
             heights[i], widths[i] = pixels.shape[:2]
         except Exception as err:  # noqa: BLE001 - one bad file becomes that row's error, never a failed task
             errors[i] = describe_error(err)
@@ -158,26 +165,35 @@ def decode_perturbed_batch(batch: dict, *, perturbation: Perturbation, image_siz
     return out
 
 
-def _decode_perturbed_arrow(batch: dict, *, image_size: int, **kwargs) -> pa.Table:
-    """``decode_perturbed_batch`` with the exact Arrow types of the normal decode stage (nulls stay nulls)."""
+def _decode_conditions_arrow(batch: dict, *, perturbations: dict, image_size: int, **kwargs) -> pa.Table:
+    """Rows tagged with a ``condition`` decoded under it, with the exact Arrow types of the normal decode stage
+    (nulls stay nulls) plus the ``condition`` column."""
     from ray.data.extensions import ArrowTensorArray
 
     from pipelines.decode import decoded_schema
 
-    out = decode_perturbed_batch(batch, image_size=image_size, **kwargs)
+    conditions = [str(c) for c in batch["condition"]]
+    out = _decode_rows(batch, [perturbations[c] for c in conditions], image_size, **kwargs)
     schema = decoded_schema(image_size)
     columns = [ArrowTensorArray.from_numpy(out["image"]) if f.name == "image"
                else pa.array(out[f.name], from_pandas=True).cast(f.type) for f in schema]
-    return pa.Table.from_arrays(columns, schema=schema)
+    return pa.Table.from_arrays(columns + [pa.array(conditions, pa.string())],
+                                schema=schema.append(pa.field("condition", pa.string())))
 
 
-def _perturbed_dataset(manifest: pa.Table, perturbation: Perturbation, image_size: int, options: EvalOptions,
-                       storage_cfg: Optional[StorageConfig]):
+def conditions_manifest(manifest: pa.Table, names: Sequence[str]) -> pa.Table:
+    """One copy of the manifest per condition, tagged with a ``condition`` column."""
+    return pa.concat_tables([manifest.append_column("condition", pa.array([name] * manifest.num_rows, pa.string()))
+                             for name in names])
+
+
+def _decoded_conditions(tagged: pa.Table, perturbations: dict, image_size: int, options: EvalOptions,
+                        storage_cfg: Optional[StorageConfig]):
     from pipelines.ingest import manifest_blocks
 
-    return ray.data.from_arrow(manifest_blocks(manifest, options.rows_per_block)).map_batches(
-        _decode_perturbed_arrow,
-        fn_kwargs={"perturbation": perturbation, "image_size": image_size, "max_pixels": options.max_pixels,
+    return ray.data.from_arrow(manifest_blocks(tagged, options.rows_per_block, extra_columns=("condition",))).map_batches(
+        _decode_conditions_arrow,
+        fn_kwargs={"perturbations": perturbations, "image_size": image_size, "max_pixels": options.max_pixels,
                    "storage_cfg": (storage_cfg or StorageConfig()).resolved().to_dict(reveal_secrets=True)},
         batch_size=options.rows_per_block, batch_format="numpy", num_cpus=options.decode_cpus,
     )
@@ -186,28 +202,42 @@ def _perturbed_dataset(manifest: pa.Table, perturbation: Perturbation, image_siz
 # ------------------------------------------------------------------------------------------------------ scoring
 
 
-def _score_job(options: EvalOptions, storage_cfg: Optional[StorageConfig]) -> ScoreJob:
+def _score_job(options: EvalOptions, storage_cfg: Optional[StorageConfig], carry: tuple[str, ...]) -> ScoreJob:
     return ScoreJob(model_ref="", input_uri="", output_uri="", storage=storage_cfg, batch_size=options.batch_size,
                     num_actors=options.num_actors, actor_cpus=options.actor_cpus,
                     torch_threads=options.torch_threads, use_gpu=options.use_gpu, decode_cpus=options.decode_cpus,
-                    max_pixels=options.max_pixels, rows_per_block=options.rows_per_block,
-                    carry_columns=("label", "subset"))
+                    max_pixels=options.max_pixels, rows_per_block=options.rows_per_block, carry_columns=carry)
 
 
 def score_rows(manifest: pa.Table, bundle_ref, image_size: int, options: EvalOptions,
-               storage_cfg: Optional[StorageConfig] = None, perturbation: Optional[Perturbation] = None,
-               embed: bool = False) -> pa.Table:
-    """Every manifest row scored (and embedded if asked), collected on the driver, sorted by path."""
-    job = _score_job(options, storage_cfg)
-    decoded = None if perturbation is None else _perturbed_dataset(manifest, perturbation, image_size, options,
-                                                                   storage_cfg)
-    ds = scored_dataset(manifest, bundle_ref, image_size, job, decoded=decoded, embed=embed)
+               storage_cfg: Optional[StorageConfig] = None, embed: bool = False) -> pa.Table:
+    """Every clean manifest row scored (and embedded if asked), collected on the driver, sorted by path."""
+    return score_conditions(manifest, {CLEAN: None}, bundle_ref, image_size, options, storage_cfg, embed)[CLEAN]
+
+
+def score_conditions(manifest: pa.Table, perturbations: dict, bundle_ref, image_size: int, options: EvalOptions,
+                     storage_cfg: Optional[StorageConfig] = None, embed: bool = False) -> dict[str, pa.Table]:
+    """Every manifest row scored under every condition (``{name: Perturbation or None}``) in one pipeline run.
+
+    One run instead of one per condition: the scoring actors start (and load the model) once, and decode tasks
+    of the next condition overlap with scoring of the previous one. Returns ``{name: rows sorted by path}``.
+    """
+    tagged = conditions_manifest(manifest, list(perturbations))
+    job = _score_job(options, storage_cfg, carry=("label", "subset", "condition"))
+    decoded = _decoded_conditions(tagged, perturbations, image_size, options, storage_cfg)
+    ds = scored_dataset(tagged, bundle_ref, image_size, job, decoded=decoded, embed=embed)
     batches = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(batches, promote_options="permissive") if batches else None
-    if table is None or table.num_rows != manifest.num_rows:
+    if table is None or table.num_rows != tagged.num_rows:
         got = 0 if table is None else table.num_rows
-        raise RuntimeError(f"scored {got} rows for {manifest.num_rows} inputs")
-    return table.sort_by("path")
+        raise RuntimeError(f"scored {got} rows for {tagged.num_rows} inputs ({len(perturbations)} conditions)")
+    out = {}
+    for name in perturbations:
+        rows = table.filter(pc.equal(table.column("condition"), name))
+        if rows.num_rows != manifest.num_rows:
+            raise RuntimeError(f"condition {name}: scored {rows.num_rows} rows for {manifest.num_rows} inputs")
+        out[name] = rows.drop_columns(["condition"]).sort_by("path")
+    return out
 
 
 def condition_metrics(scores: pa.Table, threshold: float) -> tuple[dict, int]:
@@ -231,11 +261,11 @@ def evaluate(model: ModelInfo, sources: Sequence, storage_cfg: Optional[StorageC
     bundle_ref = ray.put(bundle)
     image_size, threshold = bundle_image_size(bundle), bundle_threshold(bundle)
 
+    named = {CLEAN: None, **{p.name: p for p in perturbations}}
+    log.info("evaluating %s on %d images under %d conditions (%s)", model.uri, manifest.num_rows, len(named),
+             ", ".join(named))
     conditions = []
-    for perturbation in [None, *perturbations]:
-        name = CLEAN if perturbation is None else perturbation.name
-        log.info("evaluating %s on %d images (%s)", model.uri, manifest.num_rows, name)
-        scores = score_rows(manifest, bundle_ref, image_size, options, storage_cfg, perturbation)
+    for name, scores in score_conditions(manifest, named, bundle_ref, image_size, options, storage_cfg).items():
         results, n_errors = condition_metrics(scores, threshold)
         conditions.append(ConditionResult(name=name, scores=scores, results=results, n_errors=n_errors))
 

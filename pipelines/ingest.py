@@ -37,11 +37,15 @@ from pipelines.storage import StorageConfig
 __all__ = ["DECODED_COLUMNS", "read_images", "drop_errors", "for_training"]
 
 
-def manifest_blocks(manifest: pa.Table, rows_per_block: int) -> list[pa.Table]:
-    """The manifest as consecutive slices of ``rows_per_block`` rows (the last may be shorter)."""
+def manifest_blocks(manifest: pa.Table, rows_per_block: int, extra_columns: tuple[str, ...] = ()) -> list[pa.Table]:
+    """The manifest (its standard columns, plus ``extra_columns`` as they are) as consecutive slices of
+    ``rows_per_block`` rows (the last may be shorter)."""
     if rows_per_block < 1:
         raise ValueError("rows_per_block must be >= 1")
-    table = manifest.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA).combine_chunks()
+    table = manifest.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    for name in extra_columns:
+        table = table.append_column(manifest.schema.field(name), manifest.column(name))
+    table = table.combine_chunks()
     return [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
 
 

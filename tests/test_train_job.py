@@ -62,15 +62,24 @@ def encoded_val_images(corpus_root_files: list[bytes]) -> pd.DataFrame:
     return pd.DataFrame({"image": corpus_root_files})
 
 
-def test_train_job_learns_logs_registers_and_the_registered_model_scores_like_the_trained_one(
-        tmp_path, s3_server, mlflow_server, ray_local, corpus_uri, capsys):
-    config_path = job_yaml(tmp_path, s3_server, mlflow_server, corpus_uri, name="tam-tiny")
+@pytest.fixture(scope="module")
+def trained(s3_server, mlflow_server, ray_local, corpus_uri, tmp_path_factory):
+    """One `mpft train` run (2 epochs), shared: a Ray Train run costs ~50 s here, and the resume test continues
+    this very run. Returns (config path, the MLflow run, its last step), as they were right after training."""
+    config_path = job_yaml(tmp_path_factory.mktemp("train-job"), s3_server, mlflow_server, corpus_uri,
+                           name="tam-tiny")
     assert cli.main(["train", "--config", str(config_path)]) == 0
-    capsys.readouterr()
-
     client = MlflowClient(mlflow_server.tracking_uri)
     experiment = client.get_experiment_by_name("train-job-test")
     [run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'tam-tiny'")
+    last_step = max(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))  # logged per epoch
+    return config_path, run, last_step
+
+
+def test_train_job_learns_logs_registers_and_the_registered_model_scores_like_the_trained_one(
+        tmp_path, s3_server, mlflow_server, trained):
+    _, run, _ = trained
+    client = MlflowClient(mlflow_server.tracking_uri)
     # Clearly above chance on held-out images (two subsets: 40 real + 40 generated each).
     assert run.data.metrics["val_mean_acc"] >= 0.8, run.data.metrics
     assert run.data.params["data.train_rows"] == "160"
@@ -110,16 +119,13 @@ def test_train_job_learns_logs_registers_and_the_registered_model_scores_like_th
     assert (out["threshold"] == detector.threshold).all()
 
 
-def test_rerunning_the_same_name_resumes_instead_of_starting_over(tmp_path, s3_server, mlflow_server, ray_local,
-                                                                  corpus_uri):
-    config_path = job_yaml(tmp_path, s3_server, mlflow_server, corpus_uri, name="resume-me")
+def test_rerunning_the_same_name_resumes_instead_of_starting_over(mlflow_server, trained):
+    config_path, first, steps_two_epochs = trained
     cfg = load_train_config(config_path)
-    cfg.method.optim.epochs = 1
-    first = run_train(cfg, mlflow_server.tracking_uri)
-    cfg.method.optim.epochs = 2
+    cfg.tracking.registered_model = None  # registration is covered above; here only the resume matters
+    cfg.method.optim.epochs = 3           # one more epoch than the first run
     second = run_train(cfg, mlflow_server.tracking_uri)
 
-    assert second.run_id == first.run_id  # the same MLflow run continues
-    steps_one_epoch = first.metrics["global_step"]
-    assert second.metrics["resumed_from_step"] == steps_one_epoch
-    assert second.metrics["global_step"] == 2 * steps_one_epoch
+    assert second.run_id == first.info.run_id  # the same MLflow run continues
+    assert second.metrics["resumed_from_step"] == steps_two_epochs
+    assert second.metrics["global_step"] == steps_two_epochs * 3 // 2
