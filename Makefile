@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,local]"
 	touch $(STAMP)
 
+# Two pytest workers, one test file each at a time: much of an end-to-end test is waiting on process start-up.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -n 2 --dist loadfile -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/mpft demo

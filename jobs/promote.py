@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 
-# model_ref, holdout sources, storage -> (per-subset results, holdout manifest hash)
-Evaluator = Callable[[str, list[SourceConfig], Optional[StorageConfig]], tuple[dict, str]]
+# model refs, holdout sources, storage -> (per-subset results of each model, holdout manifest hash)
+Evaluator = Callable[[list[str], list[SourceConfig], Optional[StorageConfig]], tuple[list[dict], str]]
 
 
 @dataclass
@@ -38,16 +38,17 @@ class PromotionOutcome:
     holdout_hash: str
 
 
-def default_evaluator(model_ref: str, holdout: list[SourceConfig], storage_cfg: Optional[StorageConfig]):
-    """Clean per-subset metrics of one registered version, by the same code path as `mpft evaluate`."""
+def default_evaluator(model_refs: list[str], holdout: list[SourceConfig], storage_cfg: Optional[StorageConfig]):
+    """Clean per-subset metrics of registered versions, by the same code path as `mpft evaluate`; the models are
+    compared in one pass over the holdout (each image read and decoded once)."""
     from jobs.score import resolve_model_info
-    from pipelines.evaluation import CLEAN, EvalOptions, build_eval_manifest, evaluate
+    from pipelines.evaluation import CLEAN, EvalOptions, build_eval_manifest, evaluate_many
     from pipelines.sources import manifest_hash
 
     manifest = build_eval_manifest(holdout, storage_cfg)
-    result = evaluate(resolve_model_info(model_ref, storage_cfg), holdout, storage_cfg,
-                      options=EvalOptions(feature_space=False), manifest=manifest)
-    return result.condition(CLEAN).results, manifest_hash(manifest)
+    results = evaluate_many([resolve_model_info(ref, storage_cfg) for ref in model_refs], holdout, storage_cfg,
+                            options=EvalOptions(feature_space=False), manifest=manifest)
+    return [result.condition(CLEAN).results for result in results], manifest_hash(manifest)
 
 
 def promote(model_name: str, holdout: list[SourceConfig], gate: GateConfig, *, storage_cfg=None,
@@ -57,11 +58,11 @@ def promote(model_name: str, holdout: list[SourceConfig], gate: GateConfig, *, s
         raise LookupError(f"registered model {model_name!r} has no {CHALLENGER!r} alias: train one first")
     champion_version = tracking.get_alias_version(model_name, CHAMPION)
 
-    challenger, holdout_hash = evaluator(f"models:/{model_name}/{challenger_version}", holdout, storage_cfg)
-    champion = None
+    refs = [f"models:/{model_name}/{challenger_version}"]
     if champion_version is not None and champion_version != challenger_version:
-        champion, champion_hash = evaluator(f"models:/{model_name}/{champion_version}", holdout, storage_cfg)
-        assert champion_hash == holdout_hash, "both models must see the same holdout"
+        refs.append(f"models:/{model_name}/{champion_version}")
+    results, holdout_hash = evaluator(refs, holdout, storage_cfg)  # both on the same holdout, in one pass
+    challenger, champion = results[0], (results[1] if len(results) > 1 else None)
     decision = decide(challenger, champion, gate)
     if champion_version == challenger_version:
         decision.reasons.append(f"version {challenger_version} is already the champion")

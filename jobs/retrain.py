@@ -68,16 +68,19 @@ def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] =
 
         with tracking.start_run(experiment, run_name="evaluate", parent_run_id=parent_id):
             challenger_ref = f"models:/{model_name}/{trained.model_version}"
-            results, holdout_hash = default_evaluator(challenger_ref, cfg.holdout, cfg.train.storage)
+            [results], holdout_hash = default_evaluator([challenger_ref], cfg.holdout, cfg.train.storage)
             tracking.log_params({"model_uri": challenger_ref, "holdout_manifest_hash": holdout_hash})
             tracking.log_metrics({f"holdout_{subset}_{k}": v for subset, row in results.items()
                                   for k, v in row.items() if k in ("acc", "ap", "auc")})
 
-        def reuse_challenger_result(ref, holdout, storage_cfg):
-            # The challenger was just evaluated on this holdout; only the champion needs a pass.
-            if ref == challenger_ref:
-                return results, holdout_hash
-            return default_evaluator(ref, holdout, storage_cfg)
+        def reuse_challenger_result(refs, holdout, storage_cfg):
+            # The challenger was just evaluated on this holdout; only the champion (if any) needs a pass.
+            others = [ref for ref in refs if ref != challenger_ref]
+            other_results, other_hash = default_evaluator(others, holdout, storage_cfg) if others else ([], holdout_hash)
+            if other_hash != holdout_hash:
+                raise RuntimeError("the holdout changed between the challenger's and the champion's evaluation")
+            by_ref = {challenger_ref: results, **dict(zip(others, other_results))}
+            return [by_ref[ref] for ref in refs], holdout_hash
 
         with tracking.start_run(experiment, run_name="promote", parent_run_id=parent_id):
             outcome = promote(model_name, cfg.holdout, cfg.gate, storage_cfg=cfg.train.storage,

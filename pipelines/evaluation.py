@@ -31,8 +31,8 @@ import ray
 from mpft_core.metrics import TABLE_COLUMNS, per_subset_metrics, table_from_results
 from mpft_core.perturb import Perturbation
 from pipelines import storage
-from pipelines.scoring import (DEFAULT_MAX_PIXELS, ModelInfo, ScoreJob, bundle_image_size, bundle_threshold,
-                               make_model_bundle, scored_dataset)
+from pipelines.scoring import (DEFAULT_MAX_PIXELS, DetectorScorer, ModelInfo, ScoreJob, bundle_image_size,
+                               bundle_threshold, make_model_bundle, scored_dataset)
 from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -209,34 +209,53 @@ def _score_job(options: EvalOptions, storage_cfg: Optional[StorageConfig], carry
                     max_pixels=options.max_pixels, rows_per_block=options.rows_per_block, carry_columns=carry)
 
 
-def score_rows(manifest: pa.Table, bundle_ref, image_size: int, options: EvalOptions,
-               storage_cfg: Optional[StorageConfig] = None, embed: bool = False) -> pa.Table:
-    """Every clean manifest row scored (and embedded if asked), collected on the driver, sorted by path."""
-    return score_conditions(manifest, {CLEAN: None}, bundle_ref, image_size, options, storage_cfg, embed)[CLEAN]
+class ModelsScorer:
+    """Ray Data callable class: every decoded batch scored by each of several models (``DetectorScorer`` each).
+
+    Output rows carry ``model_index`` (position in ``model_bundles``). Comparing models this way (challenger vs
+    champion, frozen vs fine-tuned) reads and decodes each image once, and starts one set of actors.
+    """
+
+    def __init__(self, model_bundle: list, **scorer_kwargs):
+        self.scorers = [DetectorScorer(bundle, **scorer_kwargs) for bundle in model_bundle]
+
+    def __call__(self, batch: dict) -> pa.Table:
+        n = len(batch["path"])
+        return pa.concat_tables([scorer(batch).append_column("model_index", pa.array([i] * n, pa.int16()))
+                                 for i, scorer in enumerate(self.scorers)])
 
 
-def score_conditions(manifest: pa.Table, perturbations: dict, bundle_ref, image_size: int, options: EvalOptions,
-                     storage_cfg: Optional[StorageConfig] = None, embed: bool = False) -> dict[str, pa.Table]:
-    """Every manifest row scored under every condition (``{name: Perturbation or None}``) in one pipeline run.
+def score_conditions(manifest: pa.Table, perturbations: dict, bundle_refs: list, image_size: int,
+                     options: EvalOptions, storage_cfg: Optional[StorageConfig] = None,
+                     embed: bool = False) -> list[dict[str, pa.Table]]:
+    """Every manifest row scored under every condition (``{name: Perturbation or None}``) by every model, in one
+    pipeline run; returns, per model, ``{condition: rows sorted by path}``.
 
-    One run instead of one per condition: the scoring actors start (and load the model) once, and decode tasks
-    of the next condition overlap with scoring of the previous one. Returns ``{name: rows sorted by path}``.
+    One run instead of one per condition and model: the scoring actors start (and load the models) once, each
+    image is read and decoded once per condition, and decode of the next blocks overlaps with scoring.
     """
     tagged = conditions_manifest(manifest, list(perturbations))
     job = _score_job(options, storage_cfg, carry=("label", "subset", "condition"))
     decoded = _decoded_conditions(tagged, perturbations, image_size, options, storage_cfg)
-    ds = scored_dataset(tagged, bundle_ref, image_size, job, decoded=decoded, embed=embed)
+    ds = scored_dataset(tagged, list(bundle_refs), image_size, job, scorer_cls=ModelsScorer, decoded=decoded,
+                        embed=embed)
     batches = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(batches, promote_options="permissive") if batches else None
-    if table is None or table.num_rows != tagged.num_rows:
+    expected = tagged.num_rows * len(bundle_refs)
+    if table is None or table.num_rows != expected:
         got = 0 if table is None else table.num_rows
-        raise RuntimeError(f"scored {got} rows for {tagged.num_rows} inputs ({len(perturbations)} conditions)")
-    out = {}
-    for name in perturbations:
-        rows = table.filter(pc.equal(table.column("condition"), name))
-        if rows.num_rows != manifest.num_rows:
-            raise RuntimeError(f"condition {name}: scored {rows.num_rows} rows for {manifest.num_rows} inputs")
-        out[name] = rows.drop_columns(["condition"]).sort_by("path")
+        raise RuntimeError(f"scored {got} rows for {tagged.num_rows} inputs x {len(bundle_refs)} models")
+    out = []
+    for index in range(len(bundle_refs)):
+        mine = table.filter(pc.equal(table.column("model_index"), index))
+        per_condition = {}
+        for name in perturbations:
+            rows = mine.filter(pc.equal(mine.column("condition"), name))
+            if rows.num_rows != manifest.num_rows:
+                raise RuntimeError(f"model {index}, condition {name}: {rows.num_rows} rows for "
+                                   f"{manifest.num_rows} inputs")
+            per_condition[name] = rows.drop_columns(["condition", "model_index"]).sort_by("path")
+        out.append(per_condition)
     return out
 
 
@@ -255,24 +274,36 @@ def evaluate(model: ModelInfo, sources: Sequence, storage_cfg: Optional[StorageC
              perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
              manifest: Optional[pa.Table] = None) -> EvalResult:
     """Score the labelled ``sources`` (or a ready ``manifest``) clean and under each perturbation; Ray must be up."""
+    return evaluate_many([model], sources, storage_cfg, perturbations, options, manifest)[0]
+
+
+def evaluate_many(models: Sequence[ModelInfo], sources: Sequence, storage_cfg: Optional[StorageConfig] = None,
+                  perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
+                  manifest: Optional[pa.Table] = None) -> list[EvalResult]:
+    """``evaluate`` for several models of the same input size on the same images, in one pass over them."""
     options = options or EvalOptions()
     manifest = manifest if manifest is not None else build_eval_manifest(sources, storage_cfg)
-    bundle = make_model_bundle(model)
-    bundle_ref = ray.put(bundle)
-    image_size, threshold = bundle_image_size(bundle), bundle_threshold(bundle)
-
+    bundles = [make_model_bundle(model) for model in models]
+    image_size = bundle_image_size(bundles[0])
+    if any(bundle_image_size(b) != image_size for b in bundles):
+        raise ValueError("models compared in one pass must share their input size")
     named = {CLEAN: None, **{p.name: p for p in perturbations}}
-    log.info("evaluating %s on %d images under %d conditions (%s)", model.uri, manifest.num_rows, len(named),
-             ", ".join(named))
-    conditions = []
-    for name, scores in score_conditions(manifest, named, bundle_ref, image_size, options, storage_cfg).items():
-        results, n_errors = condition_metrics(scores, threshold)
-        conditions.append(ConditionResult(name=name, scores=scores, results=results, n_errors=n_errors))
+    log.info("evaluating %s on %d images under %d conditions (%s)", ", ".join(m.uri for m in models),
+             manifest.num_rows, len(named), ", ".join(named))
+    scored = score_conditions(manifest, named, [ray.put(b) for b in bundles], image_size, options, storage_cfg)
 
-    result = EvalResult(model=model, threshold=threshold, conditions=conditions)
-    if options.feature_space:
-        result.feature_spaces = feature_spaces(bundle, manifest, image_size, options, storage_cfg)
-    return result
+    results = []
+    for model, bundle, per_condition in zip(models, bundles, scored):
+        threshold = bundle_threshold(bundle)
+        conditions = []
+        for name, scores in per_condition.items():
+            metrics, n_errors = condition_metrics(scores, threshold)
+            conditions.append(ConditionResult(name=name, scores=scores, results=metrics, n_errors=n_errors))
+        result = EvalResult(model=model, threshold=threshold, conditions=conditions)
+        if options.feature_space:
+            result.feature_spaces = feature_spaces(bundle, manifest, image_size, options, storage_cfg)
+        results.append(result)
+    return results
 
 
 # ------------------------------------------------------------------------------------------------ feature space
@@ -325,9 +356,12 @@ def feature_spaces(bundle: dict, manifest: pa.Table, image_size: int, options: E
     """Embeddings of a sample of the clean eval images by the frozen backbone and by the fine-tuned model."""
     sample = sample_for_plot(manifest, options.max_feature_points, options.seed)
     frozen, frozen_title = frozen_backbone_bundle(bundle, storage_cfg)
+    titles = (frozen_title, f"fine-tuned ({bundle['uri']})")
+    scored = score_conditions(sample, {CLEAN: None}, [ray.put(frozen), ray.put(bundle)], image_size, options,
+                              storage_cfg, embed=True)
     out = []
-    for model_bundle, title in ((frozen, frozen_title), (bundle, f"fine-tuned ({bundle['uri']})")):
-        rows = score_rows(sample, ray.put(model_bundle), image_size, options, storage_cfg, embed=True)
+    for title, per_condition in zip(titles, scored):
+        rows = per_condition[CLEAN]
         rows = rows.filter(pc.is_null(rows.column("error")))
         if rows.num_rows < 3:
             log.warning("too few decodable images for a feature-space plot")

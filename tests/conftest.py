@@ -38,3 +38,13 @@ def ray_local():
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    """Files holding end-to-end (``slow``) tests first, in a stable order.
+
+    ``make test`` runs two pytest workers that take whole files (``-n 2 --dist loadfile``); they hand out files in
+    collection order, so the long files start early and the short ones fill in at the end.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
