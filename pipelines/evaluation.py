@@ -31,7 +31,7 @@ import ray
 from mpft_core.metrics import TABLE_COLUMNS, per_subset_metrics, table_from_results
 from mpft_core.perturb import Perturbation
 from pipelines import storage
-from pipelines.scoring import (DEFAULT_MAX_PIXELS, DetectorScorer, ModelInfo, ScoreJob, bundle_image_size,
+from pipelines.scoring import (DetectorScorer, ModelInfo, ScoreJob, ScoringResources, bundle_image_size,
                                bundle_threshold, make_model_bundle, scored_dataset)
 from pipelines.storage import StorageConfig
 
@@ -41,16 +41,8 @@ CLEAN = "clean"
 EVAL_COLUMNS = ("condition",) + TABLE_COLUMNS + ("n_errors",)
 
 
-@dataclass
-class EvalOptions:
-    batch_size: int = 64
-    num_actors: int = 1
-    actor_cpus: float = 0.5
-    torch_threads: int = 1
-    use_gpu: bool = False
-    decode_cpus: float = 0.5
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    rows_per_block: int = 64
+@dataclass(kw_only=True)
+class EvalOptions(ScoringResources):
     feature_space: bool = True
     max_feature_points: int = 1000  # PCA of a few hundred points per subset is as readable as of all of them
     seed: int = 0
@@ -203,10 +195,8 @@ def _decoded_conditions(tagged: pa.Table, perturbations: dict, image_size: int, 
 
 
 def _score_job(options: EvalOptions, storage_cfg: Optional[StorageConfig], carry: tuple[str, ...]) -> ScoreJob:
-    return ScoreJob(model_ref="", input_uri="", output_uri="", storage=storage_cfg, batch_size=options.batch_size,
-                    num_actors=options.num_actors, actor_cpus=options.actor_cpus,
-                    torch_threads=options.torch_threads, use_gpu=options.use_gpu, decode_cpus=options.decode_cpus,
-                    max_pixels=options.max_pixels, rows_per_block=options.rows_per_block, carry_columns=carry)
+    return ScoreJob(model_ref="", input_uri="", output_uri="", storage=storage_cfg, carry_columns=carry,
+                    **options.resources())
 
 
 class ModelsScorer:

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -327,15 +327,11 @@ class PartNames(FilenameProvider):
 # --------------------------------------------------------------------------------------------------- the job
 
 
-@dataclass
-class ScoreJob:
-    """A batch scoring job; plain data (the CLI builds it, tests and the benchmark tune it)."""
+@dataclass(kw_only=True)
+class ScoringResources:
+    """How a scoring pass runs (shared by ``mpft score`` and ``mpft evaluate``): batch and block sizes, the actor
+    pool and what each actor gets, CPUs per decode task, and the pixel limit."""
 
-    model_ref: str
-    input_uri: str
-    output_uri: str
-    layout: str = "unlabelled"
-    storage: Optional[StorageConfig] = None
     batch_size: int = 64
     num_actors: int = 1
     actor_cpus: float = 0.5
@@ -344,8 +340,23 @@ class ScoreJob:
     decode_cpus: float = 0.5
     max_pixels: int = DEFAULT_MAX_PIXELS
     rows_per_block: int = 64
-    rows_per_output_file: int = 4096
     max_tasks_in_flight_per_actor: int = 2
+
+    def resources(self) -> dict:
+        """Just the ``ScoringResources`` fields, e.g. to build a ``ScoreJob`` from evaluation options."""
+        return {f.name: getattr(self, f.name) for f in fields(ScoringResources)}
+
+
+@dataclass(kw_only=True)
+class ScoreJob(ScoringResources):
+    """A batch scoring job; plain data (the CLI builds it, tests and the benchmark tune it)."""
+
+    model_ref: str
+    input_uri: str
+    output_uri: str
+    layout: str = "unlabelled"
+    storage: Optional[StorageConfig] = None
+    rows_per_output_file: int = 4096
     carry_columns: tuple[str, ...] = ()
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
 
