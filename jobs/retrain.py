@@ -74,13 +74,16 @@ def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] =
                                   for k, v in row.items() if k in ("acc", "ap", "auc")})
 
         def reuse_challenger_result(refs, holdout, storage_cfg):
-            # The challenger was just evaluated on this holdout; only the champion (if any) needs a pass.
-            others = [ref for ref in refs if ref != challenger_ref]
-            other_results, other_hash = default_evaluator(others, holdout, storage_cfg) if others else ([], holdout_hash)
-            if other_hash != holdout_hash:
+            # promote() asks for [challenger] or [challenger, champion]; the challenger was just evaluated on this
+            # holdout, so only the champion needs a pass.
+            if refs[0] != challenger_ref:  # the alias moved meanwhile: nothing to reuse
+                return default_evaluator(refs, holdout, storage_cfg)
+            if len(refs) == 1:
+                return [results], holdout_hash
+            [champion], champion_hash = default_evaluator(refs[1:], holdout, storage_cfg)
+            if champion_hash != holdout_hash:
                 raise RuntimeError("the holdout changed between the challenger's and the champion's evaluation")
-            by_ref = {challenger_ref: results, **dict(zip(others, other_results))}
-            return [by_ref[ref] for ref in refs], holdout_hash
+            return [results, champion], holdout_hash
 
         with tracking.start_run(experiment, run_name="promote", parent_run_id=parent_id):
             outcome = promote(model_name, cfg.holdout, cfg.gate, storage_cfg=cfg.train.storage,

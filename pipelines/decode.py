@@ -94,9 +94,13 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, 
 
 
 def decode_batch_arrow(batch: dict[str, np.ndarray], *, image_size: int, **kwargs) -> pa.Table:
-    """``decode_batch`` as an Arrow table with ``decoded_schema``: the same column types in every block, whether a
-    block happens to hold nulls (label, split, error) or not."""
-    out = decode_batch(batch, image_size=image_size, **kwargs)
+    """``decode_batch`` as an Arrow table with ``decoded_schema``."""
+    return decoded_table(decode_batch(batch, image_size=image_size, **kwargs), image_size)
+
+
+def decoded_table(out: dict[str, np.ndarray], image_size: int) -> pa.Table:
+    """Decoded numpy columns as an Arrow table with ``decoded_schema``: the same column types in every block, whether
+    a block happens to hold nulls (label, split, error) or not."""
     schema = decoded_schema(image_size)
     columns = []
     for field in schema:

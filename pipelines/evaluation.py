@@ -160,17 +160,11 @@ def _decode_rows(batch: dict, perturbations: list, image_size: int, max_pixels: 
 def _decode_conditions_arrow(batch: dict, *, perturbations: dict, image_size: int, **kwargs) -> pa.Table:
     """Rows tagged with a ``condition`` decoded under it, with the exact Arrow types of the normal decode stage
     (nulls stay nulls) plus the ``condition`` column."""
-    from ray.data.extensions import ArrowTensorArray
-
-    from pipelines.decode import decoded_schema
+    from pipelines.decode import decoded_table
 
     conditions = [str(c) for c in batch["condition"]]
     out = _decode_rows(batch, [perturbations[c] for c in conditions], image_size, **kwargs)
-    schema = decoded_schema(image_size)
-    columns = [ArrowTensorArray.from_numpy(out["image"]) if f.name == "image"
-               else pa.array(out[f.name], from_pandas=True).cast(f.type) for f in schema]
-    return pa.Table.from_arrays(columns + [pa.array(conditions, pa.string())],
-                                schema=schema.append(pa.field("condition", pa.string())))
+    return decoded_table(out, image_size).append_column("condition", pa.array(conditions, pa.string()))
 
 
 def conditions_manifest(manifest: pa.Table, names: Sequence[str]) -> pa.Table:
@@ -280,10 +274,11 @@ def evaluate_many(models: Sequence[ModelInfo], sources: Sequence, storage_cfg: O
     named = {CLEAN: None, **{p.name: p for p in perturbations}}
     log.info("evaluating %s on %d images under %d conditions (%s)", ", ".join(m.uri for m in models),
              manifest.num_rows, len(named), ", ".join(named))
-    scored = score_conditions(manifest, named, [ray.put(b) for b in bundles], image_size, options, storage_cfg)
+    refs = [ray.put(b) for b in bundles]
+    scored = score_conditions(manifest, named, refs, image_size, options, storage_cfg)
 
     results = []
-    for model, bundle, per_condition in zip(models, bundles, scored):
+    for model, bundle, ref, per_condition in zip(models, bundles, refs, scored):
         threshold = bundle_threshold(bundle)
         conditions = []
         for name, scores in per_condition.items():
@@ -291,7 +286,7 @@ def evaluate_many(models: Sequence[ModelInfo], sources: Sequence, storage_cfg: O
             conditions.append(ConditionResult(name=name, scores=scores, results=metrics, n_errors=n_errors))
         result = EvalResult(model=model, threshold=threshold, conditions=conditions)
         if options.feature_space:
-            result.feature_spaces = feature_spaces(bundle, manifest, image_size, options, storage_cfg)
+            result.feature_spaces = feature_spaces(bundle, ref, manifest, image_size, options, storage_cfg)
         results.append(result)
     return results
 
@@ -341,13 +336,14 @@ def frozen_backbone_bundle(bundle: dict, storage_cfg: Optional[StorageConfig] = 
     return frozen, description
 
 
-def feature_spaces(bundle: dict, manifest: pa.Table, image_size: int, options: EvalOptions,
+def feature_spaces(bundle: dict, bundle_ref, manifest: pa.Table, image_size: int, options: EvalOptions,
                    storage_cfg: Optional[StorageConfig] = None) -> list[FeatureSpace]:
-    """Embeddings of a sample of the clean eval images by the frozen backbone and by the fine-tuned model."""
+    """Embeddings of a sample of the clean eval images by the frozen backbone and by the fine-tuned model
+    (``bundle``, already in the object store as ``bundle_ref``)."""
     sample = sample_for_plot(manifest, options.max_feature_points, options.seed)
     frozen, frozen_title = frozen_backbone_bundle(bundle, storage_cfg)
     titles = (frozen_title, f"fine-tuned ({bundle['uri']})")
-    scored = score_conditions(sample, {CLEAN: None}, [ray.put(frozen), ray.put(bundle)], image_size, options,
+    scored = score_conditions(sample, {CLEAN: None}, [ray.put(frozen), bundle_ref], image_size, options,
                               storage_cfg, embed=True)
     out = []
     for title, per_condition in zip(titles, scored):
