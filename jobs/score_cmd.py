@@ -25,7 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs reserved per scoring actor")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per actor")
     parser.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per read/decode task")
-    parser.add_argument("--rows-per-block", type=int, default=64, help="files per read/decode task")
+    parser.add_argument("--rows-per-block", type=int, default=128,
+                        help="files per read/decode task (fewer, larger tasks cost Ray less per image)")
+    parser.add_argument("--buffer-mib", type=int, default=512,
+                        help="object-store memory the job may hold (decoded images waiting for the model); 0: Ray's "
+                             "default share of the node's object store")
+    parser.add_argument("--decode-in-actor", action="store_true",
+                        help="read and decode inside the scoring actors (one stage; for CPU-only nodes)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per scoring actor")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="refuse larger images (decompression bombs)")
@@ -59,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
     job = ScoreJob(model_ref=args.model, input_uri=args.input, output_uri=args.output, layout=args.layout,
                    storage=storage_cfg, batch_size=args.batch_size, num_actors=args.num_actors,
                    actor_cpus=args.actor_cpus, torch_threads=args.torch_threads, use_gpu=args.gpu,
-                   decode_cpus=args.decode_cpus, max_pixels=args.max_pixels, rows_per_block=args.rows_per_block)
+                   decode_cpus=args.decode_cpus, max_pixels=args.max_pixels, rows_per_block=args.rows_per_block,
+                   buffer_mib=args.buffer_mib or None, decode_in_actor=args.decode_in_actor)
     summary = run_score_job(job, model, tracking_uri=tracking_uri, ray_address=args.ray_address)
     print(json.dumps(summary.to_dict(), indent=2))
     return 0

@@ -1,7 +1,7 @@
 """The decode stage: manifest rows -> fixed-size RGB uint8 crops, one output row per input row, never an exception.
 
 Each batch re-reads its files through ``pipelines.storage`` (one filesystem per batch, rebuilt from the plain storage
-dict the driver ships), decodes them with ``mpft_core.imageio.decode_rgb`` and cuts the model view with
+dict the driver ships; S3 objects fetched a few at a time ahead of the decoder), decodes them with ``mpft_core.imageio.decode_rgb`` and cuts the model view with
 ``mpft_core.transforms``: tile small images up to the input size, then a random crop + flip (training) or the centre
 crop (evaluation, scoring). Nothing is ever resized (METHOD.md).
 
@@ -61,10 +61,10 @@ def describe_error(err: BaseException) -> str:
     return f"cannot read file: {type(err).__name__}: {err}"
 
 
-def _decode_one(reader: BytesReader, path: str, image_size: int, train: bool, max_pixels: int,
+def _decode_one(data: bytes, path: str, image_size: int, train: bool, max_pixels: int,
                 seed: int) -> tuple[np.ndarray, int, int]:
-    """(crop, width, height) of one file; its bytes and full-size pixels are freed when this returns."""
-    pixels = decode_rgb(reader.read(path), max_pixels=max_pixels)
+    """(crop, width, height) of one file; its full-size pixels are freed when this returns."""
+    pixels = decode_rgb(data, max_pixels=max_pixels)
     height, width = pixels.shape[:2]
     return crop_view(pixels, image_size, train=train, seed=seed, path=path), width, height
 
@@ -76,16 +76,17 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, 
     ``label`` is passed through as it came (int8, or float with NaN where Ray had nulls); ``decode_batch_arrow``
     gives the exact Arrow types.
     """
-    reader = BytesReader(storage)
-    paths = batch["path"]
+    paths = [str(p) for p in batch["path"]]
     n = len(paths)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     widths = np.full(n, -1, dtype=np.int32)
     heights = np.full(n, -1, dtype=np.int32)
     errors = np.full(n, None, dtype=object)
-    for i, path in enumerate(paths):
+    for i, (path, (data, read_error)) in enumerate(zip(paths, BytesReader(storage).read_each(paths))):
         try:
-            images[i], widths[i], heights[i] = _decode_one(reader, str(path), image_size, train, max_pixels, seed)
+            if read_error is not None:
+                raise read_error
+            images[i], widths[i], heights[i] = _decode_one(data, path, image_size, train, max_pixels, seed)
         except Exception as err:  # one bad file must never cost the batch
             errors[i] = describe_error(err)
     out = {name: batch[name] for name in _MANIFEST_COLUMNS}

@@ -136,16 +136,18 @@ def _decode_rows(batch: dict, perturbations: list, image_size: int, max_pixels: 
     from mpft_core.transforms import eval_view
     from pipelines.decode import describe_error
 
-    reader = storage.BytesReader(storage_cfg)
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     errors = np.full(n, None, dtype=object)
     widths = np.full(n, -1, dtype=np.int32)
     heights = np.full(n, -1, dtype=np.int32)
-    for i, (path, perturbation) in enumerate(zip(paths, perturbations)):
+    contents = storage.BytesReader(storage_cfg).read_each(paths)
+    for i, (path, perturbation, (data, read_error)) in enumerate(zip(paths, perturbations, contents)):
         try:
-            pixels = decode_rgb(reader.read(path), max_pixels=max_pixels)
+            if read_error is not None:
+                raise read_error
+            pixels = decode_rgb(data, max_pixels=max_pixels)
             images[i] = eval_view(pixels if perturbation is None else perturbation.apply(pixels), image_size)
             heights[i], widths[i] = pixels.shape[:2]
         except Exception as err:  # noqa: BLE001 - one bad file becomes that row's error, never a failed task

@@ -146,10 +146,12 @@ class DetectorScorer:
         use_gpu: run on the first CUDA device when there is one.
         carry_columns: extra input columns copied to the output (e.g. ``label``, ``subset`` for evaluation).
         embed: also output ``embedding`` (the tower's image embedding) for feature-space plots.
+        decode: when given (``decode_batch`` keyword arguments: image_size, max_pixels, storage), batches are
+            manifest rows that this actor reads and decodes itself before scoring (``ScoreJob.decode_in_actor``).
     """
 
     def __init__(self, model_bundle: Any, torch_threads: int = 1, use_gpu: bool = False,
-                 carry_columns: tuple[str, ...] = (), embed: bool = False):
+                 carry_columns: tuple[str, ...] = (), embed: bool = False, decode: Optional[dict] = None):
         import torch
 
         if not isinstance(model_bundle, dict):  # an ObjectRef: resolved here, once per actor
@@ -163,8 +165,13 @@ class DetectorScorer:
         self.model_uri = model_bundle.get("uri")
         self.carry_columns = tuple(carry_columns)
         self.embed = embed
+        self.decode = decode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.decode is not None:
+            from pipelines.decode import decode_batch
+
+            batch = decode_batch(batch, train=False, **self.decode)
         n = len(batch["path"])
         errors = [None if e is None or (isinstance(e, float) and math.isnan(e)) else str(e)
                   for e in batch.get("error", [None] * n)]
@@ -330,7 +337,14 @@ class PartNames(FilenameProvider):
 @dataclass(kw_only=True)
 class ScoringResources:
     """How a scoring pass runs (shared by ``mpft score`` and ``mpft evaluate``): batch and block sizes, the actor
-    pool and what each actor gets, CPUs per decode task, and the pixel limit."""
+    pool and what each actor gets, CPUs per decode task, the pixel limit, and how much decoded data may wait.
+
+    ``buffer_mib`` caps the object-store memory the pass holds at once (decoded crops queued for the model, scored
+    rows queued for the writer). Decoding is far faster than the model on a CPU, so without a cap the decode stage
+    runs ahead until Ray Data's default budget (a share of the node's object store) is full: memory would then
+    depend on the input's size up to that budget. With the cap, memory is the same for 2k or 20M inputs; a few
+    hundred MiB keeps the model fed (one 224 px crop is 147 KiB, so 512 MiB is ~3,500 images). None: Ray's default.
+    """
 
     batch_size: int = 64
     num_actors: int = 1
@@ -341,6 +355,7 @@ class ScoringResources:
     max_pixels: int = DEFAULT_MAX_PIXELS
     rows_per_block: int = 64
     max_tasks_in_flight_per_actor: int = 2
+    buffer_mib: Optional[int] = 512
 
     def resources(self) -> dict:
         """Just the ``ScoringResources`` fields, e.g. to build a ``ScoreJob`` from evaluation options."""
@@ -358,6 +373,10 @@ class ScoreJob(ScoringResources):
     storage: Optional[StorageConfig] = None
     rows_per_output_file: int = 4096
     carry_columns: tuple[str, ...] = ()
+    # Read and decode inside the scoring actors: one stage instead of decode tasks -> object store -> actors. On a
+    # CPU-only node decode and model share the same cores anyway, and this saves the decode tasks' scheduling and
+    # the hand-over; on a GPU node leave it off, so CPU tasks decode while the GPU scores.
+    decode_in_actor: bool = False
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
 
 
@@ -396,17 +415,24 @@ def input_manifest(input_uri: str, layout: str, cfg: Optional[StorageConfig]) ->
 
 def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: ScoreJob, scorer_cls=None,
                    decoded=None, embed: bool = False):
-    """The lazy Ray Dataset decode -> score (no write); ``decoded`` replaces the default read/decode stage."""
+    """The lazy Ray Dataset decode -> score (no write); ``decoded`` replaces the default read/decode stage, and
+    ``job.decode_in_actor`` folds decoding into the scoring actors."""
     from pipelines import ingest
 
-    if decoded is None:
+    decode = None  # set when the actors decode: the settings they need
+    if decoded is None and job.decode_in_actor:
+        decoded = ray.data.from_arrow(ingest.manifest_blocks(manifest, job.rows_per_block))
+        decode = {"image_size": image_size, "max_pixels": job.max_pixels,
+                  "storage": (job.storage or StorageConfig()).resolved().to_dict(reveal_secrets=True)}
+    elif decoded is None:
         decoded = ingest.read_images(manifest, job.storage, image_size=image_size, train=False,
                                      max_pixels=job.max_pixels, rows_per_block=job.rows_per_block,
                                      num_cpus=job.decode_cpus)
-    return decoded.map_batches(
+    scored = decoded.map_batches(
         scorer_cls or DetectorScorer,
         fn_constructor_kwargs={"model_bundle": bundle_ref, "torch_threads": job.torch_threads,
-                               "use_gpu": job.use_gpu, "carry_columns": tuple(job.carry_columns), "embed": embed},
+                               "use_gpu": job.use_gpu, "carry_columns": tuple(job.carry_columns), "embed": embed,
+                               "decode": decode},
         batch_size=job.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=job.num_actors,
@@ -414,6 +440,15 @@ def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: Sc
         num_cpus=job.actor_cpus,
         num_gpus=1 if job.use_gpu else 0,
     )
+    if job.buffer_mib is not None:
+        limit_object_store(scored, job.buffer_mib)
+    return scored
+
+
+def limit_object_store(ds, mib: int) -> None:
+    """Cap the object-store memory ``ds``'s execution may hold (its own DataContext copy, not the global one)."""
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=mib * 1024 * 1024)
 
 
 def run_scoring(job: ScoreJob, model: ModelInfo, *, scorer_cls=None, bundle: Optional[dict] = None) -> ScoreSummary:

@@ -20,8 +20,11 @@ import logging
 import os
 import posixpath
 import tempfile
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -197,18 +200,52 @@ def _read(fs: pafs.FileSystem, path: str) -> bytes:
         return stream.read()
 
 
+# Remote reads a decode task keeps in flight. An S3 GET is mostly waiting (tens of ms to the first byte), so a task
+# reading its files one after another is bound by latency, not by bandwidth or CPU.
+READ_AHEAD = 16
+
+
 class BytesReader:
     """Reads many URIs through one filesystem per kind (an S3 client is built once, not once per file)."""
 
-    def __init__(self, cfg: StorageConfig | dict | None = None):
+    def __init__(self, cfg: StorageConfig | dict | None = None, read_ahead: int = READ_AHEAD):
         self._cfg = _as_config(cfg)
         self._s3: Optional[pafs.S3FileSystem] = None
         self._local = pafs.LocalFileSystem()
+        self.read_ahead = read_ahead
+        self._lock = threading.Lock()  # the S3 client is built once, by whichever reading thread comes first
+
+    def read_each(self, uris: Sequence[str]) -> Iterator[tuple[Optional[bytes], Optional[Exception]]]:
+        """``(bytes, None)`` or ``(None, error)`` per URI, in order; never raises for one file.
+
+        Remote objects are fetched ``read_ahead`` at a time on threads (PyArrow's S3 client releases the GIL while
+        it waits), a window that slides as the caller consumes: at most ``read_ahead`` + 1 files' bytes are held.
+        Local files are read one by one, when asked for.
+        """
+        if not any(is_remote(u) for u in uris) or self.read_ahead <= 1:
+            for uri in uris:
+                yield self._read_or_error(uri)
+            return
+        with ThreadPoolExecutor(max_workers=self.read_ahead, thread_name_prefix="mpft-read") as pool:
+            pending: deque = deque()
+            for uri in uris:
+                pending.append(pool.submit(self._read_or_error, uri))
+                if len(pending) >= self.read_ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def _read_or_error(self, uri: str) -> tuple[Optional[bytes], Optional[Exception]]:
+        try:
+            return self.read(uri), None
+        except Exception as err:  # handed to the caller, which turns it into that file's error row
+            return None, err
 
     def read(self, uri: str) -> bytes:
         if is_remote(uri):
-            if self._s3 is None:
-                self._s3 = _s3_filesystem(self._cfg)
+            with self._lock:
+                if self._s3 is None:
+                    self._s3 = _s3_filesystem(self._cfg)
             return _read(self._s3, uri[len(S3_PREFIX):])
         return _read(self._local, _local_path(uri))
 

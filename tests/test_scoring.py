@@ -213,8 +213,10 @@ def test_cli_refuses_a_large_folder_without_output(checkpoint, corpus):
 def test_every_input_appears_exactly_once_and_a_rerun_adds_nothing(ray_local, model, corpus, tmp_path):
     root, expected = corpus
     out = tmp_path / "scores"
+    # A tight object-store cap (a few blocks of crops): the pipeline must still drain, not stall on backpressure.
+    tight = _job(root, out, buffer_mib=1)
 
-    first = run_scoring(_job(root, out), model)
+    first = run_scoring(tight, model)
     rows = _assert_exactly_once(out, expected)
     second = run_scoring(_job(root, out), model)
 
@@ -223,6 +225,34 @@ def test_every_input_appears_exactly_once_and_a_rerun_adds_nothing(ray_local, mo
     assert second.n_skipped_already_scored == len(expected) and second.n_written == 0
     assert _all_rows(out).num_rows == rows.num_rows
     assert all(Path(p).name.startswith(f"part-{first.run_id}-") for p in scoring.list_part_files(str(out)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_decoding_inside_the_actors_gives_the_same_rows_and_errors(ray_local, model, corpus, tmp_path):
+    root, expected = corpus
+    two_stage, one_stage = tmp_path / "two-stage", tmp_path / "one-stage"
+
+    run_scoring(_job(root, two_stage), model)
+    summary = run_scoring(_job(root, one_stage, decode_in_actor=True), model)
+
+    rows = _assert_exactly_once(one_stage, expected)
+    reference = _all_rows(two_stage).sort_by("path")
+    assert summary.n_errors == len(BAD_CORPUS_FAILURES)
+    assert rows.sort_by("path").column("error").to_pylist() == reference.column("error").to_pylist()
+    np.testing.assert_allclose(rows.sort_by("path").column("score").to_numpy(zero_copy_only=False),
+                               reference.column("score").to_numpy(zero_copy_only=False), rtol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_the_buffer_cap_applies_to_that_scoring_pass_only(ray_local, model, corpus):
+    import ray.data
+
+    manifest = scoring.input_manifest(str(corpus[0]), "unlabelled", None)
+    ds = scoring.scored_dataset(manifest, {}, 32, _job(corpus[0], "unused", buffer_mib=3))
+
+    assert ds.context.execution_options.resource_limits.object_store_memory == 3 * 1024 * 1024
+    assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == float("inf")
 
 
 SLOW_RUN = """

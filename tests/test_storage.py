@@ -124,6 +124,23 @@ def test_write_read_exists_and_sorted_recursive_listing(root_uri, request):
 
 
 @pytest.mark.timeout(60)
+def test_read_each_returns_every_file_in_order_with_its_own_error(root_uri, request):
+    cfg = request.getfixturevalue("s3_server").storage_config() if storage.is_remote(root_uri) else None
+    names = [f"{i:02d}.jpg" for i in range(7)]
+    for name in names:
+        storage.write_bytes(storage.join(root_uri, name), name.encode(), cfg)
+    uris = [storage.join(root_uri, n) for n in names]
+    uris.insert(3, storage.join(root_uri, "missing.jpg"))
+
+    # A window of 3 over 8 files: reads overlap and finish out of order, results must not.
+    results = list(storage.BytesReader(cfg, read_ahead=3).read_each(uris))
+
+    assert [data for data, _ in results] == [n.encode() for n in names[:3]] + [None] + [n.encode() for n in names[3:]]
+    assert [error is None for _, error in results] == [True] * 3 + [False] + [True] * 4
+    assert isinstance(results[3][1], OSError)  # FileNotFoundError locally, an AWS error on S3
+
+
+@pytest.mark.timeout(60)
 def test_aws_variables_alone_reach_the_server(s3_server, monkeypatch):
     bucket = _fresh_bucket(s3_server)
     for name, value in s3_server.env().items():
