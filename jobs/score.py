@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.scoring import DetectorScorer, ModelInfo, ScoreJob, ScoreSummary, make_model_bundle, run_scoring
+from pipelines.scoring import (DetectorScorer, ModelInfo, ScoreJob, ScoreSummary, bundle_image_size, decode_settings,
+                               make_model_bundle, run_scoring)
 from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,11 @@ def local_inputs(input_uri: str) -> Optional[list[str]]:
 def score_in_process(model: ModelInfo, paths: Sequence[str], *, max_pixels: int,
                      storage_cfg: Optional[StorageConfig] = None, batch_size: int = 16) -> pa.Table:
     """Score ``paths`` in this process with the same decode and scorer code as the Ray job (no Ray started)."""
-    from pipelines.decode import decode_batch
-
     import os
 
     bundle = make_model_bundle(model)
-    scorer = DetectorScorer(bundle, torch_threads=os.cpu_count() or 1)  # this process is the only consumer
-    image_size = int(bundle["meta"]["preprocess"]["image_size"])
-    storage_dict = (storage_cfg or StorageConfig()).resolved().to_dict(reveal_secrets=True)
+    scorer = DetectorScorer(bundle, torch_threads=os.cpu_count() or 1,  # this process is the only consumer
+                            decode=decode_settings(bundle_image_size(bundle), max_pixels, storage_cfg))
     tables = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start:start + batch_size])
@@ -72,9 +70,7 @@ def score_in_process(model: ModelInfo, paths: Sequence[str], *, max_pixels: int,
                           "label": np.array([None] * len(chunk), dtype=object),
                           "subset": np.array([None] * len(chunk), dtype=object),
                           "split": np.array([None] * len(chunk), dtype=object)}
-        decoded = decode_batch(manifest_batch, image_size=image_size, train=False, max_pixels=max_pixels,
-                               storage=storage_dict)
-        tables.append(scorer(decoded))
+        tables.append(scorer(manifest_batch))
     return pa.concat_tables(tables)
 
 

@@ -1,8 +1,8 @@
 """The decode stage: manifest rows -> fixed-size RGB uint8 crops, one output row per input row, never an exception.
 
 Each batch re-reads its files through ``pipelines.storage`` (one filesystem per batch, rebuilt from the plain storage
-dict the driver ships; S3 objects fetched a few at a time ahead of the decoder), decodes them with ``mpft_core.imageio.decode_rgb`` and cuts the model view with
-``mpft_core.transforms``: tile small images up to the input size, then a random crop + flip (training) or the centre
+dict the driver ships; S3 objects fetched a few at a time ahead of the decoder), decodes them with
+``mpft_core.imageio.decode_rgb`` and cuts the model view with ``mpft_core.transforms``: tile small images up to the input size, then a random crop + flip (training) or the centre
 crop (evaluation, scoring). Nothing is ever resized (METHOD.md).
 
 A file that cannot be read or decoded becomes a row with an ``error`` message, zero pixels and width = height = -1;

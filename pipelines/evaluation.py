@@ -182,7 +182,7 @@ def _decoded_conditions(tagged: pa.Table, perturbations: dict, image_size: int, 
     return ray.data.from_arrow(manifest_blocks(tagged, options.rows_per_block, extra_columns=("condition",))).map_batches(
         _decode_conditions_arrow,
         fn_kwargs={"perturbations": perturbations, "image_size": image_size, "max_pixels": options.max_pixels,
-                   "storage_cfg": (storage_cfg or StorageConfig()).resolved().to_dict(reveal_secrets=True)},
+                   "storage_cfg": storage.for_workers(storage_cfg)},
         batch_size=options.rows_per_block, batch_format="numpy", num_cpus=options.decode_cpus,
     )
 

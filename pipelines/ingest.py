@@ -32,7 +32,7 @@ from ray.data.expressions import col
 from mpft_core.imageio import DEFAULT_MAX_PIXELS
 from pipelines.decode import DECODED_COLUMNS, decode_batch_arrow
 from pipelines.sources import MANIFEST_SCHEMA
-from pipelines.storage import StorageConfig
+from pipelines.storage import StorageConfig, for_workers
 
 __all__ = ["DECODED_COLUMNS", "read_images", "drop_errors", "for_training"]
 
@@ -59,7 +59,7 @@ def read_images(manifest: pa.Table, storage_cfg: StorageConfig | None, *, image_
     """
     if manifest.num_rows == 0:
         raise ValueError("the manifest is empty")
-    storage = (storage_cfg or StorageConfig()).resolved().to_dict(reveal_secrets=True)
+    storage = for_workers(storage_cfg)
     ds = ray.data.from_arrow(manifest_blocks(manifest, rows_per_block))
     return ds.map_batches(
         decode_batch_arrow,

@@ -422,8 +422,7 @@ def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: Sc
     decode = None  # set when the actors decode: the settings they need
     if decoded is None and job.decode_in_actor:
         decoded = ray.data.from_arrow(ingest.manifest_blocks(manifest, job.rows_per_block))
-        decode = {"image_size": image_size, "max_pixels": job.max_pixels,
-                  "storage": (job.storage or StorageConfig()).resolved().to_dict(reveal_secrets=True)}
+        decode = decode_settings(image_size, job.max_pixels, job.storage)
     elif decoded is None:
         decoded = ingest.read_images(manifest, job.storage, image_size=image_size, train=False,
                                      max_pixels=job.max_pixels, rows_per_block=job.rows_per_block,
@@ -443,6 +442,11 @@ def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: Sc
     if job.buffer_mib is not None:
         limit_object_store(scored, job.buffer_mib)
     return scored
+
+
+def decode_settings(image_size: int, max_pixels: int, storage_cfg: Optional[StorageConfig]) -> dict:
+    """What a ``DetectorScorer`` needs to read and decode its own batches (its ``decode`` argument)."""
+    return {"image_size": image_size, "max_pixels": max_pixels, "storage": storage.for_workers(storage_cfg)}
 
 
 def limit_object_store(ds, mib: int) -> None:

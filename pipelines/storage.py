@@ -20,7 +20,6 @@ import logging
 import os
 import posixpath
 import tempfile
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,6 +87,12 @@ class StorageConfig(_Strict):
 
     def effective_region(self) -> str:
         return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+def for_workers(cfg: StorageConfig | None) -> dict:
+    """The settings as a plain dict for Ray tasks and actors: empty fields resolved from this process's environment
+    (another node does not have it) and the keys revealed. Never log or write it."""
+    return (cfg or StorageConfig()).resolved().to_dict(reveal_secrets=True)
 
 
 def _as_config(cfg: StorageConfig | dict | None) -> StorageConfig:
@@ -213,7 +218,6 @@ class BytesReader:
         self._s3: Optional[pafs.S3FileSystem] = None
         self._local = pafs.LocalFileSystem()
         self.read_ahead = read_ahead
-        self._lock = threading.Lock()  # the S3 client is built once, by whichever reading thread comes first
 
     def read_each(self, uris: Sequence[str]) -> Iterator[tuple[Optional[bytes], Optional[Exception]]]:
         """``(bytes, None)`` or ``(None, error)`` per URI, in order; never raises for one file.
@@ -226,6 +230,7 @@ class BytesReader:
             for uri in uris:
                 yield self._read_or_error(uri)
             return
+        self._s3_client()  # built here, once, before the reading threads start
         with ThreadPoolExecutor(max_workers=self.read_ahead, thread_name_prefix="mpft-read") as pool:
             pending: deque = deque()
             for uri in uris:
@@ -243,11 +248,13 @@ class BytesReader:
 
     def read(self, uri: str) -> bytes:
         if is_remote(uri):
-            with self._lock:
-                if self._s3 is None:
-                    self._s3 = _s3_filesystem(self._cfg)
-            return _read(self._s3, uri[len(S3_PREFIX):])
+            return _read(self._s3_client(), uri[len(S3_PREFIX):])
         return _read(self._local, _local_path(uri))
+
+    def _s3_client(self) -> pafs.S3FileSystem:
+        if self._s3 is None:
+            self._s3 = _s3_filesystem(self._cfg)
+        return self._s3
 
 
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | dict | None = None) -> None:
