@@ -118,7 +118,7 @@ def log_summary(job: ScoreJob, model: ModelInfo, summary: ScoreSummary) -> str:
         tracking.log_params({
             "model_ref": job.model_ref, "model_uri": model.uri, "model_name": model.name or "",
             "model_version": model.version or "", "input": job.input_uri, "output": job.output_uri,
-            "layout": job.layout, "batch_size": job.batch_size, "num_actors": job.num_actors,
+            "layout": job.layout, "batch_size": job.batch_size, "num_actors": job.pool_size(),
             "actor_cpus": job.actor_cpus, "torch_threads": job.torch_threads, "use_gpu": job.use_gpu,
             "scoring_run_id": job.run_id,
         })

@@ -21,8 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", default="unlabelled", choices=["unlabelled", "genimage", "ufd", "manifest"],
                         help="how to list --input (default: every image file under it)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call")
-    parser.add_argument("--num-actors", type=int, default=1, help="scoring actors (model replicas)")
-    parser.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs reserved per scoring actor")
+    parser.add_argument("--num-actors", type=int, default=0,
+                        help="scoring actors (model replicas); 0: fill the cluster, one per GPU with --gpu, else "
+                             "one per --torch-threads CPU cores")
+    parser.add_argument("--actor-cpus", type=float, default=0.5,
+                        help="CPUs Ray reserves per scoring actor (a scheduling figure: leave some for decoding)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per actor")
     parser.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per read/decode task")
     parser.add_argument("--rows-per-block", type=int, default=128,
@@ -63,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     tracking_uri = connect_tracking(args, required=False)
     model = resolve_model_info(args.model, storage_cfg)
     job = ScoreJob(model_ref=args.model, input_uri=args.input, output_uri=args.output, layout=args.layout,
-                   storage=storage_cfg, batch_size=args.batch_size, num_actors=args.num_actors,
+                   storage=storage_cfg, batch_size=args.batch_size, num_actors=args.num_actors or None,
                    actor_cpus=args.actor_cpus, torch_threads=args.torch_threads, use_gpu=args.gpu,
                    decode_cpus=args.decode_cpus, max_pixels=args.max_pixels, rows_per_block=args.rows_per_block,
                    buffer_mib=args.buffer_mib or None, decode_in_actor=args.decode_in_actor)

@@ -347,7 +347,7 @@ class ScoringResources:
     """
 
     batch_size: int = 64
-    num_actors: int = 1
+    num_actors: Optional[int] = 1     # None: fill the cluster (see pool_size)
     actor_cpus: float = 0.5
     torch_threads: int = 1
     use_gpu: bool = False
@@ -356,6 +356,22 @@ class ScoringResources:
     rows_per_block: int = 64
     max_tasks_in_flight_per_actor: int = 2
     buffer_mib: Optional[int] = 512
+
+    def pool_size(self) -> int:
+        """Scoring actors to start: ``num_actors``, or when it is None, enough to fill the cluster (Ray must be up):
+        one per GPU with ``use_gpu``, else one per ``torch_threads`` CPU cores.
+
+        On CPUs, single-threaded replicas, one per core: alone, they score about as fast as one replica using every
+        core, but next to the decode work and Ray's own processes they keep the cores busier. A multi-threaded
+        replica waits for its slowest thread at every operation, so any preempted thread stalls all of it, while a
+        preempted single-threaded replica stalls only itself (bench/score_throughput.py measures both layouts).
+        """
+        if self.num_actors:
+            return self.num_actors
+        cluster = ray.cluster_resources()
+        if self.use_gpu:
+            return max(1, int(cluster.get("GPU", 0)))
+        return max(1, int(cluster.get("CPU", 1)) // max(1, self.torch_threads))
 
     def resources(self) -> dict:
         """Just the ``ScoringResources`` fields, e.g. to build a ``ScoreJob`` from evaluation options."""
@@ -427,6 +443,8 @@ def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: Sc
         decoded = ingest.read_images(manifest, job.storage, image_size=image_size, train=False,
                                      max_pixels=job.max_pixels, rows_per_block=job.rows_per_block,
                                      num_cpus=job.decode_cpus)
+    size = job.pool_size()
+    warn_if_decode_starves(job, size, decodes_in_tasks=decode is None)
     scored = decoded.map_batches(
         scorer_cls or DetectorScorer,
         fn_constructor_kwargs={"model_bundle": bundle_ref, "torch_threads": job.torch_threads,
@@ -434,7 +452,7 @@ def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: Sc
                                "decode": decode},
         batch_size=job.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=job.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=size,
                                            max_tasks_in_flight_per_actor=job.max_tasks_in_flight_per_actor),
         num_cpus=job.actor_cpus,
         num_gpus=1 if job.use_gpu else 0,
@@ -442,6 +460,16 @@ def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: Sc
     if job.buffer_mib is not None:
         limit_object_store(scored, job.buffer_mib)
     return scored
+
+
+def warn_if_decode_starves(job: ScoringResources, size: int, decodes_in_tasks: bool) -> None:
+    """Warn when the actor pool reserves so many CPUs that no decode task can be scheduled (the job would stall)."""
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    needed = size * job.actor_cpus + (job.decode_cpus if decodes_in_tasks else 0.0)
+    if needed > cpus:
+        log.warning("%d scoring actors x %.2f CPUs%s need %.2f CPUs but the cluster has %.2f now: unless it scales "
+                    "up, the job waits for CPUs forever; lower --actor-cpus or --num-actors", size, job.actor_cpus,
+                    f" + {job.decode_cpus} per decode task" if decodes_in_tasks else "", needed, cpus)
 
 
 def decode_settings(image_size: int, max_pixels: int, storage_cfg: Optional[StorageConfig]) -> dict:

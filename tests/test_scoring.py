@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pipelines import scoring
-from pipelines.scoring import DetectorScorer, ModelInfo, ScoreJob, read_scores, run_scoring
+from pipelines.scoring import DetectorScorer, ModelInfo, ScoreJob, ScoringResources, read_scores, run_scoring
 from tests.helpers.images import (BAD_CORPUS_FAILURES, BAD_CORPUS_MAX_PIXELS, fake_images, real_photo_crops,
                                   write_bad_corpus)
 from tests.helpers.models import tiny_checkpoint
@@ -253,6 +253,31 @@ def test_the_buffer_cap_applies_to_that_scoring_pass_only(ray_local, model, corp
 
     assert ds.context.execution_options.resource_limits.object_store_memory == 3 * 1024 * 1024
     assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == float("inf")
+
+
+@pytest.mark.timeout(60)
+def test_an_unset_actor_count_starts_one_replica_per_core_or_thread_group(ray_local):
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert ScoringResources(num_actors=None).pool_size() == cpus
+    assert ScoringResources(num_actors=None, torch_threads=2).pool_size() == max(1, cpus // 2)
+    assert ScoringResources(num_actors=3).pool_size() == 3
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_pool_that_leaves_no_cpu_for_decoding_is_warned_about(ray_local, caplog):
+    import ray
+
+    cpus = ray.cluster_resources()["CPU"]
+    starving = ScoringResources(actor_cpus=cpus / 2, decode_cpus=0.5)  # 2 actors take every CPU
+    fitting = ScoringResources(actor_cpus=cpus / 4, decode_cpus=0.5)
+    with caplog.at_level("WARNING", logger="pipelines.scoring"):
+        scoring.warn_if_decode_starves(fitting, 2, decodes_in_tasks=True)
+        scoring.warn_if_decode_starves(starving, 2, decodes_in_tasks=False)  # the actors decode: nothing starves
+        assert not caplog.records
+        scoring.warn_if_decode_starves(starving, 2, decodes_in_tasks=True)
+    assert len(caplog.records) == 1 and "waits for CPUs forever" in caplog.text
 
 
 SLOW_RUN = """
