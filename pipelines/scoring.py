@@ -357,9 +357,10 @@ class ScoringResources:
     max_tasks_in_flight_per_actor: int = 2
     buffer_mib: Optional[int] = 512
 
-    def pool_size(self) -> int:
+    def pool_size(self, n_blocks: Optional[int] = None) -> int:
         """Scoring actors to start: ``num_actors``, or when it is None, enough to fill the cluster (Ray must be up):
-        one per GPU with ``use_gpu``, else one per ``torch_threads`` CPU cores.
+        one per GPU with ``use_gpu``, else one per ``torch_threads`` CPU cores, and no more than ``n_blocks`` (an
+        actor without a block of input would only cost its start-up).
 
         On CPUs, single-threaded replicas, one per core: alone, they score about as fast as one replica using every
         core, but next to the decode work and Ray's own processes they keep the cores busier. A multi-threaded
@@ -370,8 +371,10 @@ class ScoringResources:
             return self.num_actors
         cluster = ray.cluster_resources()
         if self.use_gpu:
-            return max(1, int(cluster.get("GPU", 0)))
-        return max(1, int(cluster.get("CPU", 1)) // max(1, self.torch_threads))
+            fill = int(cluster.get("GPU", 0))
+        else:
+            fill = int(cluster.get("CPU", 1)) // max(1, self.torch_threads)
+        return max(1, min(fill, n_blocks or fill))
 
     def resources(self) -> dict:
         """Just the ``ScoringResources`` fields, e.g. to build a ``ScoreJob`` from evaluation options."""
@@ -443,7 +446,7 @@ def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: Sc
         decoded = ingest.read_images(manifest, job.storage, image_size=image_size, train=False,
                                      max_pixels=job.max_pixels, rows_per_block=job.rows_per_block,
                                      num_cpus=job.decode_cpus)
-    size = job.pool_size()
+    size = job.pool_size(n_blocks=math.ceil(manifest.num_rows / job.rows_per_block))
     warn_if_decode_starves(job, size, decodes_in_tasks=decode is None)
     scored = decoded.map_batches(
         scorer_cls or DetectorScorer,
