@@ -114,11 +114,13 @@ def log_summary(job: ScoreJob, model: ModelInfo, summary: ScoreSummary) -> str:
     """One MLflow run per scoring job in experiment ``mpft-scoring``; returns its run id."""
     from jobs import tracking
 
+    scored_now = summary.n_inputs - summary.n_skipped_already_scored
+    num_actors = job.pool_size(scored_now) if scored_now else 0  # as scored_dataset sized the pool
     with tracking.start_run(SCORING_EXPERIMENT, f"score-{job.run_id}") as run:
         tracking.log_params({
             "model_ref": job.model_ref, "model_uri": model.uri, "model_name": model.name or "",
             "model_version": model.version or "", "input": job.input_uri, "output": job.output_uri,
-            "layout": job.layout, "batch_size": job.batch_size, "num_actors": job.pool_size(),
+            "layout": job.layout, "batch_size": job.batch_size, "num_actors": num_actors,
             "actor_cpus": job.actor_cpus, "torch_threads": job.torch_threads, "use_gpu": job.use_gpu,
             "scoring_run_id": job.run_id,
         })

@@ -2,8 +2,9 @@
 
 Each batch re-reads its files through ``pipelines.storage`` (one filesystem per batch, rebuilt from the plain storage
 dict the driver ships; S3 objects fetched a few at a time ahead of the decoder), decodes them with
-``mpft_core.imageio.decode_rgb`` and cuts the model view with ``mpft_core.transforms``: tile small images up to the input size, then a random crop + flip (training) or the centre
-crop (evaluation, scoring). Nothing is ever resized (METHOD.md).
+``mpft_core.imageio.decode_rgb`` and cuts the model view with ``mpft_core.transforms``: tile small images up to the
+input size, then a random crop + flip (training) or the centre crop (evaluation, scoring). Nothing is ever resized
+(METHOD.md).
 
 A file that cannot be read or decoded becomes a row with an ``error`` message, zero pixels and width = height = -1;
 it never fails the task or the job. Only one batch of files is held at a time: bytes and the full-size decode of a

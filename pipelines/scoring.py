@@ -357,10 +357,10 @@ class ScoringResources:
     max_tasks_in_flight_per_actor: int = 2
     buffer_mib: Optional[int] = 512
 
-    def pool_size(self, n_blocks: Optional[int] = None) -> int:
+    def pool_size(self, n_rows: Optional[int] = None) -> int:
         """Scoring actors to start: ``num_actors``, or when it is None, enough to fill the cluster (Ray must be up):
-        one per GPU with ``use_gpu``, else one per ``torch_threads`` CPU cores, and no more than ``n_blocks`` (an
-        actor without a block of input would only cost its start-up).
+        one per GPU with ``use_gpu``, else one per ``torch_threads`` CPU cores, and no more than ``n_rows`` inputs
+        make blocks of ``rows_per_block`` (an actor without a block of input would only cost its start-up).
 
         On CPUs, single-threaded replicas, one per core: alone, they score about as fast as one replica using every
         core, but next to the decode work and Ray's own processes they keep the cores busier. A multi-threaded
@@ -374,7 +374,8 @@ class ScoringResources:
             fill = int(cluster.get("GPU", 0))
         else:
             fill = int(cluster.get("CPU", 1)) // max(1, self.torch_threads)
-        return max(1, min(fill, n_blocks or fill))
+        n_blocks = math.ceil(n_rows / self.rows_per_block) if n_rows else fill
+        return max(1, min(fill, n_blocks))
 
     def resources(self) -> dict:
         """Just the ``ScoringResources`` fields, e.g. to build a ``ScoreJob`` from evaluation options."""
@@ -446,7 +447,7 @@ def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: Sc
         decoded = ingest.read_images(manifest, job.storage, image_size=image_size, train=False,
                                      max_pixels=job.max_pixels, rows_per_block=job.rows_per_block,
                                      num_cpus=job.decode_cpus)
-    size = job.pool_size(n_blocks=math.ceil(manifest.num_rows / job.rows_per_block))
+    size = job.pool_size(manifest.num_rows)
     warn_if_decode_starves(job, size, decodes_in_tasks=decode is None)
     scored = decoded.map_batches(
         scorer_cls or DetectorScorer,

@@ -263,8 +263,8 @@ def test_an_unset_actor_count_starts_one_replica_per_core_or_thread_group(ray_lo
     assert ScoringResources(num_actors=None).pool_size() == cpus
     assert ScoringResources(num_actors=None, torch_threads=2).pool_size() == max(1, cpus // 2)
     assert ScoringResources(num_actors=3).pool_size() == 3
-    assert ScoringResources(num_actors=None).pool_size(n_blocks=1) == 1  # a small input starts one actor
-    assert ScoringResources(num_actors=3).pool_size(n_blocks=1) == 3    # an explicit count is kept
+    assert ScoringResources(num_actors=None).pool_size(n_rows=1) == 1  # a small input starts one actor
+    assert ScoringResources(num_actors=3).pool_size(n_rows=1) == 3    # an explicit count is kept
 
 
 @pytest.mark.timeout(60)
