@@ -66,6 +66,19 @@ class OptimConfig(_Strict):
         return 5e-5 if trainable == "last-k" else 1e-5
 
 
+class AugmentConfig(_Strict):
+    """Training-time crops. The decode stage cuts one random window per file, ``crop_jitter`` x the input size
+    larger than the model input; every epoch the training loop takes a fresh random crop of the input size from it,
+    and a random horizontal flip. Crops (and so the phase of the pixel grid against a generator's upsampling or JPEG
+    blocks) then differ between epochs even when the decoded set is cached. 0 gives one fixed crop per file."""
+
+    crop_jitter: float = Field(0.125, ge=0.0, le=1.0)
+
+    def window(self, image_size: int) -> int:
+        """Side of the decoded training window for a model input of ``image_size``."""
+        return image_size + round(image_size * self.crop_jitter)
+
+
 class ThresholdConfig(_Strict):
     """How the decision threshold is chosen on the validation split (never on test labels)."""
 
@@ -78,4 +91,5 @@ class MethodConfig(_Strict):
 
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)

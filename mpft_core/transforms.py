@@ -1,8 +1,9 @@
 """Pixel transforms: tile small images, crop to the model size, flip, normalise.
 
 There is deliberately no resize anywhere: resampling wipes out the low-level traces generators leave (METHOD.md).
-Per-image functions work on numpy uint8 HWC arrays (decode side, CPU tasks); ``normalize`` works on a torch batch
-right before the model so the data pipeline can ship compact uint8.
+Per-image functions work on numpy uint8 HWC arrays (decode side, CPU tasks); ``random_crops`` (the training loop's
+per-epoch crop of the decoded windows) and ``normalize`` work on a torch batch right before the model, so the data
+pipeline can ship compact uint8.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-# torch is imported inside the two tensor functions only: the decode stage (numpy crops in Ray Data CPU tasks)
+# torch is imported inside the tensor functions only: the decode stage (numpy crops in Ray Data CPU tasks)
 # then never loads torch, which costs ~3 s and ~300 MB per worker process.
 if TYPE_CHECKING:
     import torch
@@ -73,6 +74,30 @@ def train_view(img: np.ndarray, size: int, rng: np.random.Generator, flip_prob: 
 def eval_view(img: np.ndarray, size: int) -> np.ndarray:
     """Evaluation/scoring view: deterministic center crop."""
     return center_crop(img, size)
+
+
+def random_crops(batch: torch.Tensor, size: int, generator: torch.Generator, flip_prob: float = 0.5) -> torch.Tensor:
+    """A random ``size`` x ``size`` crop, flipped horizontally with ``flip_prob``, of every image of a uint8 NHWC
+    batch (the training loop's per-epoch view of the decoded windows; offsets drawn from ``generator``, on CPU)."""
+    import torch
+
+    n, h, w = batch.shape[:3]
+    if h < size or w < size:
+        raise ValueError(f"cannot crop {size}x{size} from {h}x{w} images")
+    tops = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
+    flips = (torch.rand(n, generator=generator) < flip_prob).tolist()
+    crops = [batch[i, top : top + size, left : left + size] for i, (top, left) in enumerate(zip(tops, lefts))]
+    return torch.stack([c.flip(1) if flip else c for c, flip in zip(crops, flips)])
+
+
+def crop_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The random stream of one worker's crops in one epoch: new crops every epoch, the same ones when a restarted
+    run repeats that epoch."""
+    import torch
+
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

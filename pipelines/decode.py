@@ -17,12 +17,15 @@ The label stays nullable (as in the manifest) instead of using a sentinel such a
 become a class if a consumer forgot to filter it, a null cannot. Training drops error and unlabelled rows anyway.
 
 Training randomness: the crop of a file is drawn from ``numpy.random.default_rng([seed, hash(path)])``, so a given
-seed gives the same crops on any worker, in any order, on any re-run; another seed gives other crops.
+seed gives the same crops on any worker, in any order, on any re-run; another seed gives other crops. The training
+job decodes windows a little larger than the model input and the training loop crops those anew every epoch
+(``AugmentConfig.crop_jitter``).
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -62,23 +65,31 @@ def describe_error(err: BaseException) -> str:
     return f"cannot read file: {type(err).__name__}: {err}"
 
 
-def _decode_one(data: bytes, path: str, image_size: int, train: bool, max_pixels: int,
-                seed: int) -> tuple[np.ndarray, int, int]:
+Degrade = Optional[Callable[[np.ndarray], np.ndarray]]
+
+
+def _decode_one(data: bytes, path: str, image_size: int, train: bool, max_pixels: int, seed: int,
+                degrade: Degrade) -> tuple[np.ndarray, int, int]:
     """(crop, width, height) of one file; its full-size pixels are freed when this returns."""
     pixels = decode_rgb(data, max_pixels=max_pixels)
     height, width = pixels.shape[:2]
+    if degrade is not None:
+        pixels = degrade(pixels)
     return crop_view(pixels, image_size, train=train, seed=seed, path=path), width, height
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 storage: dict, seed: int = 0) -> dict[str, np.ndarray]:
+                 storage: dict, seed: int = 0, degrade: Optional[Sequence[Degrade]] = None) -> dict[str, np.ndarray]:
     """Decode one batch of manifest rows; returns numpy columns ``DECODED_COLUMNS``. Never raises per file.
 
+    ``degrade[i]``, when given and not None, transforms row ``i``'s whole decoded image before the crop (the
+    evaluation's JPEG / blur / downscale copies); width and height stay the original file's.
     ``label`` is passed through as it came (int8, or float with NaN where Ray had nulls); ``decode_batch_arrow``
     gives the exact Arrow types.
     """
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
+    degrade = [None] * n if degrade is None else list(degrade)
     images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     widths = np.full(n, -1, dtype=np.int32)
     heights = np.full(n, -1, dtype=np.int32)
@@ -87,10 +98,11 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, 
         try:
             if read_error is not None:
                 raise read_error
-            images[i], widths[i], heights[i] = _decode_one(data, path, image_size, train, max_pixels, seed)
+            images[i], widths[i], heights[i] = _decode_one(data, path, image_size, train, max_pixels, seed,
+                                                           degrade[i])
         except Exception as err:  # one bad file must never cost the batch
             errors[i] = describe_error(err)
-    out = {name: batch[name] for name in _MANIFEST_COLUMNS}
+    out = {name: batch[name] for name in _MANIFEST_COLUMNS if name in batch}
     out.update(image=images, error=errors, width=widths, height=heights)
     return out
 

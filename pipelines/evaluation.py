@@ -8,7 +8,8 @@ production scoring produces. Only the score rows (no pixels) are collected on th
 of a subset at once (METHOD.md: no per-batch averaging).
 
 Degraded copies (``--perturb``): the degradation is applied to the whole decoded image, before the usual tile +
-center crop, in a decode stage of this module (pipelines/decode.py knows nothing about perturbations).
+center crop, through the decode stage's per-row ``degrade`` hook (pipelines/decode.py knows nothing about
+perturbations, only of an image-to-image function per row).
 Files that cannot be decoded are reported (``n_errors``) and left out of the metrics.
 """
 
@@ -131,32 +132,11 @@ def decode_perturbed_batch(batch: dict, *, perturbation: Optional[Perturbation],
 
 
 def _decode_rows(batch: dict, perturbations: list, image_size: int, max_pixels: int, storage_cfg: dict) -> dict:
-    """Decode row ``i`` of ``batch`` degraded by ``perturbations[i]`` (``None``: clean)."""
-    from mpft_core.imageio import decode_rgb
-    from mpft_core.transforms import eval_view
-    from pipelines.decode import describe_error
+    """Decode row ``i`` of ``batch`` degraded by ``perturbations[i]`` (``None``: clean), centre-cropped."""
+    from pipelines.decode import decode_batch
 
-    paths = [str(p) for p in batch["path"]]
-    n = len(paths)
-    images = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
-    errors = np.full(n, None, dtype=object)
-    widths = np.full(n, -1, dtype=np.int32)
-    heights = np.full(n, -1, dtype=np.int32)
-    contents = storage.BytesReader(storage_cfg).read_each(paths)
-    for i, (path, perturbation, (data, read_error)) in enumerate(zip(paths, perturbations, contents)):
-        try:
-            if read_error is not None:
-                raise read_error
-            pixels = decode_rgb(data, max_pixels=max_pixels)
-            images[i] = eval_view(pixels if perturbation is None else perturbation.apply(pixels), image_size)
-            heights[i], widths[i] = pixels.shape[:2]
-        except Exception as err:  # noqa: BLE001 - one bad file becomes that row's error, never a failed task
-            errors[i] = describe_error(err)
-        finally:
-            pixels = None  # release the full-size decode before the next file
-    out = {name: batch[name] for name in ("path", "label", "subset", "split") if name in batch}
-    out.update({"image": images, "error": errors, "width": widths, "height": heights})
-    return out
+    return decode_batch(batch, image_size=image_size, train=False, max_pixels=max_pixels, storage=storage_cfg,
+                        degrade=[None if p is None else p.apply for p in perturbations])
 
 
 def _decode_conditions_arrow(batch: dict, *, perturbations: dict, image_size: int, **kwargs) -> pa.Table:

@@ -1,6 +1,6 @@
 """Distributed MPFT fine-tuning with Ray Train (V2 API).
 
-    manifest ─▶ read + decode (Ray Data, CPU tasks) ─▶ streaming split ─▶ N workers: TAM mask → detector → BCE
+    manifest ─▶ read + decode (Ray Data, CPU tasks) ─▶ streaming split ─▶ N workers: crop → TAM → detector → BCE
                                                                        └▶ rank 0: full validation every epoch
 
 Design notes
@@ -10,6 +10,9 @@ Design notes
 - Validation runs on rank 0 over the whole validation set, so the metrics are exact full-subset numbers (METHOD.md);
   the other workers wait at the report. The validation predictions are stored in the checkpoint so the driver can
   draw plots and calibrate from the best epoch without another pass.
+- Training rows may be larger windows than the model input (``AugmentConfig.crop_jitter``): each worker cuts a
+  fresh random crop + flip of the input size every epoch (``mpft_core.transforms.crop_generator``), so augmentation
+  varies per epoch even when the decoded set is cached, and a restarted epoch repeats its crops exactly.
 - MLflow never appears here: the driver hands in a `logger` object (see jobs/train.py) that rank 0 calls.
 """
 
@@ -38,7 +41,7 @@ from mpft_core.detector import MPFTDetector, build_detector, pick_device
 from mpft_core.metrics import calibrate_threshold, per_subset_metrics
 from mpft_core.optim import make_grad_scaler, make_optimizer, make_scheduler, train_step
 from mpft_core.tam import compute_mask
-from mpft_core.transforms import normalize
+from mpft_core.transforms import crop_generator, normalize, random_crops
 from pipelines import storage
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -98,11 +101,13 @@ def train_loop_per_worker(config: dict) -> None:
                                                  dtypes={"image": torch.uint8, "label": torch.float32},
                                                  local_shuffle_buffer_size=4 * batch_size,
                                                  local_shuffle_seed=method.optim.seed + epoch)
+        crops = crop_generator(method.optim.seed, epoch, rank)
         epoch_start, epoch_samples = time.perf_counter(), 0
         for batch in batches:
+            images = random_crops(batch["image"], detector.preprocess.image_size, crops)
             if rank == 0 and logger is not None and global_step == 0:
-                _log_mask_examples(detector, batch["image"], method, logger)
-            loss = train_step(model, batch["image"], batch["label"], optimizer, scheduler=scheduler, scaler=scaler)
+                _log_mask_examples(detector, images, method, logger)
+            loss = train_step(model, images, batch["label"], optimizer, scheduler=scheduler, scaler=scaler)
             global_step += 1
             epoch_samples += len(batch["label"])
             if not resumed and loop.inject_failure_at_step is not None and global_step == loop.inject_failure_at_step:

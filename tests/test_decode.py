@@ -181,6 +181,33 @@ def test_train_view_is_reproducible_per_seed_and_varies_across_seeds(photos):
     assert any(not np.array_equal(a, b) for a, b in zip(seed0["image"], eval_crops))
 
 
+def _is_crop_of(crop: np.ndarray, window: np.ndarray) -> bool:
+    size = crop.shape[0]
+    return any(np.array_equal(crop, view[t:t + size, l:l + size]) for view in (window, window[:, ::-1])
+               for t in range(window.shape[0] - size + 1) for l in range(window.shape[1] - size + 1))
+
+
+def test_each_epoch_cuts_new_crops_of_the_decoded_windows_and_a_rerun_repeats_them(photos):
+    import torch
+
+    from mpft_core.config import AugmentConfig
+    from mpft_core.transforms import crop_generator, random_crops
+
+    window = AugmentConfig(crop_jitter=0.25).window(32)
+    windows = torch.from_numpy(decode_batch(_batch(photos), image_size=window, train=True, storage={})["image"])
+
+    def epoch(e):
+        return random_crops(windows, 32, crop_generator(seed=0, epoch=e, rank=0)).numpy()
+
+    first, second, first_again = epoch(0), epoch(1), epoch(0)
+    assert window == 40 and first.shape == (len(photos), 32, 32, 3)
+    assert all(_is_crop_of(c, w) for c, w in zip(np.concatenate([first, second]), np.concatenate([windows] * 2)))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, second))  # augmentation varies per epoch
+    assert np.array_equal(first, first_again)  # a restarted epoch sees the same crops
+    with pytest.raises(ValueError, match="cannot crop"):
+        random_crops(windows, 41, crop_generator(0, 0, 0))
+
+
 def test_small_images_are_tiled_not_resized(bad_corpus):
     root, _ = bad_corpus
     out = decode_batch(_batch([str(root / "very_wide.png")]), image_size=16, train=False, storage={})
