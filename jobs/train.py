@@ -61,8 +61,8 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
     # so that every block, and with the loop's local shuffle buffer every batch, mixes classes and subsets.
     train_rows = shuffled(train_manifest, seed=cfg.method.optim.seed)
     # Training rows are decoded as windows a little larger than the model input; the loop crops them every epoch.
-    window = cfg.method.augment.window(size)
-    train_ds = ingest.for_training(ingest.read_images(train_rows, cfg.storage, image_size=window, train=True,
+    train_ds = ingest.for_training(ingest.read_images(train_rows, cfg.storage, image_size=size, train=True,
+                                                      window=cfg.method.augment.window(size),
                                                       max_pixels=cfg.max_pixels, seed=cfg.method.optim.seed))
     val_ds = ingest.drop_errors(ingest.read_images(val_manifest, cfg.storage, image_size=size, train=False,
                                                    max_pixels=cfg.max_pixels))

@@ -55,20 +55,28 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(img[top : top + size, left : left + size])
 
 
-def random_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def train_window(img: np.ndarray, size: int, window: int, rng: np.random.Generator,
+                 flip_prob: float = 0.5) -> tuple[np.ndarray, int, int]:
+    """Training-time view of one image, cut once when it is decoded: a random crop of up to ``window`` pixels a
+    side (randomly flipped), placed top-left in a ``window`` x ``window`` array padded with zeros.
+
+    Returns (array, picture height, picture width). Images smaller than ``size`` are tiled up to ``size`` first, as
+    in evaluation; an image between ``size`` and ``window`` is kept whole rather than tiled, so the per-epoch crops
+    of ``random_crops`` (limited to the picture) never straddle a tiling seam that evaluation would not show.
+    """
+    if window < size:
+        raise ValueError(f"window {window} is smaller than the crop size {size}")
     img = tile_to_min_size(img, size)
     h, w = img.shape[:2]
-    top = int(rng.integers(0, h - size + 1))
-    left = int(rng.integers(0, w - size + 1))
-    return np.ascontiguousarray(img[top : top + size, left : left + size])
-
-
-def train_view(img: np.ndarray, size: int, rng: np.random.Generator, flip_prob: float = 0.5) -> np.ndarray:
-    """Training-time view: random crop then random horizontal flip."""
-    out = random_crop(img, size, rng)
+    view_h, view_w = min(h, window), min(w, window)
+    top = int(rng.integers(0, h - view_h + 1))
+    left = int(rng.integers(0, w - view_w + 1))
+    view = img[top : top + view_h, left : left + view_w]
     if rng.random() < flip_prob:
-        out = np.ascontiguousarray(out[:, ::-1])
-    return out
+        view = view[:, ::-1]
+    out = np.zeros((window, window, img.shape[2]), dtype=img.dtype)
+    out[:view_h, :view_w] = view
+    return out, view_h, view_w
 
 
 def eval_view(img: np.ndarray, size: int) -> np.ndarray:
@@ -76,16 +84,23 @@ def eval_view(img: np.ndarray, size: int) -> np.ndarray:
     return center_crop(img, size)
 
 
-def random_crops(batch: torch.Tensor, size: int, generator: torch.Generator, flip_prob: float = 0.5) -> torch.Tensor:
+def random_crops(batch: torch.Tensor, size: int, generator: torch.Generator, *, heights=None, widths=None,
+                 flip_prob: float = 0.5) -> torch.Tensor:
     """A random ``size`` x ``size`` crop, flipped horizontally with ``flip_prob``, of every image of a uint8 NHWC
-    batch (the training loop's per-epoch view of the decoded windows; offsets drawn from ``generator``, on CPU)."""
+    batch: the training loop's per-epoch view of the windows ``train_window`` decoded. ``heights`` / ``widths``
+    (per image, default the whole array) bound the picture, top-left; crops stay inside it. Offsets are drawn
+    from ``generator`` (a CPU generator, see ``crop_generator``)."""
     import torch
 
     n, h, w = batch.shape[:3]
-    if h < size or w < size:
-        raise ValueError(f"cannot crop {size}x{size} from {h}x{w} images")
-    tops = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
-    lefts = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
+    heights = torch.full((n,), h) if heights is None else torch.as_tensor(heights).cpu()
+    widths = torch.full((n,), w) if widths is None else torch.as_tensor(widths).cpu()
+    if bool((heights < size).any() or (widths < size).any() or (heights > h).any() or (widths > w).any()):
+        raise ValueError(f"cannot crop {size}x{size} from pictures of {heights.tolist()} x {widths.tolist()} "
+                         f"in {h}x{w} arrays")
+    # Uniform offsets in [0, extent - size] for each image, from one draw per image and axis.
+    tops = (torch.rand(n, generator=generator) * (heights - size + 1)).long().tolist()
+    lefts = (torch.rand(n, generator=generator) * (widths - size + 1)).long().tolist()
     flips = (torch.rand(n, generator=generator) < flip_prob).tolist()
     crops = [batch[i, top : top + size, left : left + size] for i, (top, left) in enumerate(zip(tops, lefts))]
     return torch.stack([c.flip(1) if flip else c for c, flip in zip(crops, flips)])

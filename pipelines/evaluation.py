@@ -146,7 +146,7 @@ def _decode_conditions_arrow(batch: dict, *, perturbations: dict, image_size: in
 
     conditions = [str(c) for c in batch["condition"]]
     out = _decode_rows(batch, [perturbations[c] for c in conditions], image_size, **kwargs)
-    return decoded_table(out, image_size).append_column("condition", pa.array(conditions, pa.string()))
+    return decoded_table(out).append_column("condition", pa.array(conditions, pa.string()))
 
 
 def conditions_manifest(manifest: pa.Table, names: Sequence[str]) -> pa.Table:

@@ -51,10 +51,11 @@ def manifest_blocks(manifest: pa.Table, rows_per_block: int, extra_columns: tupl
 
 def read_images(manifest: pa.Table, storage_cfg: StorageConfig | None, *, image_size: int, train: bool,
                 max_pixels: int = DEFAULT_MAX_PIXELS, rows_per_block: int = 64, seed: int = 0,
-                num_cpus: float = 0.5) -> ray.data.Dataset:
+                window: int | None = None, num_cpus: float = 0.5) -> ray.data.Dataset:
     """A lazy Ray Dataset with one decoded row per manifest row (columns ``DECODED_COLUMNS``).
 
-    ``train`` selects a random crop + horizontal flip (seeded by ``seed`` and the path) instead of the centre crop.
+    ``train`` selects a random window of ``window`` pixels a side (default ``image_size``) + horizontal flip, seeded
+    by ``seed`` and the path, instead of the centre crop; the training loop crops ``image_size`` from it every epoch.
     Rows whose file could not be read or decoded carry an ``error`` and zero pixels; see ``drop_errors``.
     """
     if manifest.num_rows == 0:
@@ -64,7 +65,7 @@ def read_images(manifest: pa.Table, storage_cfg: StorageConfig | None, *, image_
     return ds.map_batches(
         decode_batch_arrow,
         fn_kwargs={"image_size": image_size, "train": train, "max_pixels": max_pixels, "storage": storage,
-                   "seed": seed},
+                   "seed": seed, "window": window},
         batch_format="numpy",
         batch_size=rows_per_block,
         num_cpus=num_cpus,
@@ -81,6 +82,8 @@ def drop_errors(ds: ray.data.Dataset) -> ray.data.Dataset:
 
 
 def for_training(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """Decoded, labelled rows with only ``image`` and ``label``: what ``iter_torch_batches`` can turn into tensors
-    (it raises on string columns such as ``path``, and a null label has no tensor value)."""
-    return drop_errors(ds).filter(expr=col("label").is_not_null()).select_columns(["image", "label"])
+    """Decoded, labelled rows with only ``image``, ``label`` and the picture's extent in the image (``view_height``,
+    ``view_width``): what ``iter_torch_batches`` can turn into tensors (it raises on string columns such as
+    ``path``, and a null label has no tensor value)."""
+    return (drop_errors(ds).filter(expr=col("label").is_not_null())
+            .select_columns(["image", "label", "view_height", "view_width"]))

@@ -104,7 +104,8 @@ def train_loop_per_worker(config: dict) -> None:
         crops = crop_generator(method.optim.seed, epoch, rank)
         epoch_start, epoch_samples = time.perf_counter(), 0
         for batch in batches:
-            images = random_crops(batch["image"], detector.preprocess.image_size, crops)
+            images = random_crops(batch["image"], detector.preprocess.image_size, crops,
+                                  heights=batch.get("view_height"), widths=batch.get("view_width"))
             if rank == 0 and logger is not None and global_step == 0:
                 _log_mask_examples(detector, images, method, logger)
             loss = train_step(model, images, batch["label"], optimizer, scheduler=scheduler, scaler=scaler)

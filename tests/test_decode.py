@@ -181,31 +181,49 @@ def test_train_view_is_reproducible_per_seed_and_varies_across_seeds(photos):
     assert any(not np.array_equal(a, b) for a, b in zip(seed0["image"], eval_crops))
 
 
-def _is_crop_of(crop: np.ndarray, window: np.ndarray) -> bool:
-    size = crop.shape[0]
-    return any(np.array_equal(crop, view[t:t + size, l:l + size]) for view in (window, window[:, ::-1])
-               for t in range(window.shape[0] - size + 1) for l in range(window.shape[1] - size + 1))
+def _is_crop_of(crop: np.ndarray, picture: np.ndarray) -> bool:
+    """Is ``crop`` a region of ``picture`` or of its mirror image?"""
+    h, w = crop.shape[:2]
+    return any(np.array_equal(crop, view[t:t + h, l:l + w]) for view in (picture, picture[:, ::-1])
+               for t in range(picture.shape[0] - h + 1) for l in range(picture.shape[1] - w + 1))
+
+
+def _epoch_crops(decoded: dict, size: int, epoch: int) -> np.ndarray:
+    import torch
+
+    from mpft_core.transforms import crop_generator, random_crops
+
+    return random_crops(torch.from_numpy(decoded["image"]), size, crop_generator(seed=0, epoch=epoch, rank=0),
+                        heights=decoded["view_height"], widths=decoded["view_width"]).numpy()
 
 
 def test_each_epoch_cuts_new_crops_of_the_decoded_windows_and_a_rerun_repeats_them(photos):
-    import torch
-
     from mpft_core.config import AugmentConfig
-    from mpft_core.transforms import crop_generator, random_crops
 
     window = AugmentConfig(crop_jitter=0.25).window(32)
-    windows = torch.from_numpy(decode_batch(_batch(photos), image_size=window, train=True, storage={})["image"])
+    decoded = decode_batch(_batch(photos), image_size=32, window=window, train=True, storage={})
 
-    def epoch(e):
-        return random_crops(windows, 32, crop_generator(seed=0, epoch=e, rank=0)).numpy()
-
-    first, second, first_again = epoch(0), epoch(1), epoch(0)
-    assert window == 40 and first.shape == (len(photos), 32, 32, 3)
-    assert all(_is_crop_of(c, w) for c, w in zip(np.concatenate([first, second]), np.concatenate([windows] * 2)))
+    first, second, first_again = (_epoch_crops(decoded, 32, e) for e in (0, 1, 0))
+    assert window == 40 and decoded["image"].shape[1:] == (40, 40, 3) and first.shape == (len(photos), 32, 32, 3)
+    assert list(decoded["view_height"]) == list(decoded["view_width"]) == [40] * len(photos)  # 48 px photos
+    windows = np.concatenate([decoded["image"]] * 2)
+    assert all(_is_crop_of(c, w) for c, w in zip(np.concatenate([first, second]), windows))
     assert any(not np.array_equal(a, b) for a, b in zip(first, second))  # augmentation varies per epoch
     assert np.array_equal(first, first_again)  # a restarted epoch sees the same crops
+
+
+def test_a_picture_smaller_than_the_window_is_padded_and_cropped_only_where_it_is(tmp_path):
+    pixels = real_photo_crops(1, 48, seed=5)[0][:36, :44]  # between the 32 px input and the 48 px window
+    Image.fromarray(pixels).save(tmp_path / "small.png")
+    decoded = decode_batch(_batch([str(tmp_path / "small.png")]), image_size=32, window=48, train=True, storage={})
+
+    assert (decoded["view_height"][0], decoded["view_width"][0]) == (36, 44)
+    picture = decoded["image"][0][:36, :44]
+    assert _is_crop_of(picture, pixels) and not decoded["image"][0][36:].any()  # whole, not tiled
+    for epoch in range(8):
+        assert _is_crop_of(_epoch_crops(decoded, 32, epoch)[0], picture)
     with pytest.raises(ValueError, match="cannot crop"):
-        random_crops(windows, 41, crop_generator(0, 0, 0))
+        _epoch_crops(decoded, 37, 0)
 
 
 def test_small_images_are_tiled_not_resized(bad_corpus):

@@ -40,15 +40,16 @@ def test_genimage_prefix_on_s3_iterates_as_fixed_shape_torch_batches(ray_local, 
     """The issue's "done when": point the ingest at an S3 prefix holding a GenImage tree, iterate torch batches."""
     cfg = corpora["cfg"]
     manifest = build_manifest(SourceConfig(uri=f"{corpora['bucket']}/genimage", split="train"), cfg)
-    ds = read_images(manifest, cfg, image_size=SIZE, train=True, rows_per_block=5, seed=0)
+    ds = read_images(manifest, cfg, image_size=SIZE, train=True, window=SIZE + 4, rows_per_block=5, seed=0)
 
     batches = list(for_training(ds).iter_torch_batches(batch_size=4))
 
     assert [b["image"].shape[0] for b in batches] == [4, 4, 4]  # 12 train images
     for batch in batches:
-        assert set(batch) == {"image", "label"}
-        assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (SIZE, SIZE, 3)
+        assert set(batch) == {"image", "label", "view_height", "view_width"}
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (SIZE + 4, SIZE + 4, 3)
         assert batch["label"].dtype == torch.int8
+        assert bool(((batch["view_height"] >= SIZE) & (batch["view_height"] <= SIZE + 4)).all())
     assert int(sum(b["label"].sum() for b in batches)) == 6  # half are generated
     assert all(b["image"].float().std() > 10 for b in batches)  # real pixels, not zero-filled error rows
 
