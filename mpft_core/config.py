@@ -70,9 +70,12 @@ class AugmentConfig(_Strict):
     """Training-time crops. The decode stage cuts one random window per file, ``crop_jitter`` x the input size
     larger than the model input; every epoch the training loop takes a fresh random crop of the input size from it,
     and a random horizontal flip. Crops (and so the phase of the pixel grid against a generator's upsampling or JPEG
-    blocks) then differ between epochs even when the decoded set is cached. 0 gives one fixed crop per file."""
+    blocks) then differ between epochs even when the decoded set is cached.
 
-    crop_jitter: float = Field(0.125, ge=0.0, le=1.0)
+    The default 0 keeps one crop per file (flipped anew each epoch): on the toy demo, 0.125 raised validation
+    accuracy on the training generator but lowered it on held-out generators in each of 3 seeds (README)."""
+
+    crop_jitter: float = Field(0.0, ge=0.0, le=1.0)
 
     def window(self, image_size: int) -> int:
         """Side of the decoded training window for a model input of ``image_size``."""
