@@ -294,7 +294,7 @@ def measure_ray_scaling(log, epochs: int, rounds: int) -> dict:
 
     from mpft_core.config import MethodConfig
     from pipelines import training
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import init_ray, shutdown_ray
     from pipelines.storage import StorageConfig
 
     init_ray(num_cpus=2)
@@ -324,7 +324,7 @@ def measure_ray_scaling(log, epochs: int, rounds: int) -> dict:
                 rates = [m["train_samples_per_s"] for m in reported[1:]]  # epoch 0 includes warm-up
                 per_run[workers].append(median(rates))
                 log(f"ray: {workers} worker(s), round {round_index}: {median(rates):.1f} samples/s")
-    ray.shutdown()
+    shutdown_ray()
     one, two = median(per_run[1]), median(per_run[2])
     return {"backbone": RAY_BACKBONE, "rows": RAY_ROWS, "batch_per_worker": RAY_BATCH_PER_WORKER, "epochs": epochs,
             "rounds": rounds, "samples_per_s_1_worker": one, "samples_per_s_2_workers": two,

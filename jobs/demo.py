@@ -84,10 +84,8 @@ def run_demo(workdir: Path, sizes: DemoSizes | None = None) -> dict:
     from jobs.train import run_train
     from mpft_core.perturb import parse_perturb_specs
     from pipelines.evaluation import EvalOptions
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import init_ray, shutdown_ray
     from pipelines.scoring import ScoreJob, read_scores
-
-    import ray
 
     sizes = sizes or DemoSizes()
     workdir = Path(workdir).resolve()
@@ -157,7 +155,7 @@ def run_demo(workdir: Path, sizes: DemoSizes | None = None) -> dict:
             scores = read_scores(str(scores_dir))
             lap("score", t0)
         finally:
-            ray.shutdown()
+            shutdown_ray()
 
     report = {
         "workdir": str(workdir),

@@ -31,13 +31,11 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_local():
     """A private Ray instance for the whole session (starting Ray costs seconds; tests share it)."""
-    import ray
-
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import init_ray, shutdown_ray
 
     init_ray(num_cpus=2)
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 def pytest_collection_modifyitems(items):
