@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,18 @@ def processes_mentioning(text: str) -> list[str]:
     return [line for line in listing if text in line]
 
 
+def orphaned_ray_workers() -> set[str]:
+    """``ray::`` worker processes whose parent is not a raylet: left behind by a Ray instance that has stopped."""
+    rows = [line.split(None, 3) for line in subprocess.run(["ps", "-eo", "pid=,ppid=,comm=,args="],
+                                                           capture_output=True, text=True).stdout.splitlines()]
+    rows = [r for r in rows if len(r) == 4]
+    raylets = {pid for pid, _, comm, _ in rows if comm == "raylet"}
+    return {f"{pid} {args}" for pid, ppid, _, args in rows if args.startswith("ray::") and ppid not in raylets}
+
+
 def test_demo_runs_every_stage_and_stops_the_stack(tmp_path):
     workdir, report_path = tmp_path / "demo", tmp_path / "report.json"
+    orphans_before = orphaned_ray_workers()
     # A separate process, as `make demo` runs it: the demo owns its Ray instance and servers from start to stop.
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--quick", "--workdir", str(workdir),
                            "--report", str(report_path)], cwd=REPO, capture_output=True, text=True, timeout=540)
@@ -32,6 +43,12 @@ def test_demo_runs_every_stage_and_stops_the_stack(tmp_path):
 
     assert "MPFT demo finished" in done.stdout and "infra.local_stack.mlflow_server --root" in done.stdout
     assert processes_mentioning(str(workdir)) == []  # the MLflow server (rooted in workdir) is gone
+    # No Ray worker outlived the demo's Ray. (Another pytest worker's instance stopping right now may orphan its
+    # workers for a moment, and its shutdown_ray ends them within 10 s: only those still there after 15 s count.)
+    deadline = time.monotonic() + 15
+    while (orphans := orphaned_ray_workers() - orphans_before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert orphans == set()
     # Every crawled file has exactly one score row; the three planted broken files are error rows.
     assert report["score_rows"] == report["crawl_files"] and report["score_errors"] == 3
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
