@@ -60,7 +60,8 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
     # Manifests are sorted by path, i.e. grouped by class and generator: shuffle the rows once (cheap, paths only)
     # so that every block, and with the loop's local shuffle buffer every batch, mixes classes and subsets.
     train_rows = shuffled(train_manifest, seed=cfg.method.optim.seed)
-    # Training rows are decoded as windows a little larger than the model input; the loop crops them every epoch.
+    # Training rows are decoded as windows of augment.window(size) (the input size unless crop_jitter > 0); the
+    # training loop crops the input size from them anew every epoch.
     train_ds = ingest.for_training(ingest.read_images(train_rows, cfg.storage, image_size=size, train=True,
                                                       window=cfg.method.augment.window(size),
                                                       max_pixels=cfg.max_pixels, seed=cfg.method.optim.seed))

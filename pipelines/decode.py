@@ -106,7 +106,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, 
             if degrade[i] is not None:
                 pixels = degrade[i](pixels)
             images[i], sizes["view_height"][i], sizes["view_width"][i] = crop_view(
-                pixels, image_size, train=train, seed=seed, path=path, window=window)
+                pixels, image_size, train=train, seed=seed, path=path, window=side)
         except Exception as err:  # one bad file must never cost the batch
             errors[i] = describe_error(err)
             sizes["width"][i] = sizes["height"][i] = -1
