@@ -299,7 +299,8 @@ def measure_ray_scaling(log, epochs: int, rounds: int) -> dict:
 
     init_ray(num_cpus=2)
     rng = np.random.default_rng(0)
-    rows = [{"image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), "label": i % 2} for i in range(RAY_ROWS)]
+    rows = [{"image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), "label": i % 2, "view_height": 224,
+             "view_width": 224} for i in range(RAY_ROWS)]
     train_ds = ray.data.from_items(rows).materialize()
     val_ds = ray.data.from_items([{**r, "path": f"mem://{i}", "subset": "bench"} for i, r in enumerate(rows[:32])])
     val_ds = val_ds.materialize()

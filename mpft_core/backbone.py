@@ -10,25 +10,39 @@ Weights come from one of four sources, chosen by ``BackboneConfig.pretrained``:
 
 The tiny architectures in ``mpft_core/configs/*.json`` are registered with open_clip so they can be named like any
 built-in model. Only the vision tower is kept; the text tower is discarded right after construction.
+
+Weights do not say how the network around them was built: the OpenAI CLIP weights were trained with QuickGELU, but
+open_clip's plain ``ViT-L-14`` config uses GELU, and an activation has no tensors, so a strict load into the wrong
+one succeeds and silently computes a different function. Every tower therefore comes with an ``Architecture``
+(activation, embedding width, vision config) resolved once from the weight source and recorded in checkpoints, and
+a weight file must say which activation it was trained with (metadata written by ``save_clip_weights``) or be told
+(``BackboneConfig.activation``); nothing is guessed.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import open_clip
 import torch.nn as nn
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import QuickGELU, VisionTransformer
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import BackboneConfig
 from .transforms import Preprocess
 
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs"
 S3_SCHEME = "s3://"
+ACTIVATIONS = ("gelu", "quick_gelu")
+# safetensors metadata key under which a weight file states the activation its weights were trained with
+WEIGHTS_ACTIVATION_KEY = "mpft.activation"
 
 UriResolver = Callable[[str], "str | os.PathLike[str]"]
 
@@ -66,41 +80,155 @@ def input_size(cfg: BackboneConfig) -> int:
     return int(size)
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """What rebuilding a tower needs that its weights do not carry: the open_clip name, the MLP activation, and the
+    vision config and embedding width as they were when the tower was built (so a later open_clip release that
+    changes a built-in config cannot change a saved model)."""
+
+    name: str
+    activation: str  # "gelu" or "quick_gelu"
+    embed_dim: int
+    vision_cfg: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Architecture":
+        if data.get("activation") not in ACTIVATIONS:
+            raise ValueError(f"recorded architecture has activation {data.get('activation')!r}; expected {ACTIVATIONS}")
+        return cls(name=str(data["name"]), activation=data["activation"], embed_dim=int(data["embed_dim"]),
+                   vision_cfg=dict(data["vision_cfg"]))
+
+
+class Backbone(NamedTuple):
+    visual: VisionTransformer
+    preprocess: Preprocess
+    architecture: Architecture
+
+
 def create_backbone(
-    cfg: BackboneConfig, *, resolve_uri: Optional[UriResolver] = None
-) -> tuple[VisionTransformer, Preprocess]:
+    cfg: BackboneConfig, *, resolve_uri: Optional[UriResolver] = None, architecture: Optional[Architecture] = None
+) -> Backbone:
     """Build the open_clip vision tower named ``cfg.name`` with weights from ``cfg.pretrained``.
 
     Args:
-        cfg: model name (built-in open_clip or shipped tiny config) and weight source.
+        cfg: model name (built-in open_clip or shipped tiny config), weight source and, where the source does not
+            say it, the activation the weights were trained with.
         resolve_uri: ``uri -> local path``; required only when ``cfg.pretrained`` is an ``s3://`` URI.
+        architecture: rebuild exactly this recorded architecture (checkpoint reload) instead of resolving one.
 
     Returns:
-        ``(visual, preprocess)``: the vision tower (CPU, fp32) and the image size / normalisation it expects,
-        taken from the open_clip model's own preprocess config.
+        ``(visual, preprocess, architecture)``: the vision tower (CPU, fp32), the image size / normalisation it
+        expects (from the open_clip model's own preprocess config), and the architecture it was built with.
 
     Raises:
-        ValueError: unknown model, unknown tag, missing resolver, non-safetensors file, or a tower without a patch
-            grid (TAM needs a ViT).
+        ValueError: unknown model, unknown tag, missing resolver, non-safetensors file, an activation that
+            contradicts the weights' own or that nobody states for a weight file, or a tower without a patch grid
+            (TAM needs a ViT).
     """
     register_shipped_configs()
     if cfg.name.replace("/", "-") not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.name!r}; shipped tiny configs: {shipped_config_names()}")
 
     weights, tag_cfg = _resolve_weights(cfg, resolve_uri)
+    if architecture is None:
+        architecture = resolve_architecture(cfg, weights_file=weights if not tag_cfg else None, tag_cfg=tag_cfg)
+    quick_gelu = architecture.activation == "quick_gelu"
     with _random_init_warning_silenced(weights is None):
         model = open_clip.create_model(
             cfg.name,
             pretrained=weights,
-            # open_clip only warns when a tag was trained with QuickGELU but the named config uses GELU (e.g.
-            # ViT-L-14 + "openai"); the features would silently be off, so follow the tag.
-            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            # force_quick_gelu keeps open_clip's tag check quiet; the keyword arguments replace the named config's
+            # values, so the tower is built exactly as recorded (GELU included, when a config says QuickGELU).
+            force_quick_gelu=quick_gelu,
+            quick_gelu=quick_gelu,
+            embed_dim=architecture.embed_dim,
+            vision_cfg=copy.deepcopy(architecture.vision_cfg),
         )
     visual = model.visual
     _require_patch_grid(visual, cfg.name)
+    built = tower_activation(visual)
+    if built != architecture.activation:
+        raise RuntimeError(f"asked open_clip for {architecture.activation} but {cfg.name!r} was built with {built}")
     # Dropping the CLIP wrapper here releases the text tower once `model` goes out of scope.
     del model
-    return visual, _preprocess_of(visual)
+    return Backbone(visual, _preprocess_of(visual), architecture)
+
+
+def resolve_architecture(cfg: BackboneConfig, *, weights_file: Optional[str] = None,
+                         tag_cfg: Optional[dict] = None) -> Architecture:
+    """The architecture to build for ``cfg``: open_clip's config for the name plus the activation the weights need.
+
+    The activation comes from the open_clip tag (``tag_cfg``), from the weight file's metadata (``weights_file``),
+    or, for random init, from the architecture config; ``cfg.activation`` may state it and must then agree. A weight
+    file that does not state it needs ``cfg.activation``.
+    """
+    register_shipped_configs()
+    model_cfg = open_clip.get_model_config(cfg.name.replace("/", "-"))
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip model {cfg.name!r}; shipped tiny configs: {shipped_config_names()}")
+    if tag_cfg:
+        stated, origin = _activation_name(tag_cfg.get("quick_gelu", False)), f"open_clip tag {cfg.pretrained!r}"
+    elif weights_file is not None:
+        stated, origin = weights_activation(weights_file), f"weight file {cfg.pretrained!r}"
+    else:
+        stated, origin = None, None
+    activation = _agreed_activation(cfg, stated, origin, default=_activation_name(model_cfg.get("quick_gelu", False)))
+    return Architecture(name=cfg.name.replace("/", "-"), activation=activation, embed_dim=int(model_cfg["embed_dim"]),
+                        vision_cfg=model_cfg["vision_cfg"])
+
+
+def _agreed_activation(cfg: BackboneConfig, stated: Optional[str], origin: Optional[str], *, default: str) -> str:
+    if stated is not None and cfg.activation is not None and stated != cfg.activation:
+        raise ValueError(f"backbone.activation is {cfg.activation!r} but the {origin} was trained with {stated!r}; "
+                         "remove backbone.activation or correct it")
+    if stated is not None:
+        return stated
+    if cfg.activation is not None:
+        return cfg.activation
+    if cfg.pretrained is not None:  # a weight file that does not say how it was trained
+        raise ValueError(
+            f"the weight file {cfg.pretrained!r} does not say which activation its weights were trained with; set "
+            "backbone.activation: quick_gelu (OpenAI CLIP weights) or gelu (most LAION/DataComp weights), or write "
+            "the file with mpft_core.backbone.save_clip_weights"
+        )
+    return default
+
+
+def _activation_name(quick_gelu) -> str:
+    return "quick_gelu" if quick_gelu else "gelu"
+
+
+def tower_activation(visual: nn.Module) -> str:
+    """The activation the tower's MLPs actually use ("quick_gelu" or "gelu"), read off the modules."""
+    kinds = {"quick_gelu" if isinstance(m, QuickGELU) else "gelu"
+             for m in visual.modules() if isinstance(m, (QuickGELU, nn.GELU))}
+    if len(kinds) != 1:
+        raise ValueError(f"cannot tell the tower's activation: found {sorted(kinds) or 'none'}")
+    return kinds.pop()
+
+
+def weights_activation(path: "str | os.PathLike[str]") -> Optional[str]:
+    """The activation a ``.safetensors`` weight file says it was trained with, or None when it does not say."""
+    with safe_open(str(path), framework="pt") as f:
+        stated = (f.metadata() or {}).get(WEIGHTS_ACTIVATION_KEY)
+    if stated is not None and stated not in ACTIVATIONS:
+        raise ValueError(f"{str(path)!r} states activation {stated!r}; expected one of {ACTIVATIONS}")
+    return stated
+
+
+def save_clip_weights(model: nn.Module, path: "str | os.PathLike[str]", activation: str) -> None:
+    """Write an open_clip CLIP model's full state dict as a ``.safetensors`` weight file that states ``activation``
+    (loadable as ``BackboneConfig.pretrained``; e.g. OpenAI weights exported for an offline cluster)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    built = tower_activation(model.visual)
+    if built != activation:
+        raise ValueError(f"the model's tower uses {built}, not {activation}")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={WEIGHTS_ACTIVATION_KEY: activation})
 
 
 @contextmanager

@@ -1,8 +1,12 @@
 """Detector checkpoints as plain data: ``model.safetensors`` (all tensors) + ``mpft.json`` (everything else).
 
 Nothing is ever unpickled: a checkpoint from an untrusted bucket can at worst hold wrong numbers, never code.
-Loading rebuilds the architecture from the recorded ``DetectorConfig`` with random init (no download), then loads
-the tensors strictly, so a checkpoint restores on a machine without network access or the original weights.
+Loading rebuilds the recorded architecture (activation and vision config included: weights do not carry them) with
+random init (no download), then loads the tensors strictly, so a checkpoint restores on a machine without network
+access or the original weights, as the same function that was trained.
+
+Format versions: 2 records the ``architecture``. Version 1 did not; its towers were built with the activation of the
+recorded open_clip tag (QuickGELU for OpenAI weights) or GELU for weight files and random init, and are rebuilt so.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .backbone import Architecture, resolve_architecture
 from .config import DetectorConfig
 from .detector import MPFTDetector, build_detector
 from .transforms import Preprocess
@@ -24,7 +29,8 @@ from .transforms import Preprocess
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "mpft.json"
 FORMAT_NAME = "mpft-detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 PathLike = Union[str, os.PathLike]
 
@@ -42,6 +48,7 @@ def save_checkpoint(detector: MPFTDetector, directory: PathLike, extra: dict | N
         "format_version": FORMAT_VERSION,
         # backbone.pretrained records where training started; the weights themselves are in model.safetensors.
         "detector": detector.config.to_dict(),
+        "architecture": detector.architecture.to_dict(),
         "preprocess": detector.preprocess.to_dict(),
         "threshold": detector.threshold,
         "extra": extra or {},
@@ -67,7 +74,7 @@ def read_checkpoint_meta(path: PathLike) -> dict:
         raise ValueError(f"{str(meta_path)!r} is not valid JSON: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{str(meta_path)!r} is not an MPFT checkpoint description")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"unsupported MPFT checkpoint format version {meta.get('format_version')!r}")
     return meta
 
@@ -84,7 +91,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
 
     architecture_only = config.model_copy(deep=True)
     architecture_only.backbone.pretrained = None
-    detector = build_detector(architecture_only)
+    detector = build_detector(architecture_only, architecture=recorded_architecture(meta))
     detector.load_state_dict(_read_tensors(weights_path), strict=True)
 
     detector.config = config
@@ -92,6 +99,21 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     detector.preprocess = Preprocess.from_dict(meta["preprocess"])
     detector.threshold = float(meta["threshold"])
     return detector.to(map_location).eval()
+
+
+def recorded_architecture(meta: dict) -> Architecture:
+    """The architecture a checkpoint's tower was built with (format 1: what that version's training built)."""
+    backbone = DetectorConfig.from_dict(meta["detector"]).backbone
+    if "architecture" in meta:
+        architecture = Architecture.from_dict(meta["architecture"])
+        if architecture.name != backbone.name.replace("/", "-"):
+            raise ValueError(f"inconsistent {META_FILE}: the detector names {backbone.name!r} but the recorded "
+                             f"architecture is {architecture.name!r}")
+        return architecture
+    tag_cfg = open_clip.get_pretrained_cfg(backbone.name.replace("/", "-"), backbone.pretrained or "")
+    legacy = backbone.model_copy(update={"pretrained": None,
+                                         "activation": "quick_gelu" if tag_cfg.get("quick_gelu") else "gelu"})
+    return resolve_architecture(legacy)
 
 
 def _checkpoint_files(path: Path) -> tuple[Path, Path]:

@@ -29,6 +29,9 @@ class BackboneConfig(_Strict):
     name: str = "ViT-L-14"
     # open_clip pretrained tag ("openai"), a local checkpoint file, an s3:// URI, or None for random init (tests).
     pretrained: Optional[str] = "openai"
+    # The MLP activation the weights were trained with (weights do not carry it). None: the tag's, the weight
+    # file's own statement, or for random init the architecture's; a weight file that states none needs it here.
+    activation: Optional[Literal["gelu", "quick_gelu"]] = None
 
 
 class MaskConfig(_Strict):

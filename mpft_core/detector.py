@@ -20,15 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
-from .backbone import UriResolver, create_backbone
+from .backbone import Architecture, UriResolver, create_backbone
 from .config import DetectorConfig
 from .tam import compute_mask
 from .transforms import Preprocess, denormalize, normalize
 
 
 def pick_device() -> torch.device:
-    """The first CUDA device if there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The current CUDA device if there is one, else the CPU (a distributed worker passes its own device instead)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def fill_masked_patches(x: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -99,16 +99,19 @@ class MPFTDetector(nn.Module):
 
     Attributes:
         config: the ``DetectorConfig`` it was built from (saved in checkpoints).
+        architecture: how the tower was built beyond its weights (activation, vision config; saved in checkpoints).
         preprocess: image size and normalisation the tower expects.
         threshold: decision threshold on the sigmoid probability (0.5 unless calibrated; saved in checkpoints).
         patch_size: ViT patch side in pixels; grid_size: patches per image side (P = grid_size ** 2).
     """
 
     def __init__(
-        self, visual: VisionTransformer, preprocess: Preprocess, config: DetectorConfig, threshold: float = 0.5
+        self, visual: VisionTransformer, preprocess: Preprocess, config: DetectorConfig, *,
+        architecture: Architecture, threshold: float = 0.5,
     ):
         super().__init__()
         self.visual = visual
+        self.architecture = architecture
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(visual.output_dim, 1)
         self.config = config
@@ -206,7 +209,13 @@ class MPFTDetector(nn.Module):
             raise ValueError(f"expected float input (use transforms.normalize on uint8), got {x.dtype}")
 
 
-def build_detector(cfg: DetectorConfig, *, resolve_uri: Optional[UriResolver] = None) -> MPFTDetector:
-    """Backbone from ``cfg.backbone`` (see ``create_backbone``) + fresh head, with ``cfg.trainable`` applied."""
-    visual, preprocess = create_backbone(cfg.backbone, resolve_uri=resolve_uri)
-    return MPFTDetector(visual, preprocess, cfg)
+def build_detector(cfg: DetectorConfig, *, resolve_uri: Optional[UriResolver] = None,
+                   architecture: Optional[Architecture] = None) -> MPFTDetector:
+    """Backbone from ``cfg.backbone`` (see ``create_backbone``) + fresh head, with ``cfg.trainable`` applied.
+
+    The detector's config records the activation the tower was built with, so a saved config says it explicitly.
+    """
+    backbone = create_backbone(cfg.backbone, resolve_uri=resolve_uri, architecture=architecture)
+    config = cfg.model_copy(deep=True)
+    config.backbone.activation = backbone.architecture.activation
+    return MPFTDetector(backbone.visual, backbone.preprocess, config, architecture=backbone.architecture)

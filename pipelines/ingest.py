@@ -72,6 +72,10 @@ def read_images(manifest: pa.Table, storage_cfg: StorageConfig | None, *, image_
     )
 
 
+# What a training step reads: pixels, label, and the picture's extent inside the (possibly padded) window.
+TRAINING_COLUMNS = ["image", "label", "view_height", "view_width"]
+
+
 def drop_errors(ds: ray.data.Dataset) -> ray.data.Dataset:
     """Only the rows that decoded (``error`` is null).
 
@@ -85,5 +89,4 @@ def for_training(ds: ray.data.Dataset) -> ray.data.Dataset:
     """Decoded, labelled rows with only ``image``, ``label`` and the picture's extent in the image (``view_height``,
     ``view_width``): what ``iter_torch_batches`` can turn into tensors (it raises on string columns such as
     ``path``, and a null label has no tensor value)."""
-    return (drop_errors(ds).filter(expr=col("label").is_not_null())
-            .select_columns(["image", "label", "view_height", "view_width"]))
+    return drop_errors(ds).filter(expr=col("label").is_not_null()).select_columns(TRAINING_COLUMNS)

@@ -13,6 +13,9 @@ Design notes
 - Training rows may be larger windows than the model input (``AugmentConfig.crop_jitter``): each worker cuts a
   fresh random crop + flip of the input size every epoch (``mpft_core.transforms.crop_generator``), so augmentation
   varies per epoch even when the decoded set is cached, and a restarted epoch repeats its crops exactly.
+- Device placement, DDP wrapping, checkpoint saving and the restore order live in ``mpft_core.distributed`` (plain
+  torch.distributed), which ``make gpu-check`` drives on a GPU without Ray; this loop only adds Ray's data shards,
+  Ray Train's per-worker device and the reports.
 - MLflow never appears here: the driver hands in a `logger` object (see jobs/train.py) that rank 0 calls.
 """
 
@@ -31,20 +34,19 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mpft_core.checkpoint import load_checkpoint, save_checkpoint
 from mpft_core.config import MethodConfig
-from mpft_core.detector import MPFTDetector, build_detector, pick_device
+from mpft_core.detector import MPFTDetector
+from mpft_core.distributed import TrainingSetup, broadcast_from_rank0, save_training_checkpoint, setup_training
 from mpft_core.metrics import calibrate_threshold, per_subset_metrics
-from mpft_core.optim import make_grad_scaler, make_optimizer, make_scheduler, train_step
+from mpft_core.optim import train_step
 from mpft_core.tam import compute_mask
 from mpft_core.transforms import crop_generator, normalize, random_crops
 from pipelines import storage
+from pipelines.ingest import TRAINING_COLUMNS
 
-TRAIN_STATE_FILE = "train_state.pt"
 VAL_PREDICTIONS_FILE = "val_predictions.parquet"
 
 
@@ -81,40 +83,30 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(method.optim.seed + rank)
 
     storage_cfg = storage.StorageConfig.from_dict(loop.storage)
-    detector = build_detector(method.detector, resolve_uri=lambda uri: str(storage.fetch_to_local(uri, storage_cfg)))
-    optimizer = make_optimizer(detector, method.optim)
-    scheduler = make_scheduler(optimizer, method.optim, total_steps=loop.steps_per_epoch * method.optim.epochs)
-    start_epoch, global_step, resumed = _restore(detector, optimizer, scheduler)
-    device = pick_device()
-    detector.to(device)
-    model = ray.train.torch.prepare_model(detector) if ctx.get_world_size() > 1 else detector
-    scaler = make_grad_scaler(method.optim, device)
-
-    resumed_from_step = global_step if resumed else -1
+    setup = _setup_or_resume(method, loop, storage_cfg)
+    detector, device = setup.detector, setup.device
+    resumed_from_step = setup.global_step if setup.resumed else -1
     train_shard = ray.train.get_dataset_shard("train")
     val_iter = ray.train.get_dataset_shard("val")
     batch_size = method.optim.batch_size
-    for epoch in range(start_epoch, method.optim.epochs):
-        model.train()
-        # A local shuffle buffer re-mixes rows every epoch without a global (all-to-all) shuffle of the images.
-        batches = train_shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=str(device),
-                                                 dtypes={"image": torch.uint8, "label": torch.float32},
-                                                 local_shuffle_buffer_size=4 * batch_size,
-                                                 local_shuffle_seed=method.optim.seed + epoch)
+    for epoch in range(setup.start_epoch, method.optim.epochs):
+        setup.model.train()
         crops = crop_generator(method.optim.seed, epoch, rank)
         epoch_start, epoch_samples = time.perf_counter(), 0
-        for batch in batches:
-            images = random_crops(batch["image"], detector.preprocess.image_size, crops,
-                                  heights=batch.get("view_height"), widths=batch.get("view_width"))
-            if rank == 0 and logger is not None and global_step == 0:
+        for batch in epoch_batches(train_shard, batch_size, device, shuffle_seed=method.optim.seed + epoch):
+            images = training_crops(batch, detector.preprocess.image_size, crops)
+            if rank == 0 and logger is not None and setup.global_step == 0:
                 _log_mask_examples(detector, images, method, logger)
-            loss = train_step(model, images, batch["label"], optimizer, scheduler=scheduler, scaler=scaler)
-            global_step += 1
+            loss = train_step(setup.model, images, batch["label"], setup.optimizer, scheduler=setup.scheduler,
+                              scaler=setup.scaler)
+            setup.global_step += 1
             epoch_samples += len(batch["label"])
-            if not resumed and loop.inject_failure_at_step is not None and global_step == loop.inject_failure_at_step:
-                raise RuntimeError(f"injected failure at step {global_step} (resilience drill)")
-            if rank == 0 and logger is not None and global_step % loop.log_every_steps == 0:
-                logger.log_metrics({"train_loss": loss, "lr_head": optimizer.param_groups[-1]["lr"]}, global_step)
+            if (not setup.resumed and loop.inject_failure_at_step is not None
+                    and setup.global_step == loop.inject_failure_at_step):
+                raise RuntimeError(f"injected failure at step {setup.global_step} (resilience drill)")
+            if rank == 0 and logger is not None and setup.global_step % loop.log_every_steps == 0:
+                logger.log_metrics({"train_loss": loss, "lr_head": setup.optimizer.param_groups[-1]["lr"]},
+                                   setup.global_step)
 
         epoch_seconds = time.perf_counter() - epoch_start
         # Shards are equal (streaming_split(equal=True)), so rank 0's count times the world size is the total.
@@ -124,33 +116,42 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                summary = _validate_and_save(detector, val_iter, method, batch_size, device, Path(tmp),
-                                             epoch=epoch, global_step=global_step, optimizer=optimizer,
-                                             scheduler=scheduler)
+                summary = _validate(detector, val_iter, method, batch_size, device, Path(tmp))
+                save_training_checkpoint(setup, Path(tmp), epoch=epoch)
                 summary.update(throughput)
                 if logger is not None:
-                    logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, global_step)
+                    logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, setup.global_step)
                 checkpoint = Checkpoint.from_directory(tmp)
-            summary = _broadcast_from_rank0(summary)
-            ray.train.report({**summary, "epoch": epoch, "global_step": global_step,
+            summary = broadcast_from_rank0(summary)
+            ray.train.report({**summary, "epoch": epoch, "global_step": setup.global_step,
                               "resumed_from_step": resumed_from_step}, checkpoint=checkpoint)
 
 
-def _restore(detector: MPFTDetector, optimizer, scheduler) -> tuple[int, int, bool]:
-    """Resume from the latest reported checkpoint if Ray hands us one (restart after failure, or same-name re-run)."""
+def _setup_or_resume(method: MethodConfig, loop: LoopConfig, storage_cfg) -> TrainingSetup:
+    """The worker's training state on Ray Train's device for it, resumed from the latest reported checkpoint if
+    Ray hands one over (restart after a failure, or a same-name re-run)."""
+    device = ray.train.torch.get_device()
+    total_steps = loop.steps_per_epoch * method.optim.epochs
+    resolve = lambda uri: str(storage.fetch_to_local(uri, storage_cfg))  # noqa: E731
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, 0, False
+        return setup_training(method, device, total_steps=total_steps, resolve_uri=resolve)
     with checkpoint.as_directory() as d:
-        restored = load_checkpoint(d)
-        detector.load_state_dict(restored.state_dict())
-        detector.threshold = restored.threshold
-        # Our own file, tensors and plain numbers only: weights_only refuses anything else.
-        state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"]) + 1, int(state["global_step"]), True
+        return setup_training(method, device, total_steps=total_steps, resolve_uri=resolve, resume_from=Path(d))
+
+
+def epoch_batches(shard, batch_size: int, device, *, shuffle_seed: int):
+    """One epoch of a worker's training rows as torch batches on ``device`` (columns ``TRAINING_COLUMNS``)."""
+    # A local shuffle buffer re-mixes rows every epoch without a global (all-to-all) shuffle of the images.
+    return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=str(device),
+                                    dtypes={"image": torch.uint8, "label": torch.float32,
+                                            "view_height": torch.int64, "view_width": torch.int64},
+                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=shuffle_seed)
+
+
+def training_crops(batch: dict, size: int, generator: torch.Generator) -> torch.Tensor:
+    """This epoch's random crops + flips of a batch's windows, inside each picture's extent (never its padding)."""
+    return random_crops(batch["image"], size, generator, heights=batch["view_height"], widths=batch["view_width"])
 
 
 def _log_mask_examples(detector: MPFTDetector, images: torch.Tensor, method: MethodConfig, logger) -> None:
@@ -181,8 +182,8 @@ def predict_batches(detector: MPFTDetector, batches, device) -> dict[str, np.nda
     return {k: (np.concatenate(v) if v else np.array([])) for k, v in cols.items()}
 
 
-def _validate_and_save(detector, val_iter, method: MethodConfig, batch_size: int, device, out: Path, *, epoch: int,
-                       global_step: int, optimizer, scheduler) -> dict[str, float]:
+def _validate(detector, val_iter, method: MethodConfig, batch_size: int, device, out: Path) -> dict[str, float]:
+    """Score the whole validation set, calibrate the threshold, and write predictions and metrics into ``out``."""
     batches = val_iter.iter_batches(batch_size=batch_size, batch_format="numpy")
     batches = ({**b, "image": torch.from_numpy(b["image"])} for b in batches)
     preds = predict_batches(detector, batches, device)
@@ -195,12 +196,6 @@ def _validate_and_save(detector, val_iter, method: MethodConfig, batch_size: int
     detector.threshold = float(threshold)
     per_subset = per_subset_metrics(preds["label"], preds["score"], preds["subset"], threshold=threshold)
 
-    save_checkpoint(detector.cpu() if device.type != "cpu" else detector, out,
-                    extra={"epoch": epoch, "global_step": global_step})
-    detector.to(device)
-    torch.save({"optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "epoch": epoch, "global_step": global_step}, out / TRAIN_STATE_FILE)
     pq.write_table(pa.table({k: preds[k] for k in ("path", "label", "subset", "score")}), out / VAL_PREDICTIONS_FILE)
     (out / "val_metrics.json").write_text(json.dumps(per_subset, indent=2, default=float))
 
@@ -210,15 +205,6 @@ def _validate_and_save(detector, val_iter, method: MethodConfig, batch_size: int
             if name in ("acc", "acc_real", "acc_fake", "ap", "auc"):
                 summary[f"val_{subset}_{name}"] = float(value)
     return summary
-
-
-def _broadcast_from_rank0(obj: dict) -> dict:
-    """All workers must report identical metrics; only rank 0 computed them."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # --------------------------------------------------------------------------------------------------- driver side
@@ -247,11 +233,16 @@ def build_trainer(*, name: str, loop_config: LoopConfig, logger: Optional[RankZe
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=run_config,
-        # The step needs only pixels and labels; strings (path, subset) cannot become tensors.
-        datasets={"train": train_ds.select_columns(["image", "label"]), "val": val_ds},
+        datasets=training_datasets(train_ds, val_ds),
         # Validation is not split: rank 0 scores all of it so the metrics are exact full-subset numbers.
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
+
+
+def training_datasets(train_ds, val_ds) -> dict:
+    """What the workers get: training rows reduced to ``TRAINING_COLUMNS`` (a missing column fails here, not as a
+    silently uncropped batch), validation rows whole (rank 0 needs paths and subsets for the metrics)."""
+    return {"train": train_ds.select_columns(TRAINING_COLUMNS), "val": val_ds}
 
 
 def best_checkpoint_dir(result) -> str:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mpft_core.backbone import create_backbone, register_shipped_configs
+from mpft_core.backbone import (create_backbone, register_shipped_configs, resolve_architecture, save_clip_weights,
+                                tower_activation)
 from mpft_core.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from mpft_core.config import BackboneConfig, DetectorConfig, MaskConfig, OptimConfig
 from mpft_core.detector import build_detector
@@ -103,9 +104,18 @@ def test_loader_refuses_a_directory_without_description(tmp_path):
 def test_loader_refuses_weights_of_another_architecture(tmp_path):
     directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
     meta = json.loads((directory / "mpft.json").read_text())
-    meta["detector"]["backbone"]["name"] = "mpft-tiny-224"
+    meta["architecture"]["vision_cfg"]["width"] = 96
     (directory / "mpft.json").write_text(json.dumps(meta))
     with pytest.raises(RuntimeError, match="size mismatch"):
+        load_checkpoint(directory)
+
+
+def test_loader_refuses_a_description_whose_model_names_disagree(tmp_path):
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
+    meta = json.loads((directory / "mpft.json").read_text())
+    meta["detector"]["backbone"]["name"] = "mpft-tiny-224"
+    (directory / "mpft.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="inconsistent"):
         load_checkpoint(directory)
 
 
@@ -125,7 +135,7 @@ def open_clip_weights(tmp_path):
     torch.manual_seed(123)
     model = open_clip.create_model("mpft-tiny-32", pretrained=None)
     path = tmp_path / "clip-tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_clip_weights(model, path, "gelu")
     return path, {k.removeprefix("visual."): v for k, v in model.state_dict().items() if k.startswith("visual.")}
 
 
@@ -138,7 +148,7 @@ def assert_same_weights(visual, expected: dict):
 def test_local_safetensors_file_loads_the_vision_weights(open_clip_weights):
     path, expected = open_clip_weights
     torch.manual_seed(999)  # a different seed: a random init would not match
-    visual, preprocess = create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained=str(path)))
+    visual, preprocess, _ = create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained=str(path)))
     assert_same_weights(visual, expected)
     assert preprocess.image_size == 32
 
@@ -156,7 +166,7 @@ def test_s3_weights_load_through_the_resolver(open_clip_weights):
         asked.append(uri)
         return path
 
-    visual, _ = create_backbone(
+    visual, _, _ = create_backbone(
         BackboneConfig(name="mpft-tiny-32", pretrained="s3://models/clip-tiny.safetensors"), resolve_uri=fake_resolver
     )
     assert asked == ["s3://models/clip-tiny.safetensors"]
@@ -182,11 +192,90 @@ def test_preprocess_comes_from_the_open_clip_tag(monkeypatch):
     monkeypatch.setattr("open_clip.factory.get_pretrained_cfg", lambda name, t: tag)
     monkeypatch.setattr("open_clip.factory.download_pretrained", lambda cfg, cache_dir=None: None)
 
-    visual, preprocess = create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained="fake-tag"))
+    visual, preprocess, architecture = create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained="fake-tag"))
 
     assert preprocess == Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     # The tag was trained with QuickGELU, so the tower must use it even though the config does not say so.
     assert type(visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert architecture.activation == "quick_gelu"
+
+
+# ------------------------------------------------------------------------------- the activation weights do not carry
+
+
+def test_openai_tags_resolve_to_quick_gelu_and_a_contradicting_config_is_refused():
+    tag_cfg = open_clip.get_pretrained_cfg("ViT-L-14", "openai")
+    openai = BackboneConfig(name="ViT-L-14", pretrained="openai")
+    assert resolve_architecture(openai, tag_cfg=tag_cfg).activation == "quick_gelu"
+    with pytest.raises(ValueError, match="trained with 'quick_gelu'"):
+        resolve_architecture(openai.model_copy(update={"activation": "gelu"}), tag_cfg=tag_cfg)
+    # Random init follows the architecture's own config (GELU for the plain ViT-L-14).
+    assert resolve_architecture(BackboneConfig(name="ViT-L-14", pretrained=None)).activation == "gelu"
+
+
+def test_a_weight_file_that_does_not_state_its_activation_must_be_told(tmp_path):
+    register_shipped_configs()
+    model = open_clip.create_model("mpft-tiny-32", pretrained=None, force_quick_gelu=True)
+    path = tmp_path / "converted-elsewhere.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))  # no metadata
+
+    with pytest.raises(ValueError, match="does not say which activation"):
+        create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained=str(path)))
+    told = create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained=str(path), activation="quick_gelu"))
+    assert tower_activation(told.visual) == "quick_gelu"
+
+
+def test_a_weight_file_states_its_activation_and_a_contradicting_config_is_refused(tmp_path):
+    register_shipped_configs()
+    model = open_clip.create_model("mpft-tiny-32", pretrained=None, force_quick_gelu=True)
+    path = tmp_path / "openai-like.safetensors"
+    save_clip_weights(model, path, "quick_gelu")
+
+    detector = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=str(path))))
+    assert tower_activation(detector.visual) == "quick_gelu"
+    assert detector.config.backbone.activation == "quick_gelu"  # the saved config says it explicitly
+    with pytest.raises(ValueError, match="trained with 'quick_gelu'"):
+        build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=str(path),
+                                                              activation="gelu")))
+
+
+def test_a_quick_gelu_checkpoint_reloads_as_the_same_function(tmp_path):
+    register_shipped_configs()
+    torch.manual_seed(5)
+    model = open_clip.create_model("mpft-tiny-32", pretrained=None, force_quick_gelu=True)
+    path = tmp_path / "openai-like.safetensors"
+    save_clip_weights(model, path, "quick_gelu")
+    detector = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=str(path))))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = detector.eval()(x)
+
+    restored = load_checkpoint(save_checkpoint(detector, tmp_path / "ckpt"))
+
+    assert tower_activation(restored.visual) == "quick_gelu"
+    with torch.no_grad():
+        assert torch.equal(restored(x), expected)
+    # The control: the same tensors in a GELU tower compute something else, so a lost activation would show.
+    gelu = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None)))
+    gelu.load_state_dict(detector.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(gelu.eval()(x), expected)
+
+
+def test_a_format_1_checkpoint_is_rebuilt_with_the_activation_its_training_used(tmp_path):
+    detector = tiny_detector()
+    directory = save_checkpoint(detector, tmp_path / "ckpt")
+    meta = json.loads((directory / "mpft.json").read_text())
+    meta["format_version"] = 1
+    del meta["architecture"]
+    meta["detector"]["backbone"] = {"name": "mpft-tiny-32", "pretrained": None}
+    (directory / "mpft.json").write_text(json.dumps(meta))
+
+    restored = load_checkpoint(directory)
+    assert tower_activation(restored.visual) == "gelu"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(restored(x), detector.eval()(x))
 
 
 def test_a_wrapped_detector_saves_under_plain_names(tmp_path):

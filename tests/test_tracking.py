@@ -16,7 +16,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+import open_clip
+
 from jobs import plots, tracking
+from mpft_core.backbone import register_shipped_configs, save_clip_weights, tower_activation
 from mpft_core.checkpoint import load_checkpoint, save_checkpoint
 from mpft_core.config import BackboneConfig, DetectorConfig
 from mpft_core.detector import build_detector
@@ -234,10 +237,16 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def registered(mlflow_server, tmp_path_factory, images):
-    """A tiny detector saved as a checkpoint, logged as a pyfunc, registered and aliased ``challenger``."""
+    """A tiny detector saved as a checkpoint, logged as a pyfunc, registered and aliased ``challenger``.
+
+    Its tower starts from a weight file of a QuickGELU tower (like the OpenAI CLIP weights), so every loading path
+    below must rebuild QuickGELU to reproduce its scores."""
     tracking.set_tracking(mlflow_server.tracking_uri)
     torch.manual_seed(0)
-    detector = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None)))
+    register_shipped_configs()
+    weights = tmp_path_factory.mktemp("weights") / "clip-tiny-openai-like.safetensors"
+    save_clip_weights(open_clip.create_model("mpft-tiny-32", force_quick_gelu=True), weights, "quick_gelu")
+    detector = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=str(weights))))
     detector.threshold = THRESHOLD
     detector.eval()
     # Shift the head so the threshold splits the test images: both verdicts then get exercised.
@@ -290,6 +299,35 @@ def test_registered_pyfunc_scores_raw_image_bytes_like_the_detector(registered, 
     assert set(out["verdict"]) == {"generated", "real"}, "test images should exercise both verdicts"
     assert (out["threshold"] == THRESHOLD).all()
     assert out["error"].isna().all()
+
+
+@pytest.mark.timeout(180)
+def test_every_loading_path_runs_the_trained_quick_gelu_function(registered, images, tmp_path):
+    from pipelines.scoring import DetectorScorer, ModelInfo, decode_settings, make_model_bundle
+
+    expected = reference_scores(registered["detector"], images).numpy()
+    assert tower_activation(registered["detector"].visual) == "quick_gelu"
+    # The control: the same tensors in a GELU tower score these images differently.
+    gelu = build_detector(DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None)))
+    gelu.load_state_dict(registered["detector"].state_dict())
+    assert not np.array_equal(reference_scores(gelu.eval(), images).numpy(), expected)
+
+    from_checkpoint = load_checkpoint(registered["checkpoint_dir"])
+    np.testing.assert_array_equal(reference_scores(from_checkpoint, images).numpy(), expected)
+
+    from_registry = mlflow.pyfunc.load_model(f"models:/{registered['name']}/{registered['version']}")
+    np.testing.assert_array_equal(from_registry.predict(pd.DataFrame({"image": images}))["score"].to_numpy(),
+                                  expected.astype(np.float64))
+
+    paths = []
+    for i, data in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.img"))
+        Path(paths[-1]).write_bytes(data)
+    bundle = make_model_bundle(ModelInfo(checkpoint_dir=str(registered["checkpoint_dir"]), uri="test"))
+    actor = DetectorScorer(bundle, decode=decode_settings(32, 10**8, None))
+    none = np.array([None] * len(paths), dtype=object)
+    rows = actor({"path": np.array(paths, dtype=object), "label": none, "subset": none, "split": none})
+    np.testing.assert_array_equal(rows.column("score").to_numpy(), expected)
 
 
 @pytest.mark.timeout(180)

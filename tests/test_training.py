@@ -39,13 +39,13 @@ def learnable_rows(n_per_class: int, seed: int, subset: str = "toy") -> list[dic
         ramp = (xx[..., None] * rng.uniform(-2, 2)) + (yy[..., None] * rng.uniform(-2, 2))
         image = base + ramp + (stripes if label else 0.0)
         rows.append({"path": f"mem://{subset}/{i:04d}.png", "label": label, "subset": subset,
-                     "image": np.clip(image, 0, 255).astype(np.uint8)})
+                     "image": np.clip(image, 0, 255).astype(np.uint8), "view_height": SIZE, "view_width": SIZE})
     return rows
 
 
-def method_config(epochs: int = 2, strategy: str = "tam") -> MethodConfig:
+def method_config(epochs: int = 2, strategy: str = "tam", pretrained: str | None = None) -> MethodConfig:
     return MethodConfig(
-        detector=DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None),
+        detector=DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=pretrained),
                                 mask=MaskConfig(strategy=strategy, ratio=0.25), dropout=0.0),
         optim=OptimConfig(epochs=epochs, batch_size=16, backbone_lr=1e-3, head_lr=3e-3, schedule="constant"),
     )
@@ -67,8 +67,23 @@ def fit(tmp_path: Path, name: str, method: MethodConfig, *, inject_failure_at_st
     return trainer.fit()
 
 
+def openai_like_weights(path: Path) -> str:
+    """A stand-in for the OpenAI CLIP weights: random open_clip weights of a QuickGELU tower, in a weight file that
+    says so, loaded through the same path as real pretrained files (minus the download)."""
+    import open_clip
+
+    from mpft_core.backbone import register_shipped_configs, save_clip_weights
+
+    register_shipped_configs()
+    save_clip_weights(open_clip.create_model("mpft-tiny-32", force_quick_gelu=True), path, "quick_gelu")
+    return str(path)
+
+
 def test_two_workers_learn_the_toy_task_and_checkpoint_the_best_epoch(tmp_path, ray_local):
-    result = fit(tmp_path, "learns", method_config(epochs=3))
+    from mpft_core.backbone import tower_activation
+
+    weights = openai_like_weights(tmp_path / "clip-tiny-openai-like.safetensors")
+    result = fit(tmp_path, "learns", method_config(epochs=3, pretrained=weights))
 
     assert result.error is None
     assert result.metrics["epoch"] == 2
@@ -76,6 +91,7 @@ def test_two_workers_learn_the_toy_task_and_checkpoint_the_best_epoch(tmp_path, 
     best_dir = Path(training.best_checkpoint_dir(result))
     detector = load_checkpoint(best_dir)
     assert detector.preprocess.image_size == SIZE
+    assert tower_activation(detector.visual) == "quick_gelu"  # the function that was trained, not a GELU twin
     per_subset = json.loads((best_dir / "val_metrics.json").read_text())
     # Validation is exact: rank 0 saw every validation row once (64), not a per-worker shard.
     assert per_subset["val_toy"]["n"] == 64
@@ -93,3 +109,38 @@ def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint_and_continues_the_st
     # The restarted workers started from the epoch-0 checkpoint's step count, not from zero.
     assert result.metrics["resumed_from_step"] == steps
     assert result.metrics["global_step"] == 2 * steps
+
+
+def padded_window_rows(n: int, window: int = 40) -> list[dict]:
+    """Training windows as the decode stage makes them for pictures larger than the input but smaller than the
+    window: the picture top-left, zeros around it, its extent in view_height / view_width."""
+    rng = np.random.default_rng(4)
+    rows = []
+    for i in range(n):
+        height, width = int(rng.integers(SIZE, window)), int(rng.integers(SIZE, window))
+        image = np.zeros((window, window, 3), dtype=np.uint8)
+        image[:height, :width] = rng.integers(1, 256, (height, width, 3), dtype=np.uint8)  # never 0 inside
+        rows.append({"image": image, "label": i % 2, "view_height": height, "view_width": width,
+                     "path": f"mem://{i}", "subset": "toy"})
+    return rows
+
+
+@pytest.mark.timeout(120)
+def test_worker_crops_never_contain_the_padding_of_a_window(ray_local):
+    from mpft_core.transforms import crop_generator
+
+    rows = padded_window_rows(32)
+    datasets = training.training_datasets(ray.data.from_items(rows), ray.data.from_items(rows))
+    for epoch in range(3):
+        crops = crop_generator(0, epoch, 0)
+        for batch in training.epoch_batches(datasets["train"], 8, "cpu", shuffle_seed=epoch):
+            images = training.training_crops(batch, SIZE, crops)
+            assert images.shape[1:] == (SIZE, SIZE, 3)
+            assert bool((images.reshape(len(images), -1, 3) > 0).any(dim=2).all()), "a crop reached the padding"
+
+
+@pytest.mark.timeout(120)
+def test_training_rows_without_a_picture_extent_are_refused(ray_local):
+    rows = [{k: v for k, v in r.items() if k not in ("view_height", "view_width")} for r in padded_window_rows(4)]
+    with pytest.raises(Exception, match="view_height"):
+        training.training_datasets(ray.data.from_items(rows), ray.data.from_items(rows))["train"].take(1)
