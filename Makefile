@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo bench gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,25 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/score_throughput.py
 	$(PY) bench/train_step.py
+
+# The GPU check needs only PyTorch, open_clip and the project's own code. `make gpu-wheels` (here, with pip's index)
+# downloads the packages a bare GPU image lacks into .whl/ (about 3 MB); `make gpu-check` (there) installs them
+# beside that machine's PyTorch and runs bench/gpu_check.py: two processes, three epochs, failure + resume, reload.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS := open_clip_torch ftfy wcwidth pydantic pydantic_core annotated-types typing-inspection
+
+gpu-wheels:
+	mkdir -p .whl
+	for pkg in $(GPU_WHEELS); do \
+	  pin=$$(grep -iE "^$$pkg==" constraints.txt) || { echo "$$pkg is not pinned in constraints.txt"; exit 1; }; \
+	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .whl "$$pin" || exit 1; \
+	done
+	ls -l .whl
+
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
