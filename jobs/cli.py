@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "promote": "gate the `challenger` against the `champion` on a frozen holdout and move the alias",
     "retrain": "merge new generator data, train, evaluate and promote, as one parent MLflow run",
     "demo": "run the whole flow on the embedded local stack with a tiny model",
+    "export-weights": "write open_clip weights as a .safetensors file that states its activation (offline clusters)",
 }
 
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_line in SUBCOMMANDS.items():
-        module = importlib.import_module(f"jobs.{name}_cmd")
+        module = importlib.import_module(f"jobs.{name.replace('-', '_')}_cmd")
         command = sub.add_parser(name, help=help_line, description=help_line)
         module.add_arguments(command)
         command.set_defaults(_main=module.main)

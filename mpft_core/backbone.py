@@ -128,10 +128,29 @@ def create_backbone(
             contradicts the weights' own or that nobody states for a weight file, or a tower without a patch grid
             (TAM needs a ViT).
     """
+    model, architecture = _create_clip(cfg, resolve_uri, architecture)
+    visual = model.visual
+    _require_patch_grid(visual, cfg.name)
+    # Dropping the CLIP wrapper here releases the text tower once `model` goes out of scope.
+    del model
+    return Backbone(visual, _preprocess_of(visual), architecture)
+
+
+def export_clip_weights(cfg: BackboneConfig, path: "str | os.PathLike[str]", *,
+                        resolve_uri: Optional[UriResolver] = None) -> Architecture:
+    """Write the weights ``cfg`` names (a tag from the local hub cache, or a file) as a ``.safetensors`` weight file
+    that states its activation, e.g. the OpenAI ViT-L/14 weights for a cluster without network access."""
+    register_shipped_configs()
+    model, architecture = _create_clip(cfg, resolve_uri, None)
+    save_clip_weights(model, path, architecture.activation)
+    return architecture
+
+
+def _create_clip(cfg: BackboneConfig, resolve_uri: Optional[UriResolver], architecture: Optional[Architecture]):
+    """The whole open_clip CLIP model (both towers) for ``cfg``, built with ``architecture`` (resolved if None)."""
     register_shipped_configs()
     if cfg.name.replace("/", "-") not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.name!r}; shipped tiny configs: {shipped_config_names()}")
-
     weights, tag_cfg = _resolve_weights(cfg, resolve_uri)
     if architecture is None:
         architecture = resolve_architecture(cfg, weights_file=weights if not tag_cfg else None, tag_cfg=tag_cfg)
@@ -147,14 +166,10 @@ def create_backbone(
             embed_dim=architecture.embed_dim,
             vision_cfg=copy.deepcopy(architecture.vision_cfg),
         )
-    visual = model.visual
-    _require_patch_grid(visual, cfg.name)
-    built = tower_activation(visual)
+    built = tower_activation(model.visual)
     if built != architecture.activation:
         raise RuntimeError(f"asked open_clip for {architecture.activation} but {cfg.name!r} was built with {built}")
-    # Dropping the CLIP wrapper here releases the text tower once `model` goes out of scope.
-    del model
-    return Backbone(visual, _preprocess_of(visual), architecture)
+    return model, architecture
 
 
 def resolve_architecture(cfg: BackboneConfig, *, weights_file: Optional[str] = None,

@@ -283,3 +283,21 @@ def test_a_wrapped_detector_saves_under_plain_names(tmp_path):
     directory = save_checkpoint(torch.nn.DataParallel(detector), tmp_path / "ckpt")  # as DDP would wrap it
     restored = load_checkpoint(directory)
     assert restored.state_dict().keys() == detector.state_dict().keys()
+
+
+def test_export_weights_writes_a_file_that_states_its_activation(tmp_path):
+    from jobs.cli import main
+
+    register_shipped_configs()
+    model = open_clip.create_model("mpft-tiny-32", pretrained=None, force_quick_gelu=True)
+    unstated = tmp_path / "converted-elsewhere.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(unstated))
+    out = tmp_path / "stated.safetensors"
+
+    assert main(["export-weights", "--model", "mpft-tiny-32", "--pretrained", str(unstated),
+                 "--activation", "quick_gelu", "--output", str(out)]) == 0
+
+    visual = create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained=str(out))).visual  # no activation given
+    assert tower_activation(visual) == "quick_gelu"
+    assert_same_weights(visual, {k.removeprefix("visual."): v for k, v in model.state_dict().items()
+                                 if k.startswith("visual.")})
