@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.scoring import (DetectorScorer, ModelInfo, ScoreJob, ScoreSummary, bundle_image_size, decode_settings,
-                               make_model_bundle, run_scoring)
+                               make_model_bundle, read_output_record, run_scoring)
 from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -25,15 +25,46 @@ SCORING_EXPERIMENT = "mpft-scoring"
 
 
 def resolve_model_info(ref: str, storage_cfg: Optional[StorageConfig] = None) -> ModelInfo:
-    """``models:/name@alias`` | ``models:/name/version`` | ``runs:/id/model`` | checkpoint dir (local or s3://)."""
+    """``models:/name@alias`` | ``models:/name/version`` | ``runs:/id/model`` | checkpoint dir (local or s3://).
+
+    The result's ``uri`` is the version the reference names now (``models:/name/3`` for ``models:/name@champion``).
+    """
     if _is_local_checkpoint(ref):
         # A plain local checkpoint needs no MLflow at all (works without a tracking server).
         return ModelInfo(checkpoint_dir=str(Path(ref).resolve()), uri=str(Path(ref).resolve()))
     from jobs import tracking
 
     resolved = tracking.resolve_model(ref, storage_cfg)
-    return ModelInfo(checkpoint_dir=resolved.checkpoint_dir, uri=resolved.uri, name=resolved.name,
+    return ModelInfo(checkpoint_dir=resolved.checkpoint_dir, uri=resolved.pinned_uri, name=resolved.name,
                      version=None if resolved.version is None else str(resolved.version))
+
+
+def resolve_model_for_output(ref: str, output_uri: str, storage_cfg: Optional[StorageConfig] = None) -> ModelInfo:
+    """The model to score ``output_uri`` with: ``ref`` resolved, except that a rerun with the reference the output
+    was started with continues with the version recorded then, wherever an alias points now.
+
+    Any other reference is resolved as usual; ``run_scoring`` accepts it only if it gives the recorded checkpoint.
+    """
+    record = read_output_record(output_uri, storage_cfg)
+    if record is None or record.model_ref != ref:
+        return resolve_model_info(ref, storage_cfg)
+    _warn_if_alias_moved(ref, record.model_uri, output_uri)
+    return resolve_model_info(record.model_uri, storage_cfg)
+
+
+def _warn_if_alias_moved(ref: str, recorded_uri: str, output_uri: str) -> None:
+    from jobs import tracking
+
+    now = tracking.alias_target(ref)
+    if now is not None and now != recorded_uri:
+        log.warning("%s now names %s, but %s was started with %s: continuing with %s (use a fresh --output to "
+                    "score with %s)", ref, now, output_uri, recorded_uri, _version_label(recorded_uri), now)
+
+
+def _version_label(uri: str) -> str:
+    """``version 3`` for ``models:/name/3``, else the URI itself."""
+    head, _, version = uri.rpartition("/")
+    return f"version {version}" if head.startswith("models:/") and version.isdigit() else uri
 
 
 def _is_local_checkpoint(ref: str) -> bool:
@@ -118,8 +149,10 @@ def log_summary(job: ScoreJob, model: ModelInfo, summary: ScoreSummary) -> str:
     num_actors = job.pool_size(scored_now) if scored_now else 0  # as scored_dataset sized the pool
     with tracking.start_run(SCORING_EXPERIMENT, f"score-{job.run_id}") as run:
         tracking.log_params({
-            "model_ref": job.model_ref, "model_uri": model.uri, "model_name": model.name or "",
-            "model_version": model.version or "", "input": job.input_uri, "output": job.output_uri,
+            # The rows' identity: on a resumed output, the model version the output was started with.
+            "model_ref": job.model_ref, "model_uri": summary.model_uri or model.uri, "model_name": model.name or "",
+            "model_version": summary.model_version or model.version or "", "input": job.input_uri,
+            "output": job.output_uri,
             "layout": job.layout, "batch_size": job.batch_size, "num_actors": num_actors,
             "actor_cpus": job.actor_cpus, "torch_threads": job.torch_threads, "use_gpu": job.use_gpu,
             "scoring_run_id": job.run_id,

@@ -1,6 +1,7 @@
 """`mpft score --model REF --input URI [--output URI]`.
 
-With --output: the streaming Ray job (resumable; re-run the same command to finish an interrupted job).
+With --output: the streaming Ray job (resumable; re-run the same command to finish an interrupted job, with the model
+version it started with).
 Without it, on one image or a local folder of at most --table-max files: score in-process and print a table.
 """
 
@@ -10,7 +11,7 @@ import argparse
 import json
 
 from jobs.common import add_stack_arguments, connect_tracking, storage_from_args
-from pipelines.scoring import DEFAULT_MAX_PIXELS, ScoreJob
+from pipelines.scoring import DEFAULT_MAX_PIXELS, ScoreJob, ScoreSummary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobs.score import (format_table, local_inputs, resolve_model_info, run_score_job,
-                            score_in_process)
+    from jobs.score import format_table, local_inputs, resolve_model_info, score_in_process
+    from pipelines.scoring import OutputModelMismatch
 
     storage_cfg = storage_from_args(args)
     if args.output is None:
@@ -63,13 +64,23 @@ def main(args: argparse.Namespace) -> int:
         print(format_table(table, base=args.input))
         return 0
 
+    try:
+        summary = score_to_output(args, storage_cfg)
+    except OutputModelMismatch as err:
+        raise SystemExit(str(err)) from None  # one line: which model the output holds, and what to do instead
+    print(json.dumps(summary.to_dict(), indent=2))
+    return 0
+
+
+def score_to_output(args: argparse.Namespace, storage_cfg) -> ScoreSummary:
+    """The Ray job on ``--output``, continuing with the model version the output was started with."""
+    from jobs.score import resolve_model_for_output, run_score_job
+
     tracking_uri = connect_tracking(args, required=False)
-    model = resolve_model_info(args.model, storage_cfg)
+    model = resolve_model_for_output(args.model, args.output, storage_cfg)
     job = ScoreJob(model_ref=args.model, input_uri=args.input, output_uri=args.output, layout=args.layout,
                    storage=storage_cfg, batch_size=args.batch_size, num_actors=args.num_actors or None,
                    actor_cpus=args.actor_cpus, torch_threads=args.torch_threads, use_gpu=args.gpu,
                    decode_cpus=args.decode_cpus, max_pixels=args.max_pixels, rows_per_block=args.rows_per_block,
                    buffer_mib=args.buffer_mib or None, decode_in_actor=args.decode_in_actor)
-    summary = run_score_job(job, model, tracking_uri=tracking_uri, ray_address=args.ray_address)
-    print(json.dumps(summary.to_dict(), indent=2))
-    return 0
+    return run_score_job(job, model, tracking_uri=tracking_uri, ray_address=args.ray_address)

@@ -436,6 +436,12 @@ class ResolvedModel:
     name: Optional[str] = None
     version: Optional[str] = None
 
+    @property
+    def pinned_uri(self) -> str:
+        """A reference that keeps naming these weights: ``models:/name/<version>`` for a registry reference (an
+        alias can move), else the reference as given."""
+        return f"models:/{self.name}/{self.version}" if self.name and self.version else self.uri
+
 
 _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
 _MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
@@ -464,6 +470,14 @@ def resolve_model(ref: str, storage_cfg=None, *, dst_dir: Optional[str] = None) 
     if not local.is_dir():
         raise ValueError(f"cannot resolve model {ref!r}: not a registry/run URI, s3:// prefix or local folder")
     return ResolvedModel(str(_find_checkpoint(local, ref)), ref)
+
+
+def alias_target(ref: str) -> Optional[str]:
+    """``models:/name/<version>`` that the alias reference ``ref`` names now; None when ``ref`` is no alias
+    reference, or the alias is not set."""
+    m = _MODELS_ALIAS.match(ref)
+    version = get_alias_version(m["name"], m["alias"]) if m else None
+    return None if version is None else f"models:/{m['name']}/{version}"
 
 
 def _download_model(uri: str, ref: str, dst_dir: Optional[str], name, version) -> ResolvedModel:

@@ -17,8 +17,12 @@ Exactly-once, and what it rests on
   nowhere (scored now).
 - A scoring actor that dies is restarted by Ray Data and its in-flight batches are retried (actor pool defaults
   ``max_restarts=-1``, ``max_task_retries=-1``); a batch's rows only reach the writer once.
-- An output belongs to one model: resuming with another model is refused (its scores would be mixed with the
-  first model's and the files the first model scored would be skipped).
+- An output belongs to one model version. Before its first part, a run writes ``_mpft_output.json`` next to the
+  parts: the reference as given, the immutable URI it resolved to (``models:/name/<version>``, else the run URI or
+  checkpoint path), and the sha256 of the checkpoint files. A rerun whose checkpoint files differ is refused before
+  anything is changed, so an alias that moved, or a checkpoint folder retrained in place, never mixes two models'
+  verdicts in one output (``mpft score`` continues a rerun with the same reference on the recorded version). Rows
+  carry the recorded identity. Outputs from before the record are checked on their parts' model URI and version.
 - Assumes one job at a time per output folder (a second concurrent job would see the first one's files in progress
   as torn). ``read_scores`` de-duplicates by path anyway, keeping the latest ``scored_at``, as a last line of defence.
 - Ray Data's own checkpointing (``ray.data.checkpoint``) was not used: it keeps a second store of IDs next to the
@@ -28,13 +32,15 @@ Exactly-once, and what it rests on
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -57,6 +63,8 @@ VERDICT_GENERATED = "generated"
 VERDICT_REAL = "real"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
+# "_" keeps Arrow, Spark and Hive readers of the output folder from taking the record for data.
+OUTPUT_RECORD = "_mpft_output.json"
 
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -81,7 +89,10 @@ LABEL_FIELDS = {"label": pa.int8(), "subset": pa.string(), "split": pa.string()}
 
 @dataclass
 class ModelInfo:
-    """A resolved model: a local checkpoint directory plus how it is known to the registry (for the output rows)."""
+    """A resolved model: a local checkpoint directory plus how it is known (what the output rows name it by).
+
+    ``uri`` names these weights for good where it can: ``models:/name/<version>``, not the alias it came through.
+    """
 
     checkpoint_dir: str
     uri: str
@@ -107,6 +118,21 @@ def make_model_bundle(model: ModelInfo) -> dict:
         "name": model.name,
         "version": model.version,
     }
+
+
+def checkpoint_sha256(checkpoint_dir: str) -> dict[str, str]:
+    """sha256 of each checkpoint file by name: the weights, and mpft.json (its threshold sets the verdicts)."""
+    from mpft_core.checkpoint import META_FILE, WEIGHTS_FILE
+
+    return {name: _file_sha256(Path(checkpoint_dir) / name) for name in (WEIGHTS_FILE, META_FILE)}
+
+
+def _file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def bundle_image_size(bundle: dict) -> int:
@@ -255,38 +281,56 @@ def list_part_files(output_uri: str, cfg: Optional[StorageConfig] = None) -> lis
 def committed_paths(output_uri: str, cfg: Optional[StorageConfig] = None,
                     delete_torn: bool = True) -> tuple[set[str], list[str]]:
     """(paths already scored in readable parts, parts found unreadable). Unreadable parts are deleted if asked."""
-    done, torn, _ = _scan_parts(output_uri, cfg, delete_torn)
+    done, torn, _ = _scan_parts(output_uri, cfg)
+    if delete_torn:
+        delete_parts(output_uri, cfg, torn)
     return done, torn
 
 
-def _scan_parts(output_uri: str, cfg: Optional[StorageConfig], delete_torn: bool) -> tuple[set, list, set]:
-    """(scored paths, torn parts, model URIs) of the parts under ``output_uri``."""
+def delete_parts(output_uri: str, cfg: Optional[StorageConfig], parts: list[str]) -> None:
+    fs, _ = _output_location(output_uri, cfg)
+    for part in parts:
+        fs.delete_file(part)
+
+
+MODEL_COLUMNS = ("model_uri", "model_name", "model_version")
+
+
+def _scan_parts(output_uri: str, cfg: Optional[StorageConfig]) -> tuple[set, list, set]:
+    """(scored paths, torn parts, distinct (model_uri, model_name, model_version) rows) of the parts."""
     fs, _ = _output_location(output_uri, cfg)
     done: set[str] = set()
     torn: list[str] = []
-    models: set[str] = set()
+    models: set[tuple] = set()
     for part in list_part_files(output_uri, cfg):
         try:
             table = _read_part_keys(fs, part)
         except (pa.ArrowInvalid, OSError) as err:
-            log.warning("output part %s is unreadable (%s): removing it, its rows will be scored again", part, err)
+            log.warning("output part %s is unreadable (%s): its rows will be scored again", part, err)
             torn.append(part)
-            if delete_torn:
-                fs.delete_file(part)
             continue
         done.update(table.column("path").to_pylist())
-        if "model_uri" in table.column_names:
-            models.update(m for m in pc.unique(table.column("model_uri")).to_pylist() if m is not None)
+        models.update(_distinct_models(table))
     return done, torn, models
 
 
 def _read_part_keys(fs: pafs.FileSystem, part: str) -> pa.Table:
-    """The ``path`` (and ``model_uri``) columns of one part; raises if the file is torn."""
+    """The ``path`` and model columns of one part; raises if the file is torn."""
     with fs.open_input_file(part) as handle:
         # Opening reads the footer, which Parquet writes last: a file cut short by a crash fails here.
         parquet = pq.ParquetFile(handle)
-        columns = [c for c in ("path", "model_uri") if c in parquet.schema_arrow.names]
+        columns = [c for c in ("path",) + MODEL_COLUMNS if c in parquet.schema_arrow.names]
         return parquet.read(columns=columns)
+
+
+def _distinct_models(table: pa.Table) -> set[tuple]:
+    if "model_uri" not in table.column_names:
+        return set()
+    for name in MODEL_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+    distinct = table.select(list(MODEL_COLUMNS)).group_by(list(MODEL_COLUMNS)).aggregate([])
+    return {tuple(row[c] for c in MODEL_COLUMNS) for row in distinct.to_pylist() if row["model_uri"] is not None}
 
 
 def read_scores(output_uri: str, cfg: Optional[StorageConfig] = None, run_id: Optional[str] = None) -> pa.Table:
@@ -330,6 +374,111 @@ class PartNames(FilenameProvider):
         # Deterministic per task: a retried write overwrites, never duplicates. No extension: Ray appends
         # "-{i}.parquet" (one task may split its rows over several files).
         return f"{PART_PREFIX}{self.run_id}-{write_uuid}-{task_index:06d}"
+
+
+# ------------------------------------------------------------------------------ which model an output belongs to
+
+
+class OutputModelMismatch(ValueError):
+    """Scoring would put a second model's rows into an output; the message is one line, meant for the user."""
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """The model an output's rows come from: ``_mpft_output.json`` directly under the output, written before any
+    part by the run that starts the output, and never rewritten."""
+
+    model_ref: str                      # as the user gave it, e.g. models:/name@champion
+    model_uri: str                      # what it resolved to, for good: models:/name/3, runs:/..., checkpoint path
+    model_name: Optional[str]
+    model_version: Optional[str]
+    checkpoint_sha256: dict[str, str]   # checkpoint file name -> sha256 (model.safetensors, mpft.json)
+    run_id: str                         # the scoring run that started the output
+    started_at: str                     # ISO 8601, UTC
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def read_output_record(output_uri: str, cfg: Optional[StorageConfig] = None) -> Optional[OutputRecord]:
+    """The output's record, or None for a new output (or one written before outputs had a record)."""
+    uri = storage.join(output_uri, OUTPUT_RECORD)
+    if not storage.exists(uri, cfg):
+        return None
+    try:
+        return OutputRecord(**json.loads(storage.read_bytes(uri, cfg)))
+    except (ValueError, TypeError) as err:
+        raise OutputModelMismatch(f"{uri} is not a readable output record ({err}): restore it or use a fresh "
+                                  "--output") from err
+
+
+def write_output_record(output_uri: str, record: OutputRecord, cfg: Optional[StorageConfig] = None) -> None:
+    """Write the record whole or not at all: a temporary file moved into place (a rename on a local disk)."""
+    final = storage.join(output_uri, OUTPUT_RECORD)
+    temporary = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+    storage.write_bytes(temporary, record.to_json().encode("utf-8"), cfg)
+    fs, final_path = storage.resolve(final, cfg)
+    fs.move(storage.resolve(temporary, cfg)[1], final_path)
+
+
+def claim_output(job: ScoreJob, model: ModelInfo, part_models: set[tuple]) -> ModelInfo:
+    """``model`` as this run's rows must name it; raises ``OutputModelMismatch`` for a model the output is not of.
+
+    The first run records its model; a later run must bring the same checkpoint files, whatever reference it came
+    through, and its rows then carry the recorded identity. The parts' own model columns are checked as well: an
+    output from before the record has nothing else to go by.
+    """
+    fingerprint = checkpoint_sha256(model.checkpoint_dir)
+    record = read_output_record(job.output_uri, job.storage)
+    if record is not None and record.checkpoint_sha256 != fingerprint:
+        raise OutputModelMismatch(_changed_model_message(job, record, fingerprint))
+    if record is not None:
+        model = replace(model, uri=record.model_uri, name=record.model_name, version=record.model_version)
+    started_with = job.model_ref if record is None else record.model_ref
+    foreign = {part for part in part_models if not _part_of(part, model, started_with)}
+    if foreign:
+        raise OutputModelMismatch(f"{job.output_uri} already holds scores from "
+                                  f"{', '.join(sorted(_part_label(p) for p in foreign))}, not {model.uri}: use a "
+                                  "fresh --output for another model")
+    if record is None:
+        write_output_record(job.output_uri, _new_record(job, model, fingerprint), job.storage)
+    return model
+
+
+def _part_of(part: tuple, model: ModelInfo, started_with: str) -> bool:
+    """Whether rows naming ``part`` (model_uri, model_name, model_version) come from ``model``. A registry version
+    is known by name and number; other rows by the URI or the reference the output was started with."""
+    uri, name, version = part
+    if version is not None:
+        return (name, version) == (model.name, model.version)
+    return uri in (model.uri, started_with)
+
+
+def _part_label(part: tuple) -> str:
+    uri, name, version = part
+    return uri if version is None else f"{uri} ({name} version {version})"
+
+
+def _new_record(job: ScoreJob, model: ModelInfo, fingerprint: dict[str, str]) -> OutputRecord:
+    return OutputRecord(model_ref=job.model_ref, model_uri=model.uri, model_name=model.name,
+                        model_version=model.version, checkpoint_sha256=fingerprint, run_id=job.run_id,
+                        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _changed_model_message(job: ScoreJob, record: OutputRecord, fingerprint: dict[str, str]) -> str:
+    if record.model_version is not None:
+        version = f"version {record.model_version}"
+        return (f"{job.output_uri} was started with {record.model_ref} = {version}; rerun with that reference "
+                f"(continues with {version}) or use a fresh --output")
+    from mpft_core.checkpoint import WEIGHTS_FILE
+
+    changed = next(name for name in fingerprint if record.checkpoint_sha256.get(name) != fingerprint[name])
+    what = "weights" if changed == WEIGHTS_FILE else changed
+    was, now = (record.checkpoint_sha256.get(changed) or "none")[:12], fingerprint[changed][:12]
+    holder = "it now has" if job.model_ref == record.model_ref else f"{job.model_ref} has"
+    return (f"{job.output_uri} was started with {record.model_ref} = {what} sha256 {was}, but {holder} {what} "
+            f"sha256 {now}; score with the original checkpoint or use a fresh --output")
+
 
 # --------------------------------------------------------------------------------------------------- the job
 
@@ -410,6 +559,8 @@ class ScoreSummary:
     n_errors: int
     n_torn_parts_removed: int
     seconds: float
+    model_uri: Optional[str] = None       # as the rows name it (an output's rows all name the model it started with)
+    model_version: Optional[str] = None
 
     @property
     def n_written(self) -> int:
@@ -490,21 +641,23 @@ def limit_object_store(ds, mib: int) -> None:
 def run_scoring(job: ScoreJob, model: ModelInfo, *, scorer_cls=None, bundle: Optional[dict] = None) -> ScoreSummary:
     """Score every input of ``job`` not yet in its output; returns counts for this run (Ray must be initialised).
 
-    ``scorer_cls`` swaps the actor class (tests use a subclass that slows down or reports its handle).
+    Raises ``OutputModelMismatch`` when the output belongs to another model (``claim_output``). ``scorer_cls``
+    swaps the actor class (tests use a subclass that slows down or reports its handle).
     """
     started = time.perf_counter()
     manifest = input_manifest(job.input_uri, job.layout, job.storage)
-    done, torn, models = _scan_parts(job.output_uri, job.storage, delete_torn=True)
-    if models - {model.uri}:
-        # Resuming would skip files another model scored and mix two models' verdicts in one output.
-        raise ValueError(f"{job.output_uri} already holds scores from {sorted(models)}, not {model.uri!r}: "
-                         "use a fresh --output for another model")
+    done, torn, part_models = _scan_parts(job.output_uri, job.storage)
+    # Resuming with another model would skip files the first one scored and mix two models' verdicts: refused
+    # before anything under the output changes.
+    model = claim_output(job, model, part_models)
+    delete_parts(job.output_uri, job.storage, torn)
     todo = remaining_inputs(manifest, done)
     skipped = manifest.num_rows - todo.num_rows
     log.info("scoring %d of %d inputs (%d already in %s, %d torn parts removed)", todo.num_rows,
              manifest.num_rows, skipped, job.output_uri, len(torn))
     if todo.num_rows:
-        bundle = bundle or make_model_bundle(model)
+        bundle = {**(bundle or make_model_bundle(model)), "uri": model.uri, "name": model.name,
+                  "version": model.version}
         ds = scored_dataset(todo, ray.put(bundle), bundle_image_size(bundle), job, scorer_cls)
         fs, root = _output_location(job.output_uri, job.storage)
         ds.select_columns(list(OUTPUT_COLUMNS) + list(job.carry_columns)).write_parquet(
@@ -518,4 +671,5 @@ def run_scoring(job: ScoreJob, model: ModelInfo, *, scorer_cls=None, bundle: Opt
     n_rows = 0 if written is None else written.num_rows
     return ScoreSummary(run_id=job.run_id, output_uri=job.output_uri, n_inputs=manifest.num_rows,
                         n_skipped_already_scored=skipped, n_scored=n_rows - n_errors, n_errors=n_errors,
-                        n_torn_parts_removed=len(torn), seconds=time.perf_counter() - started)
+                        n_torn_parts_removed=len(torn), seconds=time.perf_counter() - started,
+                        model_uri=model.uri, model_version=model.version)

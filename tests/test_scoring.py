@@ -6,6 +6,7 @@ Everything runs on the real stack: files on disk or on the local S3 server, a pr
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -461,3 +462,142 @@ def test_scoring_from_s3_to_s3_with_a_registered_model_logs_a_summary(ray_local,
     assert logged.data.metrics["n_inputs"] == len(expected_s3)
     assert logged.data.metrics["n_errors"] == len(failed)
     assert logged.data.params["output"] == "s3://score-out/run1"
+
+
+# ------------------------------------------------------------------------------- one model version per output
+
+
+def _legacy_part(folder: Path, paths: list[str], model_uri: str, name: str, version: str) -> None:
+    """A part as written before outputs had a record: the reference as typed, and the version it pointed to."""
+    n = len(paths)
+    pq.write_table(pa.table({"path": paths, "model_uri": [model_uri] * n, "model_name": [name] * n,
+                             "model_version": [version] * n}), folder / "part-legacy-000000-0.parquet")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_output_from_before_records_resumes_with_the_same_reference_and_version(model, corpus, tmp_path):
+    root, expected = corpus
+    _legacy_part(tmp_path, sorted(expected), "models:/tiny@champion", "tiny", model.version)
+
+    summary = run_scoring(_job(root, tmp_path, model_ref="models:/tiny@champion"), model)  # all done: no Ray needed
+
+    assert summary.n_skipped_already_scored == len(expected) and summary.n_written == 0
+    record = scoring.read_output_record(str(tmp_path))
+    assert (record.model_ref, record.model_uri, record.model_version) == ("models:/tiny@champion", model.uri, "3")
+
+
+def test_an_output_from_before_records_refuses_the_same_alias_at_another_version(model, corpus, tmp_path):
+    root, expected = corpus
+    _legacy_part(tmp_path, sorted(expected), "models:/tiny@champion", "tiny", "2")
+    before = _snapshot(tmp_path)
+
+    with pytest.raises(scoring.OutputModelMismatch, match="fresh --output"):
+        run_scoring(_job(root, tmp_path, model_ref="models:/tiny@champion"), model)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def two_versions(mlflow_server, checkpoint, tmp_path_factory) -> str:
+    """A registered model whose version 1 is ``checkpoint`` and version 2 other weights; returns its name."""
+    from jobs import tracking
+
+    tracking.set_tracking(mlflow_server.tracking_uri)
+    name = f"tiny-resume-{os.getpid()}-{time.time_ns() % 10**8}"
+    other = tiny_checkpoint(tmp_path_factory.mktemp("v2") / "model", threshold=THRESHOLD, seed=1)
+    for version, folder in (("1", checkpoint), ("2", other)):
+        with tracking.start_run("mpft-test-registry", f"register-{name}-{version}"):
+            assert tracking.register_model(tracking.log_detector_model(str(folder)), name) == version
+    return name
+
+
+def _score_cli_job(model_ref: str, input_uri, output, tracking_uri: str | None = None) -> int:
+    argv = ["--model", model_ref, "--input", str(input_uri), "--output", str(output), "--batch-size", "8",
+            "--rows-per-block", "8", "--num-actors", "1", "--actor-cpus", "0.5", "--decode-cpus", "0.25",
+            "--max-pixels", str(BAD_CORPUS_MAX_PIXELS)]
+    return score_cli(argv + (["--tracking-uri", tracking_uri] if tracking_uri else []))
+
+
+def _start_output_on_a_subfolder(model_ref: str, corpus, output, tracking_uri: str | None = None) -> None:
+    """A first run that scored only some inputs: what a crash leaves behind, as far as the next run can tell."""
+    root, expected = corpus
+    assert _score_cli_job(model_ref, root / "more", output, tracking_uri) == 0
+    assert 0 < _all_rows(output).num_rows < len(expected)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_rerun_after_the_alias_moved_continues_with_the_version_the_output_started_with(
+        ray_local, mlflow_server, two_versions, corpus, tmp_path, caplog):
+    from jobs import tracking
+
+    root, expected = corpus
+    out = tmp_path / "scores"
+    ref = f"models:/{two_versions}@champion"
+    tracking.set_alias(two_versions, "champion", "1")
+    _start_output_on_a_subfolder(ref, corpus, out, mlflow_server.tracking_uri)
+
+    tracking.set_alias(two_versions, "champion", "2")
+    with caplog.at_level("WARNING", logger="jobs.score"):
+        assert _score_cli_job(ref, root, out, mlflow_server.tracking_uri) == 0
+
+    rows = _assert_exactly_once(out, expected)
+    assert set(rows.column("model_version").to_pylist()) == {"1"}
+    assert set(rows.column("model_uri").to_pylist()) == {f"models:/{two_versions}/1"}
+    assert f"models:/{two_versions}/2" in caplog.text and "continuing with version 1" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_rerun_with_another_version_is_refused_and_leaves_the_output_untouched(
+        ray_local, mlflow_server, two_versions, corpus, tmp_path):
+    from jobs import tracking
+
+    root, _ = corpus
+    out = tmp_path / "scores"
+    tracking.set_alias(two_versions, "champion", "1")
+    _start_output_on_a_subfolder(f"models:/{two_versions}@champion", corpus, out, mlflow_server.tracking_uri)
+    before = _snapshot(out)
+
+    with pytest.raises(SystemExit) as refused:
+        _score_cli_job(f"models:/{two_versions}/2", root, out, mlflow_server.tracking_uri)
+
+    assert str(refused.value) == (f"{out} was started with models:/{two_versions}@champion = version 1; rerun with "
+                                  "that reference (continues with version 1) or use a fresh --output")
+    assert _snapshot(out) == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_another_reference_to_the_same_weights_continues_under_the_recorded_identity(
+        ray_local, mlflow_server, two_versions, checkpoint, corpus, tmp_path):
+    root, expected = corpus
+    out = tmp_path / "scores"
+    _start_output_on_a_subfolder(f"models:/{two_versions}/1", corpus, out, mlflow_server.tracking_uri)
+
+    assert _score_cli_job(str(checkpoint), root, out) == 0  # version 1's weights, as a local folder
+
+    rows = _assert_exactly_once(out, expected)
+    assert set(rows.column("model_uri").to_pylist()) == {f"models:/{two_versions}/1"}
+    assert set(rows.column("model_version").to_pylist()) == {"1"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_local_checkpoint_overwritten_between_runs_is_refused(ray_local, corpus, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "scores"
+    folder = tiny_checkpoint(tmp_path / "ckpt", threshold=THRESHOLD, seed=0)
+    _start_output_on_a_subfolder(str(folder), corpus, out)
+    before = _snapshot(out)
+
+    tiny_checkpoint(folder, threshold=THRESHOLD, seed=1)  # retrained in place
+    refusal = (f"^{re.escape(str(out))} was started with {re.escape(str(folder))} = weights sha256 [0-9a-f]{{12}}, "
+               "but it now has weights sha256 [0-9a-f]{12}; "
+               "score with the original checkpoint or use a fresh --output$")
+    with pytest.raises(SystemExit, match=refusal):
+        _score_cli_job(str(folder), root, out)
+
+    assert _snapshot(out) == before
