@@ -85,6 +85,7 @@ def log_evaluation(result: EvalResult, model_ref: str, sources: Sequence, pertur
             "model_version": model.version or "", "threshold": result.threshold,
             "sources": "; ".join(f"{s.uri} ({s.layout}, split={s.split})" for s in sources),
             "perturbations": ",".join(p.name for p in perturbations) or "none",
+            "real_pairs": ", ".join(f"{fake}+{real}" for fake, real in sorted(result.real_pairs.items())) or "none",
         })
         tracking.log_metrics(finite_metrics(result))
         tracking.log_table(result.table, TABLE_NAME)

@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", default="genimage", choices=["genimage", "ufd", "manifest"])
     parser.add_argument("--split", default=None,
                         help="genimage: train/val (test images live in val); manifest: its split column")
-    parser.add_argument("--subsets", nargs="+", default=None, help="only these subsets")
+    parser.add_argument("--subsets", nargs="+", default=None,
+                        help="only these subsets (canonical names such as sdv14, or folder names such as "
+                             "stable_diffusion_v_1_4); ufd: their paired real sets come along")
     parser.add_argument("--perturb", nargs="+", default=[], metavar="KIND=V1,V2",
                         help="also evaluate degraded copies, e.g. jpeg=65,30 blur=3,5 downscale=112,64")
     parser.add_argument("--output", help="folder or s3:// prefix for eval_metrics.{parquet,md} and eval_scores")

@@ -39,8 +39,9 @@ class PromotionOutcome:
 
 
 def default_evaluator(model_refs: list[str], holdout: list[SourceConfig], storage_cfg: Optional[StorageConfig]):
-    """Clean per-subset metrics of registered versions, by the same code path as `mpft evaluate`; the models are
-    compared in one pass over the holdout (each image read and decoded once)."""
+    """Clean per-subset metrics of registered versions, by the same code path as `mpft evaluate` (fake-only holdout
+    subsets scored with the real subset their source pairs them with); the models are compared in one pass over the
+    holdout (each image read and decoded once)."""
     from jobs.score import resolve_model_info
     from pipelines.evaluation import CLEAN, EvalOptions, build_eval_manifest, evaluate_many
     from pipelines.sources import manifest_hash

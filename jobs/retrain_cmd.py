@@ -15,12 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from jobs.promote import render_decision
     from jobs.retrain import load_retrain_config, run_retrain
+    from jobs.train import ValidationNotHeldOutError
 
     cfg = load_retrain_config(args.config)
     tracking_uri = cfg.train.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise SystemExit("no MLflow tracking URI: set train.tracking.uri in the config or MLFLOW_TRACKING_URI")
-    outcome = run_retrain(cfg, tracking_uri)
+    try:
+        outcome = run_retrain(cfg, tracking_uri)
+    except ValidationNotHeldOutError as err:
+        raise SystemExit(f"mpft retrain: refused: {err}") from None
     print(render_decision(outcome.promotion, cfg.train.tracking.registered_model, dry_run=False))
     print(json.dumps({"parent_run_id": outcome.parent_run_id, "model_version": outcome.model_version,
                       "promoted": outcome.promotion.promoted}))

@@ -50,11 +50,17 @@ class MlflowRankZeroLogger:
         tracking.log_figure_to_run(self.tracking_uri, self.run_id, fig, "tam_masks.png")
 
 
+class ValidationNotHeldOutError(ValueError):
+    """Validation images that are also training images: checkpoint choice and threshold would be biased."""
+
+
 def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[str] = None) -> TrainOutcome:
-    init_ray(cfg.ray_address)
-    tracking.set_tracking(tracking_uri)
+    # Manifests first: a leaky validation set is refused before Ray or MLflow start.
     train_manifest = labelled_manifest(cfg.train, cfg.storage)
     val_manifest = labelled_manifest(cfg.val, cfg.storage)
+    check_validation_is_held_out(train_manifest, val_manifest)
+    init_ray(cfg.ray_address)
+    tracking.set_tracking(tracking_uri)
     size = input_size(cfg.method.detector.backbone)
     # Undecodable files are reported by ingest as error rows; training and validation skip them.
     # Manifests are sorted by path, i.e. grouped by class and generator: shuffle the rows once (cheap, paths only)
@@ -108,6 +114,17 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
             tracking.set_alias(cfg.tracking.registered_model, "challenger", version)
             log.info("registered %s version %s as challenger", cfg.tracking.registered_model, version)
         return TrainOutcome(run.info.run_id, best_dir, model_uri, version, dict(result.metrics or {}))
+
+
+def check_validation_is_held_out(train_manifest: pa.Table, val_manifest: pa.Table) -> None:
+    """Raise ValidationNotHeldOutError if any validation path is also a training path."""
+    shared = pc.is_in(val_manifest["path"], value_set=train_manifest["path"])
+    n_shared = pc.sum(shared).as_py() or 0
+    if n_shared:
+        example = val_manifest.filter(shared)["path"][0].as_py()
+        raise ValidationNotHeldOutError(
+            f"{n_shared} of {val_manifest.num_rows} validation images are also in the training manifest, "
+            f"e.g. {example}: validate on another split, or carve it out of the training split with `carve`")
 
 
 def shuffled(table: pa.Table, seed: int) -> pa.Table:

@@ -8,13 +8,15 @@ Conventions used throughout:
 
 Every number is computed once on the full subset (METHOD.md): no resampling, no averaging of per-batch values.
 Average precision and ROC AUC need both classes, so they are NaN on a subset that holds only one class (a common case:
-a test folder of one generator's fakes only); per-class accuracies are NaN when that class is absent.
+a test folder of one generator's fakes only); per-class accuracies are NaN when that class is absent. Benchmarks that
+ship fake-only test sets pair each with a real-only set (UniversalFakeDetect: guided with ImageNet, LDM / Glide /
+DALL-E with LAION): ``pairs`` scores a fake-only subset together with its real subset's images.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -93,20 +95,34 @@ def _nan_mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _mean_over_subsets(per_subset: dict[str, dict]) -> dict:
-    """Unweighted mean of each rate over subsets (NaNs skipped); counts are totals so the row still says how much
-    data stands behind it."""
+def _mean_over_subsets(per_subset: dict[str, dict], pooled: dict) -> dict:
+    """Unweighted mean of each rate over subsets (NaNs skipped); counts are those of all images (each counted once,
+    though a paired real subset stands behind several subsets) so the row still says how much data is behind it."""
     rows = list(per_subset.values())
     mean = {name: _nan_mean([row[name] for row in rows]) for name in RATE_METRICS}
-    mean.update({name: int(sum(row[name] for row in rows)) for name in COUNT_FIELDS})
+    mean.update({name: pooled[name] for name in COUNT_FIELDS})
     return mean
 
 
-def per_subset_metrics(labels, scores, subsets, threshold: float = 0.5) -> dict[str, dict]:
+def _pairs_present(pairs: Optional[Mapping[str, str]], present: set[str]) -> dict[str, str]:
+    """The pairs whose both subsets hold images; ValueError if a subset is both paired and a pair's real subset."""
+    pairs = dict(pairs or {})
+    both = sorted(set(pairs) & set(pairs.values()))
+    if both:
+        raise ValueError(f"subsets {both} are paired with a real subset and are a pair's real subset themselves")
+    return {fake: real for fake, real in pairs.items() if fake in present and real in present}
+
+
+def per_subset_metrics(labels, scores, subsets, threshold: float = 0.5,
+                       pairs: Optional[Mapping[str, str]] = None) -> dict[str, dict]:
     """``binary_metrics`` on each subset (sorted by name), plus ``"mean"`` and ``"all"``.
 
-    ``"mean"`` is the unweighted, NaN-skipping mean over subsets of each rate — the number papers report as "mean
-    accuracy" — with counts summed. ``"all"`` is ``binary_metrics`` on the pooled images.
+    ``pairs`` ({fake-only subset: real-only subset}): a paired subset is scored on its own images plus its real
+    subset's; a real subset that some present subset is paired with is not reported on its own (nor in the mean).
+    Pairs naming an absent subset are ignored.
+
+    ``"mean"`` is the unweighted, NaN-skipping mean over the reported subsets of each rate — the number papers report
+    as "mean accuracy" — with the counts of all images. ``"all"`` is ``binary_metrics`` on the pooled images.
     """
     y, s = _checked_pair(labels, scores)
     names = np.asarray(subsets).astype(str)
@@ -118,16 +134,20 @@ def per_subset_metrics(labels, scores, subsets, threshold: float = 0.5) -> dict[
     if reserved:
         raise ValueError(f"subset names {sorted(reserved)} are reserved for the summary rows")
 
-    results = {
-        name: binary_metrics(y[names == name], s[names == name], threshold) for name in sorted(set(names.tolist()))
-    }
-    summary = {MEAN_KEY: _mean_over_subsets(results), POOLED_KEY: binary_metrics(y, s, threshold)}
-    return {**results, **summary}
+    present = set(names.tolist())
+    pairs = _pairs_present(pairs, present)
+    results = {}
+    for name in sorted(present - set(pairs.values())):
+        rows = (names == name) | (names == pairs[name]) if name in pairs else names == name
+        results[name] = binary_metrics(y[rows], s[rows], threshold)
+    pooled = binary_metrics(y, s, threshold)
+    return {**results, MEAN_KEY: _mean_over_subsets(results, pooled), POOLED_KEY: pooled}
 
 
-def metrics_table(labels, scores, subsets, threshold: float = 0.5, include_pooled: bool = False) -> pd.DataFrame:
+def metrics_table(labels, scores, subsets, threshold: float = 0.5, include_pooled: bool = False,
+                  pairs: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
     """One row per subset, then the ``mean`` row (and the pooled ``all`` row if asked); columns ``TABLE_COLUMNS``."""
-    return table_from_results(per_subset_metrics(labels, scores, subsets, threshold), include_pooled)
+    return table_from_results(per_subset_metrics(labels, scores, subsets, threshold, pairs), include_pooled)
 
 
 def table_from_results(results: dict[str, dict], include_pooled: bool = False) -> pd.DataFrame:

@@ -11,6 +11,10 @@ Degraded copies (``--perturb``): the degradation is applied to the whole decoded
 center crop, through the decode stage's per-row ``degrade`` hook (pipelines/decode.py knows nothing about
 perturbations, only of an image-to-image function per row).
 Files that cannot be decoded are reported (``n_errors``) and left out of the metrics.
+
+Fake-only subsets are scored together with the real-only subset their source pairs them with
+(``pipelines.sources.real_pairs_of``: UFD's diffusion sets with LAION / ImageNet by default); every image is still
+read and scored once.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class EvalResult:
     threshold: float
     conditions: list[ConditionResult]
     feature_spaces: list[FeatureSpace] = field(default_factory=list)
+    real_pairs: dict[str, str] = field(default_factory=dict)  # {fake-only subset: real subset scored with it}
 
     @property
     def table(self) -> pd.DataFrame:
@@ -82,12 +87,18 @@ class EvalResult:
             frame = table_from_results(cond.results)
             frame.insert(0, "condition", cond.name)
             errors = _errors_per_subset(cond.scores)
-            frame["n_errors"] = [errors.get(s, sum(errors.values()) if s == "mean" else 0) for s in frame["subset"]]
+            frame["n_errors"] = [sum(errors.values()) if s == "mean" else self._errors_behind(s, errors)
+                                 for s in frame["subset"]]
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)[list(EVAL_COLUMNS)]
 
     def condition(self, name: str) -> ConditionResult:
         return next(c for c in self.conditions if c.name == name)
+
+    def _errors_behind(self, subset: str, errors: dict[str, int]) -> int:
+        """Undecodable files of the subset and of the real subset it is paired with."""
+        paired = self.real_pairs.get(subset)
+        return errors.get(subset, 0) + (errors.get(paired, 0) if paired else 0)
 
 
 def _errors_per_subset(scores: pa.Table) -> dict[str, int]:
@@ -225,14 +236,16 @@ def score_conditions(manifest: pa.Table, perturbations: dict, bundle_refs: list,
     return out
 
 
-def condition_metrics(scores: pa.Table, threshold: float) -> tuple[dict, int]:
-    """(per_subset_metrics on the rows that were scored, number of rows with an error)."""
+def condition_metrics(scores: pa.Table, threshold: float,
+                      real_pairs: Optional[dict[str, str]] = None) -> tuple[dict, int]:
+    """(per_subset_metrics on the rows that were scored, fake-only subsets with their paired real subset; number of
+    rows with an error)."""
     ok = scores.filter(pc.is_null(scores.column("error")))
     if ok.num_rows == 0:
         raise ValueError("no image of the evaluation set could be scored")
     results = per_subset_metrics(ok.column("label").to_numpy(zero_copy_only=False).astype(np.int64),
                                  ok.column("score").to_numpy(zero_copy_only=False).astype(np.float64),
-                                 ok.column("subset").to_pylist(), threshold)
+                                 ok.column("subset").to_pylist(), threshold, pairs=real_pairs)
     return results, scores.num_rows - ok.num_rows
 
 
@@ -246,9 +259,15 @@ def evaluate(model: ModelInfo, sources: Sequence, storage_cfg: Optional[StorageC
 def evaluate_many(models: Sequence[ModelInfo], sources: Sequence, storage_cfg: Optional[StorageConfig] = None,
                   perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
                   manifest: Optional[pa.Table] = None) -> list[EvalResult]:
-    """``evaluate`` for several models of the same input size on the same images, in one pass over them."""
+    """``evaluate`` for several models of the same input size on the same images, in one pass over them.
+
+    A ready ``manifest`` must come from ``sources``: their ``real_pairs`` decide which subsets are scored together.
+    """
+    from pipelines.sources import real_pairs_of
+
     options = options or EvalOptions()
     manifest = manifest if manifest is not None else build_eval_manifest(sources, storage_cfg)
+    real_pairs = real_pairs_of(sources)
     bundles = [make_model_bundle(model) for model in models]
     image_size = bundle_image_size(bundles[0])
     if any(bundle_image_size(b) != image_size for b in bundles):
@@ -264,9 +283,9 @@ def evaluate_many(models: Sequence[ModelInfo], sources: Sequence, storage_cfg: O
         threshold = bundle_threshold(bundle)
         conditions = []
         for name, scores in per_condition.items():
-            metrics, n_errors = condition_metrics(scores, threshold)
+            metrics, n_errors = condition_metrics(scores, threshold, real_pairs)
             conditions.append(ConditionResult(name=name, scores=scores, results=metrics, n_errors=n_errors))
-        result = EvalResult(model=model, threshold=threshold, conditions=conditions)
+        result = EvalResult(model=model, threshold=threshold, conditions=conditions, real_pairs=real_pairs)
         if options.feature_space:
             result.feature_spaces = feature_spaces(bundle, ref, manifest, image_size, options, storage_cfg)
         results.append(result)

@@ -1,19 +1,35 @@
 """Image sources -> a manifest table (path, label, subset, split) and the hash that identifies that dataset version.
 
 Layouts (``SourceConfig.layout``):
-- ``genimage``: ``<uri>/<subset>/.../{train,val}/{ai,nature}/<files>``. label ai=1, nature=0; split from the folder;
-  subset = the first folder under ``uri`` (the generator; intermediate folders such as GenImage's
-  ``imagenet_ai_0419_sdv4`` are allowed). If ``uri`` is itself one subset's folder, the subset is its name.
-  ``split`` keeps only that split.
-- ``ufd`` (UniversalFakeDetect / CNNSpot): ``<uri>/<subset>/[<class>/]{0_real,1_fake}/<files>``. split stays null
-  unless ``SourceConfig.split`` is given, which is then recorded on every row.
+- ``genimage``: ``<uri>/.../<generator>/[<folder>/]{train,val}/{ai,nature}/<files>``. label ai=1, nature=0; split
+  from the folder; ``split`` keeps only that split.
+- ``ufd`` (UniversalFakeDetect / CNNSpot): ``<uri>/.../<generator>/[<class>/]{0_real,1_fake}/<files>``. split stays
+  null unless ``SourceConfig.split`` is given, which is then recorded on every row.
 - ``manifest``: a ``.parquet`` or ``.csv`` file with columns ``path``, ``label`` and optionally ``subset`` (default:
   the manifest's file name without extension) and ``split`` (default null). Relative paths are resolved against the
   manifest's folder; ``split`` filters on the split column.
 - ``unlabelled``: every image under ``uri``, label null, subset ``"unlabelled"`` (for scoring).
 
-``subsets`` keeps only the named subsets; naming a subset that does not exist is an error (a typo must not silently
-train on nothing). Files that do not fit the layout are skipped with a warning that says how many and shows one.
+Subset names (``pipelines.subset_names``) do not depend on where ``uri`` points: a known generator folder (GenImage's
+and UFD's folder names, matched case-insensitively in the two folders above the split / class folder) gives its
+canonical name (``stable_diffusion_v_1_4`` and ``imagenet_ai_0419_sdv4`` both give ``sdv14``); otherwise genimage
+takes the folder directly above ``{train,val}``, ufd the nearest folder above ``{0_real,1_fake}`` that is not one of
+UFD's object categories (car, cat, ...). A manifest file's subsets are mapped to canonical names too.
+
+``subsets`` keeps only the named subsets (canonical names or aliases) and the real subsets they are paired with;
+naming a subset that does not exist is an error (a typo must not silently train on nothing). Files that do not fit
+the layout are skipped with a warning that says how many and shows one.
+
+``carve`` keeps a deterministic part of a source, so validation can be held out of the training split: a file is in
+the carved part iff the first 8 bytes of sha256(its path relative to the source root, UTF-8; for a manifest file,
+relative to the manifest's folder, or the whole path if outside it), read as a big-endian integer, are below
+``fraction * 2**64``. The same files are carved on every machine and wherever the dataset is mounted; a train source
+with ``keep: rest`` and a val source with ``keep: carved`` (same uri, split, subsets and fraction) are disjoint and
+together exactly the split.
+
+``real_pairs`` ({fake-only subset: real-only subset}) says which real images a fake-only subset is evaluated with
+(``real_pairs_of``, ``mpft_core.metrics.per_subset_metrics(pairs=...)``); the ufd layout defaults to
+``UFD_REAL_PAIRS``, the pairing of UFD's diffusion test sets.
 
 ``manifest_hash`` identifies the listing (paths, labels, subsets, splits), independent of row order; it does not
 read the image bytes.
@@ -25,16 +41,18 @@ import hashlib
 import io
 import logging
 import posixpath
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from mpft_core.config import _Strict
 from pipelines import storage
 from pipelines.storage import StorageConfig
+from pipelines.subset_names import UFD_REAL_PAIRS, canonical_subset, genimage_subset, ufd_subset
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +65,20 @@ UNLABELLED_SUBSET = "unlabelled"
 _HASH_VERSION = b"mpft-manifest-v1\n"
 
 
+class CarveConfig(_Strict):
+    """A deterministic part of a source's files, chosen by a hash of each path (see the module docstring)."""
+
+    fraction: float = Field(gt=0.0, lt=1.0)  # expected share of the files in the carved part
+    keep: Literal["rest", "carved"]          # train on the rest, validate on the carved part
+
+
 class SourceConfig(_Strict):
     uri: str  # prefix/folder, or a .parquet/.csv manifest file
     layout: Literal["genimage", "ufd", "manifest", "unlabelled"] = "genimage"
     split: Optional[str] = None  # genimage: "train"/"val"; manifest: filter on its split column; else recorded
-    subsets: Optional[list[str]] = None  # keep only these subsets
+    subsets: Optional[list[str]] = None  # keep only these subsets (canonical names or aliases)
+    carve: Optional[CarveConfig] = None  # keep only one part of the files, e.g. validation held out of training
+    real_pairs: Optional[dict[str, str]] = None  # {fake-only subset: real-only subset}; None: the layout's default
 
 
 def build_manifest(source: SourceConfig, storage_cfg: StorageConfig | None = None) -> pa.Table:
@@ -60,10 +87,14 @@ def build_manifest(source: SourceConfig, storage_cfg: StorageConfig | None = Non
         table = _read_manifest_file(source.uri, storage_cfg)
         if source.split is not None:
             table = table.filter(pc.equal(table["split"], source.split))
+        root = posixpath.dirname(_source_root(source.uri))
     else:
         files = storage.list_files(source.uri, storage_cfg)
         table = _from_listing(source, files)
-    table = _keep_subsets(table, source.subsets)
+        root = _source_root(source.uri)
+    table = _keep_subsets(table, source.subsets, real_pairs_of([source]))
+    if source.carve is not None:
+        table = _carve(table, root, source.carve)
     if table.num_rows == 0:
         raise ValueError(f"no images found for {source.layout} source {source.uri} (split={source.split}, "
                          f"subsets={source.subsets})")
@@ -71,20 +102,42 @@ def build_manifest(source: SourceConfig, storage_cfg: StorageConfig | None = Non
     return table.sort_by("path")
 
 
+def real_pairs_of(sources: Sequence[SourceConfig]) -> dict[str, str]:
+    """{fake-only subset: the real-only subset it is evaluated with} of these sources together, in canonical names;
+    ValueError if two sources pair one subset differently."""
+    merged: dict[str, str] = {}
+    for source in sources:
+        pairs = source.real_pairs if source.real_pairs is not None else _default_real_pairs(source.layout)
+        for fake, real in pairs.items():
+            fake, real = canonical_subset(fake), canonical_subset(real)
+            if merged.setdefault(fake, real) != real:
+                raise ValueError(f"subset {fake!r} is paired with both {merged[fake]!r} and {real!r}")
+    return merged
+
+
+def _default_real_pairs(layout: str) -> dict[str, str]:
+    return UFD_REAL_PAIRS if layout == "ufd" else {}
+
+
 # --------------------------------------------------------------------------------------------------- folder layouts
 
 
+def _source_root(uri: str) -> str:
+    """``uri`` as the listed paths begin (full URI for S3, local path without scheme), without a trailing slash."""
+    return uri.rstrip("/") if storage.is_remote(uri) else storage.resolve(uri)[1].rstrip("/")
+
+
 def _relative_parts(root: str, path: str) -> list[str]:
-    return path[len(root.rstrip("/")) + 1:].split("/")
+    return path[len(root) + 1:].split("/")
 
 
 def _from_listing(source: SourceConfig, files: list[str]) -> pa.Table:
-    root = source.uri.rstrip("/") if storage.is_remote(source.uri) else storage.resolve(source.uri)[1]
-    root_name = posixpath.basename(root.rstrip("/"))
+    root = _source_root(source.uri)
+    root_folders = [folder for folder in root.split("/") if folder]
     rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     skipped: list[str] = []
     for path in files:
-        row = _parse(source, _relative_parts(root, path), root_name)
+        row = _parse(source, _relative_parts(root, path), root_folders)
         if row is None:
             skipped.append(path)
             continue
@@ -99,8 +152,12 @@ def _from_listing(source: SourceConfig, files: list[str]) -> pa.Table:
     return pa.table(rows, schema=MANIFEST_SCHEMA)
 
 
-def _parse(source: SourceConfig, parts: list[str], root_name: str):
-    """(label, subset, split) of a file from its path below the source root, or None if it does not fit."""
+def _parse(source: SourceConfig, parts: list[str], root_folders: list[str]):
+    """(label, subset, split) of a file from its path below the source root, or None if it does not fit.
+
+    The split / class folder is looked for below the root only; the subset name may come from folders above it
+    (``root_folders``), so it is the same whichever folder the source points at.
+    """
     folders = parts[:-1]
     if source.layout == "unlabelled":
         return None, UNLABELLED_SUBSET, source.split
@@ -108,26 +165,49 @@ def _parse(source: SourceConfig, parts: list[str], root_name: str):
         # The last "<split>/<class>" pair decides, so a subset may itself contain folders named like a split.
         for i in range(len(folders) - 2, -1, -1):
             if folders[i] in GENIMAGE_SPLITS and folders[i + 1] in GENIMAGE_CLASSES:
-                subset = folders[0] if i > 0 else root_name
-                return GENIMAGE_CLASSES[folders[i + 1]], subset, folders[i]
+                subset = genimage_subset(_innermost_first(root_folders + folders[:i]))
+                return None if subset is None else (GENIMAGE_CLASSES[folders[i + 1]], subset, folders[i])
         return None
     if source.layout == "ufd":
         for i in range(len(folders) - 1, -1, -1):
             if folders[i] in UFD_CLASSES:
-                subset = folders[0] if i > 0 else root_name
-                return UFD_CLASSES[folders[i]], subset, source.split
+                subset = ufd_subset(_innermost_first(root_folders + folders[:i]))
+                return None if subset is None else (UFD_CLASSES[folders[i]], subset, source.split)
         return None
     raise ValueError(f"unknown layout {source.layout!r}")
 
 
-def _keep_subsets(table: pa.Table, subsets: Optional[list[str]]) -> pa.Table:
+def _innermost_first(folders: list[str]) -> list[str]:
+    return folders[::-1]
+
+
+def _keep_subsets(table: pa.Table, subsets: Optional[list[str]], real_pairs: dict[str, str]) -> pa.Table:
+    """Rows of the requested subsets and of the real subsets they are paired with."""
     if subsets is None:
         return table
     present = set(table["subset"].to_pylist())
-    missing = sorted(set(subsets) - present)
+    missing = sorted(name for name in subsets if canonical_subset(name) not in present)
     if missing:
         raise ValueError(f"subsets {missing} not found; available: {sorted(s for s in present if s is not None)}")
-    return table.filter(pc.is_in(table["subset"], value_set=pa.array(subsets, pa.string())))
+    wanted = {canonical_subset(name) for name in subsets}
+    wanted |= {real_pairs[name] for name in wanted if name in real_pairs}
+    return table.filter(pc.is_in(table["subset"], value_set=pa.array(sorted(wanted), pa.string())))
+
+
+def _carve(table: pa.Table, root: str, carve: CarveConfig) -> pa.Table:
+    in_carved_part = [_in_carved_part(_path_below(root, path), carve.fraction) for path in table["path"].to_pylist()]
+    keep = in_carved_part if carve.keep == "carved" else [not carved for carved in in_carved_part]
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
+def _path_below(root: str, path: str) -> str:
+    """``path`` relative to ``root`` (what a carve hashes, so the mount point does not matter); whole if outside."""
+    return path[len(root) + 1:] if path.startswith(root + "/") else path
+
+
+def _in_carved_part(relative_path: str, fraction: float) -> bool:
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 def _check_unique_paths(table: pa.Table, uri: str) -> None:
@@ -157,7 +237,8 @@ def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None) -> pa.Table
         raise ValueError(f"manifest {uri} lacks column(s) {sorted(missing)}; it has {table.column_names}")
     n = table.num_rows
     stem = posixpath.splitext(posixpath.basename(uri))[0]
-    subset = table["subset"] if "subset" in table.column_names else pa.array([stem] * n, pa.string())
+    subset = table["subset"].cast(pa.string()) if "subset" in table.column_names else pa.array([stem] * n, pa.string())
+    subset = pa.array([None if name is None else canonical_subset(name) for name in subset.to_pylist()], pa.string())
     split = table["split"] if "split" in table.column_names else pa.nulls(n, pa.string())
     labels = table["label"].cast(pa.int8())
     bad = pc.invert(pc.is_in(labels, value_set=pa.array([0, 1], pa.int8())))
@@ -165,7 +246,7 @@ def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None) -> pa.Table
         raise ValueError(f"manifest {uri}: label must be 0 (real), 1 (generated) or empty")
     folder = posixpath.dirname(uri if storage.is_remote(uri) else storage.resolve(uri)[1])
     paths = [_absolute(p, folder, uri) for p in table["path"].to_pylist()]
-    return pa.table([pa.array(paths, pa.string()), labels, subset.cast(pa.string()), split.cast(pa.string())],
+    return pa.table([pa.array(paths, pa.string()), labels, subset, split.cast(pa.string())],
                     schema=MANIFEST_SCHEMA)
 
 

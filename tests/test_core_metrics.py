@@ -114,6 +114,43 @@ def test_markdown_marks_undefined_values_and_escapes_pipes():
     assert "n/a" in a_row  # AP of a fakes-only subset
 
 
+def ufd_like_eval_set(seed: int = 0):
+    """UniversalFakeDetect's shape: progan holds both classes; guided and ldm_200 hold only fakes, imagenet and laion
+    only real images (the real sets the benchmark pairs them with)."""
+    rng = np.random.default_rng(seed)
+    sizes = {"progan": (20, 20), "guided": (0, 15), "ldm_200": (0, 25), "imagenet": (12, 0), "laion": (30, 0)}
+    labels = np.concatenate([[0] * r + [1] * f for r, f in sizes.values()])
+    subsets = np.concatenate([[name] * (r + f) for name, (r, f) in sizes.items()])
+    scores = np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0.0, 1.0)
+    return labels, scores, subsets
+
+
+def test_fake_only_subsets_are_scored_together_with_their_paired_real_subset():
+    labels, scores, subsets = ufd_like_eval_set()
+    pairs = {"guided": "imagenet", "ldm_200": "laion", "dalle": "laion"}  # dalle absent: its pair is ignored
+
+    result = per_subset_metrics(labels, scores, subsets, pairs=pairs)
+
+    generators = ["guided", "ldm_200", "progan"]
+    assert sorted(set(result) - {"mean", "all"}) == generators
+    for fake, real in (("guided", "imagenet"), ("ldm_200", "laion"), ("progan", "progan")):
+        rows = (subsets == fake) | (subsets == real)
+        assert result[fake] == binary_metrics(labels[rows], scores[rows])
+        assert result[fake]["n_real"] > 0 and result[fake]["n_fake"] > 0
+        assert math.isfinite(result[fake]["ap"]) and math.isfinite(result[fake]["auc"])
+    for metric in ("acc", "ap", "auc"):
+        assert result["mean"][metric] == pytest.approx(np.mean([result[g][metric] for g in generators]))
+    # Every image counts once in the totals, though laion's images stand behind one subset, imagenet's behind another.
+    assert result["mean"]["n"] == result["all"]["n"] == labels.size
+    assert metrics_table(labels, scores, subsets, pairs=pairs)["subset"].tolist() == generators + ["mean"]
+
+
+def test_a_subset_cannot_be_both_paired_and_a_pair_s_real_subset():
+    with pytest.raises(ValueError, match="laion"):
+        per_subset_metrics([1, 0, 0], [0.9, 0.1, 0.2], ["dalle", "laion", "coco"],
+                           pairs={"dalle": "laion", "laion": "coco"})
+
+
 def test_reserved_subset_name_is_rejected():
     with pytest.raises(ValueError, match="reserved"):
         per_subset_metrics([0, 1], [0.1, 0.9], ["mean", "x"])

@@ -12,10 +12,11 @@ import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from mpft_core.perturb import Perturbation
-from pipelines.evaluation import EvalOptions, decode_perturbed_batch, evaluate
+from pipelines.evaluation import EvalOptions, build_eval_manifest, decode_perturbed_batch, evaluate, evaluate_many
 from pipelines.scoring import ModelInfo
 from pipelines.sources import SourceConfig
-from tests.helpers.images import BAD_CORPUS_MAX_PIXELS, write_bad_corpus, write_genimage_tree
+from tests.helpers.images import (BAD_CORPUS_MAX_PIXELS, write_bad_corpus, write_genimage_tree,
+                                  write_ufd_single_class, write_ufd_tree)
 from tests.helpers.models import tiny_checkpoint
 
 THRESHOLD = 0.5002
@@ -125,3 +126,32 @@ def test_cli_evaluate_logs_table_and_plots_to_mlflow(ray_local, mlflow_server, c
     for row in table[table.condition == "blur3"].itertuples():
         assert logged[f"blur3/{row.subset}/acc"] == pytest.approx(row.acc)
     assert "| condition | subset |" in (tmp_path / "eval_metrics.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ufd_fake_only_generators_are_evaluated_with_their_paired_real_images(ray_local, checkpoint, tmp_path):
+    write_ufd_tree(tmp_path, subsets={"progan": ("car",)}, n_per_class=3, size=32)
+    for i, subset in enumerate(("guided", "ldm_200", "glide_100_10")):
+        write_ufd_single_class(tmp_path, subset, label=1, n=3, size=32, seed=10 + i)
+    write_ufd_single_class(tmp_path, "imagenet", label=0, n=3, size=32, seed=20)
+    write_ufd_single_class(tmp_path, "laion", label=0, n=4, size=32, seed=21)
+    sources = [SourceConfig(uri=str(tmp_path), layout="ufd")]
+    model = ModelInfo(checkpoint_dir=str(checkpoint), uri=str(checkpoint))
+
+    # As the promotion gate calls it: the holdout manifest built once, the sources alongside.
+    manifest = build_eval_manifest(sources)
+    [result] = evaluate_many([model], sources, manifest=manifest,
+                             options=EvalOptions(batch_size=8, rows_per_block=8, actor_cpus=0.5, decode_cpus=0.25,
+                                                 feature_space=False))
+    table = result.table.set_index("subset")
+    scores = result.condition("clean").scores
+
+    generators = ["glide_100_10", "guided", "ldm_200", "progan"]
+    assert manifest.num_rows == scores.num_rows == 6 + 9 + 7  # every real image listed and scored once
+    assert table.index.tolist() == generators + ["mean"]
+    assert (table.loc[generators, "n_real"] > 0).all() and (table.loc[generators, "n_fake"] > 0).all()
+    assert table.loc["guided", "n_real"] == 3 and table.loc["ldm_200", "n_real"] == 4
+    assert np.isfinite(table.loc[generators, ["ap", "auc"]].to_numpy()).all()
+    for metric in ("acc", "ap", "auc"):
+        assert table.loc["mean", metric] == pytest.approx(table.loc[generators, metric].mean(), abs=1e-12)

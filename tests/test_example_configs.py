@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobs.config import load_train_config
+from pipelines.subset_names import canonical_subset
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
 
@@ -20,8 +21,20 @@ def test_example_train_config_validates(path):
 def test_the_paper_protocol_config_trains_vit_l14_openai_on_sd14_only():
     cfg = load_train_config(next(p for p in EXAMPLES if p.name == "genimage-vitl14-sdv14.yaml"))
     assert (cfg.method.detector.backbone.name, cfg.method.detector.backbone.pretrained) == ("ViT-L-14", "openai")
-    assert [s.subsets for s in cfg.train] == [["stable_diffusion_v_1_4"]]
+    assert [canonical_subset(name) for s in cfg.train for name in s.subsets] == ["sdv14"]
     assert cfg.method.detector.mask.strategy == "tam"
+
+
+def test_the_paper_protocol_validates_on_a_part_carved_from_the_training_split():
+    """GenImage's val folders are the protocol's test sets: checkpoints and the threshold must not be chosen there."""
+    cfg = load_train_config(next(p for p in EXAMPLES if p.name == "genimage-vitl14-sdv14.yaml"))
+    [train], [val] = cfg.train, cfg.val
+
+    assert val.split == train.split == "train"
+    assert (val.uri, val.layout, val.subsets) == (train.uri, train.layout, train.subsets)
+    assert train.carve is not None and val.carve is not None
+    assert train.carve.fraction == val.carve.fraction
+    assert (train.carve.keep, val.carve.keep) == ("rest", "carved")
 
 
 def test_quickstart_script_runs_on_mpft_core_alone():

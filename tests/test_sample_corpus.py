@@ -73,6 +73,17 @@ def test_genimage_layout_and_counts_match_the_request_and_the_summary(corpus):
     assert summary["total_files"] == len(files)
 
 
+def test_manifest_subsets_are_the_generator_names_wherever_the_source_points(corpus):
+    from pipelines.sources import SourceConfig, build_manifest
+
+    root, _ = corpus
+    whole = build_manifest(SourceConfig(uri=str(root)))
+    one = build_manifest(SourceConfig(uri=str(root / "ae_nn")))
+
+    assert set(whole["subset"].to_pylist()) == {"ae_up", "ae_nn"}
+    assert set(one["subset"].to_pylist()) == {"ae_nn"}
+
+
 def test_both_classes_are_rgb_pngs_at_sizes_around_the_model_input(corpus):
     root, _ = corpus
     allowed = set(sc.crop_sides(IMAGE_SIZE))

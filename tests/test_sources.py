@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 
@@ -9,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sources import MANIFEST_SCHEMA, SourceConfig, build_manifest, manifest_hash, write_manifest
-from tests.helpers.images import write_genimage_tree, write_ufd_tree
+from pipelines.sources import (MANIFEST_SCHEMA, SourceConfig, build_manifest, manifest_hash, real_pairs_of,
+                               write_manifest)
+from tests.helpers.images import write_genimage_tree, write_ufd_single_class, write_ufd_tree
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +60,156 @@ def test_genimage_split_and_subset_filters(corpora):
 
 
 def test_genimage_intermediate_folders_and_single_subset_root(tmp_path):
-    # The real GenImage release nests e.g. Midjourney/imagenet_midjourney/train/ai/...: the subset is the first
-    # folder under the source root, or the root's own name when the root is one subset's folder.
+    # The real GenImage release nests e.g. Midjourney/imagenet_midjourney/train/ai/...: both folders name the same
+    # generator, whichever of them (or the root above) the source points at.
     write_genimage_tree(tmp_path / "Midjourney", subsets=("imagenet_midjourney",), n_per_class=1, size=8,
                         splits=("train",))
     whole = build_manifest(SourceConfig(uri=str(tmp_path)))
     one = build_manifest(SourceConfig(uri=str(tmp_path / "Midjourney" / "imagenet_midjourney")))
 
-    assert set(whole["subset"].to_pylist()) == {"Midjourney"}
-    assert set(one["subset"].to_pylist()) == {"imagenet_midjourney"}
+    assert set(whole["subset"].to_pylist()) == set(one["subset"].to_pylist()) == {"midjourney"}
     assert sorted(whole["label"].to_pylist()) == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- canonical names
+
+
+def _subset_by_file(uri: str, layout: str) -> dict[str, str]:
+    return {row["path"]: row["subset"] for row in build_manifest(SourceConfig(uri=uri, layout=layout)).to_pylist()}
+
+
+def _same_names_through_every_uri(uris: list[str], layout: str) -> dict[str, str]:
+    """The subset of every file listed through each URI; asserts that no URI names a file differently."""
+    names: dict[str, str] = {}
+    for uri in uris:
+        for path, subset in _subset_by_file(uri, layout).items():
+            assert names.setdefault(path, subset) == subset, (uri, path, subset, names[path])
+    return names
+
+
+def test_genimage_subset_names_do_not_depend_on_where_the_uri_points(tmp_path):
+    root = tmp_path / "genimage"
+    write_genimage_tree(root / "stable_diffusion_v_1_4", subsets=("imagenet_ai_0419_sdv4",), n_per_class=1, size=8)
+    write_genimage_tree(root / "BigGAN", subsets=("imagenet_ai_0419_biggan",), n_per_class=1, size=8)
+    write_genimage_tree(root, subsets=("newgen",), n_per_class=1, size=8)  # not in the alias table
+    sd = root / "stable_diffusion_v_1_4"
+
+    names = _same_names_through_every_uri(
+        [str(root), str(sd), str(sd / "imagenet_ai_0419_sdv4"), str(root / "BigGAN" / "imagenet_ai_0419_biggan"),
+         str(root / "newgen")], "genimage")
+
+    assert set(names.values()) == {"sdv14", "biggan", "newgen"}
+    assert len(names) == 12
+
+
+def test_ufd_subset_names_do_not_depend_on_where_the_uri_points(tmp_path):
+    root = tmp_path / "ufd"
+    write_ufd_tree(root, subsets={"stylegan": ("car", "cat"), "seeingdark": None, "newgan": ("horse",)},
+                   n_per_class=1, size=8)
+
+    names = _same_names_through_every_uri(
+        [str(root), str(root / "stylegan"), str(root / "stylegan" / "car"), str(root / "seeingdark"),
+         str(root / "newgan"), str(root / "newgan" / "horse")], "ufd")
+
+    assert set(names.values()) == {"stylegan", "sitd", "newgan"}  # SITD's folder is called seeingdark
+    assert len(names) == 8
+
+
+def test_subset_filters_accept_canonical_names_and_aliases(tmp_path):
+    write_genimage_tree(tmp_path / "stable_diffusion_v_1_4", subsets=("imagenet_ai_0419_sdv4",), n_per_class=1,
+                        size=8)
+    write_genimage_tree(tmp_path / "Midjourney", subsets=("imagenet_midjourney",), n_per_class=1, size=8)
+
+    tables = [build_manifest(SourceConfig(uri=str(tmp_path), subsets=[name]))
+              for name in ("sdv14", "stable_diffusion_v_1_4", "IMAGENET_AI_0419_SDV4")]
+
+    assert all(t.equals(tables[0]) for t in tables)
+    assert set(tables[0]["subset"].to_pylist()) == {"sdv14"} and tables[0].num_rows == 4
+
+
+def test_manifest_file_subsets_get_the_canonical_names(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,subset\na.png,1,Midjourney\nb.png,0,imagenet_midjourney\n"
+                                    "c.png,1,my_own_set\n")
+
+    table = build_manifest(SourceConfig(uri=str(tmp_path / "m.csv"), layout="manifest", subsets=["Midjourney"]))
+
+    assert table["subset"].to_pylist() == ["midjourney", "midjourney"]
+
+
+# ------------------------------------------------------------------------------------------- carving validation
+
+
+def _carved_relative_paths(root, fraction: float, keep: str, cfg=None, uri=None) -> set[str]:
+    uri = uri or str(root)
+    table = build_manifest(SourceConfig(uri=uri, split="train", carve={"fraction": fraction, "keep": keep}), cfg)
+    return {path[len(uri.rstrip("/")) + 1:] for path in table["path"].to_pylist()}
+
+
+def test_carve_splits_a_source_into_disjoint_parts_that_together_are_the_split(tmp_path):
+    write_genimage_tree(tmp_path, subsets=("sdv14",), n_per_class=40, size=8, splits=("train", "val"))
+    whole = build_manifest(SourceConfig(uri=str(tmp_path), split="train"))
+    whole_paths = {p[len(str(tmp_path)) + 1:] for p in whole["path"].to_pylist()}
+
+    rest = _carved_relative_paths(tmp_path, 0.25, "rest")
+    carved = _carved_relative_paths(tmp_path, 0.25, "carved")
+
+    assert rest.isdisjoint(carved) and rest | carved == whole_paths
+    assert 8 <= len(carved) <= 32  # about a quarter of 80
+    # The documented rule: sha256 of the path below the source root, first 8 bytes as a fraction of 2**64.
+    assert carved == {p for p in whole_paths
+                      if int(hashlib.sha256(p.encode()).hexdigest()[:16], 16) / 2**64 < 0.25}
+
+
+@pytest.mark.timeout(60)
+def test_carve_is_the_same_wherever_the_dataset_is_mounted(corpora):
+    local = corpora["root"] / "genimage"
+    on_s3 = _carved_relative_paths(None, 0.5, "carved", corpora["cfg"], uri=f"{corpora['bucket']}/genimage")
+
+    assert _carved_relative_paths(local, 0.5, "carved") == on_s3
+    assert 0 < len(on_s3) < 8
+
+
+def test_carve_fraction_must_be_a_proper_fraction():
+    with pytest.raises(ValueError):
+        SourceConfig(uri="s3://b/x", carve={"fraction": 1.0, "keep": "rest"})
+    with pytest.raises(ValueError):
+        SourceConfig(uri="s3://b/x", carve={"fraction": 0.1, "keep": "validation"})
+
+
+# -------------------------------------------------------------------------------- UFD real/fake pairing
+
+
+def _ufd_with_diffusion_sets(root) -> None:
+    write_ufd_tree(root, subsets={"progan": ("car",)}, n_per_class=2, size=8)
+    for subset in ("guided", "ldm_200", "dalle"):
+        write_ufd_single_class(root, subset, label=1, n=2, size=8)
+    for subset in ("imagenet", "laion"):
+        write_ufd_single_class(root, subset, label=0, n=3, size=8)
+
+
+def test_ufd_diffusion_sets_are_paired_with_their_real_sets_by_default(tmp_path):
+    _ufd_with_diffusion_sets(tmp_path)
+    source = SourceConfig(uri=str(tmp_path), layout="ufd")
+    table = build_manifest(source)
+
+    assert real_pairs_of([source]) == {
+        "guided": "imagenet", "ldm_200": "laion", "ldm_200_cfg": "laion", "ldm_100": "laion",
+        "glide_100_27": "laion", "glide_50_27": "laion", "glide_100_10": "laion", "dalle": "laion"}
+    assert table.num_rows == 4 + 3 * 2 + 2 * 3  # every real image listed once
+    assert real_pairs_of([SourceConfig(uri="x", layout="genimage")]) == {}
+
+
+def test_real_pairs_can_be_overridden_and_a_subset_filter_keeps_the_paired_real_set(tmp_path):
+    _ufd_with_diffusion_sets(tmp_path)
+    own = SourceConfig(uri=str(tmp_path), layout="ufd", real_pairs={"dalle": "imagenet"}, subsets=["dalle"])
+
+    table = build_manifest(own)
+
+    assert real_pairs_of([own]) == {"dalle": "imagenet"}
+    assert sorted(set(table["subset"].to_pylist())) == ["dalle", "imagenet"]
+    with pytest.raises(ValueError, match="guided"):
+        real_pairs_of([SourceConfig(uri="a", layout="ufd"),
+                       SourceConfig(uri="b", layout="ufd", real_pairs={"guided": "laion"})])
 
 
 @pytest.mark.timeout(60)

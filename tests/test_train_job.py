@@ -129,3 +129,19 @@ def test_rerunning_the_same_name_resumes_instead_of_starting_over(mlflow_server,
     assert second.run_id == first.info.run_id  # the same MLflow run continues
     assert second.metrics["resumed_from_step"] == steps_two_epochs
     assert second.metrics["global_step"] == steps_two_epochs * 3 // 2
+
+
+def test_train_refuses_to_start_when_validation_images_are_also_training_images(tmp_path, capsys):
+    import ray
+
+    write_genimage_tree(tmp_path / "data", subsets=("sdv14",), n_per_class=4, size=8, splits=("train",))
+    data = str(tmp_path / "data")
+    config = {"name": "leaky", "train": {"uri": data, "split": "train"},
+              "val": {"uri": data, "split": "train", "carve": {"fraction": 0.5, "keep": "carved"}},
+              "tracking": {"uri": (tmp_path / "mlruns").as_uri()}}
+    path = tmp_path / "leaky.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    with pytest.raises(SystemExit, match=r"validation images are also in the training manifest.*sdv14/train/"):
+        cli.main(["train", "--config", str(path)])
+    assert not ray.is_initialized() and not (tmp_path / "mlruns").exists()  # refused before anything started

@@ -4,7 +4,8 @@
 - ``fake_images``: the synthetic "generated" class: smooth colour fields carrying a faint period-2 checkerboard, the
   kind of upsampling trace generators leave. A tiny ViT separates it from the photo crops within a few steps, so
   training tests can check that learning happens without real benchmark data.
-- ``write_genimage_tree`` / ``write_ufd_tree``: the two benchmark layouts, returning {relative path: label}.
+- ``write_genimage_tree`` / ``write_ufd_tree``: the two benchmark layouts, returning {relative path: label};
+  ``write_ufd_single_class``: a one-class UFD folder (the diffusion test sets and their real sets).
 - ``write_bad_corpus``: one file per failure mode / odd format, returning {file name: expected to decode}.
 Both classes are written in the same file format, so format is never the signal (METHOD.md pitfall).
 """
@@ -135,6 +136,16 @@ def write_ufd_tree(root: Path, subsets: Optional[Mapping[str, Optional[Sequence[
             for folder, label in UFD_LABELS.items():
                 _write_class(root, f"{base}/{folder}", label, n_per_class, size,
                              seed=seed + 100 * s_i + 10 * c_i + label, fmt=fmt, out=written)
+    return written
+
+
+def write_ufd_single_class(root: Path, subset: str, label: int, n: int = 2, size: int = 32, fmt: str = "png",
+                           seed: int = 0) -> dict[str, int]:
+    """``<root>/<subset>/{0_real|1_fake}/NNNN.<fmt>``: a UFD test set of one class only, like UFD's diffusion sets
+    (``guided/1_fake``, ...) and the real sets they are paired with (``imagenet/0_real``, ``laion/0_real``)."""
+    folder = next(name for name, value in UFD_LABELS.items() if value == label)
+    written: dict[str, int] = {}
+    _write_class(Path(root), f"{subset}/{folder}", label, n, size, seed=seed, fmt=fmt, out=written)
     return written
 
 
