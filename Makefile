@@ -32,10 +32,12 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py
 
 # The GPU check needs only PyTorch, open_clip and the project's own code. `make gpu-wheels` (here, with pip's index)
-# downloads the packages a bare GPU image lacks into .whl/ (about 3 MB); `make gpu-check` (there) installs them
-# beside that machine's PyTorch and runs bench/gpu_check.py: two processes, three epochs, failure + resume, reload.
+# downloads the packages a bare GPU image lacks into .whl/ (about 5 MB, CPython 3.12 on x86_64 Linux by default);
+# `make gpu-check` (there; `bash bench/gpu_check.sh` where make is missing) installs them beside that machine's
+# PyTorch and runs bench/gpu_check.py: two processes, three epochs, failure + resume, reload, scoring.
 GPU_PYTHON_VERSION ?= 3.12
-GPU_WHEELS := open_clip_torch ftfy wcwidth pydantic pydantic_core annotated-types typing-inspection
+# typing_extensions too: pydantic imports names newer than the ones an image's torch may have come with
+GPU_WHEELS := open_clip_torch ftfy wcwidth pydantic pydantic_core annotated-types typing-inspection typing_extensions
 
 gpu-wheels:
 	mkdir -p .whl

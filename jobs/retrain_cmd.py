@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from jobs.promote import render_decision
     from jobs.retrain import load_retrain_config, run_retrain
-    from jobs.train import ValidationNotHeldOutError
+    from jobs.train import RefusedToStart
 
     cfg = load_retrain_config(args.config)
     tracking_uri = cfg.train.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("no MLflow tracking URI: set train.tracking.uri in the config or MLFLOW_TRACKING_URI")
     try:
         outcome = run_retrain(cfg, tracking_uri)
-    except ValidationNotHeldOutError as err:
+    except RefusedToStart as err:
         raise SystemExit(f"mpft retrain: refused: {err}") from None
     print(render_decision(outcome.promotion, cfg.train.tracking.registered_model, dry_run=False))
     print(json.dumps({"parent_run_id": outcome.parent_run_id, "model_version": outcome.model_version,

@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 
 from jobs import plots, tracking
 from jobs.config import TrainJobConfig
-from mpft_core.backbone import input_size
-from pipelines import ingest, sources, training
+from mpft_core.backbone import input_size, read_weights_metadata, resolve_architecture
+from mpft_core.config import BackboneConfig
+from pipelines import ingest, sources, storage, training
 from pipelines.runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,25 @@ class MlflowRankZeroLogger:
         tracking.log_figure_to_run(self.tracking_uri, self.run_id, fig, "tam_masks.png")
 
 
-class ValidationNotHeldOutError(ValueError):
+def check_backbone_weights(backbone: BackboneConfig, storage_cfg) -> None:
+    """Refuse on the driver, before Ray starts, a weight file whose activation nobody states (or that contradicts
+    backbone.activation); each worker would otherwise fail the same way after ingest, and be retried. Reads only
+    the file's header; open_clip tags and random init need nothing here."""
+    source = backbone.pretrained
+    if source is None or not (storage.is_remote(source) or Path(source).exists()):
+        return
+    try:
+        metadata = read_weights_metadata(lambda n: storage.read_prefix(source, n, storage_cfg), origin=source)
+        resolve_architecture(backbone, weights_metadata=metadata)
+    except ValueError as err:
+        raise RefusedToStart(str(err)) from err
+
+
+class RefusedToStart(ValueError):
+    """A training job that cannot be right, found before Ray or MLflow start (the CLI prints it as one line)."""
+
+
+class ValidationNotHeldOutError(RefusedToStart):
     """Validation images that are also training images: checkpoint choice and threshold would be biased."""
 
 
@@ -59,6 +78,7 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
     train_manifest = labelled_manifest(cfg.train, cfg.storage)
     val_manifest = labelled_manifest(cfg.val, cfg.storage)
     check_validation_is_held_out(train_manifest, val_manifest)
+    check_backbone_weights(cfg.method.detector.backbone, cfg.storage)
     init_ray(cfg.ray_address)
     tracking.set_tracking(tracking_uri)
     size = input_size(cfg.method.detector.backbone)

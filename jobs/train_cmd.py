@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobs.train import ValidationNotHeldOutError, run_train
+    from jobs.train import RefusedToStart, run_train
 
     cfg = load_train_config(args.config)
     if args.name:
@@ -25,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("no MLflow tracking URI: set tracking.uri in the config or MLFLOW_TRACKING_URI")
     try:
         outcome = run_train(cfg, tracking_uri)
-    except ValidationNotHeldOutError as err:
+    except RefusedToStart as err:
         raise SystemExit(f"mpft train: refused: {err}") from None
     print(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri, "version": outcome.model_version,
                       "checkpoint": outcome.checkpoint_dir}, indent=2))

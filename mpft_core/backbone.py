@@ -22,6 +22,7 @@ a weight file must say which activation it was trained with (metadata written by
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -31,8 +32,8 @@ from typing import Callable, NamedTuple, Optional
 
 import open_clip
 import torch.nn as nn
+from open_clip.model import CLIPVisionCfg
 from open_clip.transformer import QuickGELU, VisionTransformer
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import BackboneConfig
@@ -41,8 +42,11 @@ from .transforms import Preprocess
 SHIPPED_CONFIG_DIR = Path(__file__).parent / "configs"
 S3_SCHEME = "s3://"
 ACTIVATIONS = ("gelu", "quick_gelu")
-# safetensors metadata key under which a weight file states the activation its weights were trained with
+# safetensors metadata keys under which a weight file states what its weights do not carry: the activation they
+# were trained with, and the input normalisation (a tag's mean/std is otherwise lost when its weights become a file)
 WEIGHTS_ACTIVATION_KEY = "mpft.activation"
+WEIGHTS_PREPROCESS_KEY = "mpft.preprocess"
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 UriResolver = Callable[[str], "str | os.PathLike[str]"]
 
@@ -83,8 +87,8 @@ def input_size(cfg: BackboneConfig) -> int:
 @dataclass(frozen=True)
 class Architecture:
     """What rebuilding a tower needs that its weights do not carry: the open_clip name, the MLP activation, and the
-    vision config and embedding width as they were when the tower was built (so a later open_clip release that
-    changes a built-in config cannot change a saved model)."""
+    embedding width and the complete vision config (every field, defaults included) as they were when the tower was
+    built, so a later open_clip release that changes a built-in config or a default cannot change a saved model."""
 
     name: str
     activation: str  # "gelu" or "quick_gelu"
@@ -128,12 +132,17 @@ def create_backbone(
             contradicts the weights' own or that nobody states for a weight file, or a tower without a patch grid
             (TAM needs a ViT).
     """
-    model, architecture = _create_clip(cfg, resolve_uri, architecture)
+    model, architecture, stated_preprocess = _create_clip(cfg, resolve_uri, architecture)
     visual = model.visual
-    _require_patch_grid(visual, cfg.name)
     # Dropping the CLIP wrapper here releases the text tower once `model` goes out of scope.
     del model
-    return Backbone(visual, _preprocess_of(visual), architecture)
+    preprocess = _preprocess_of(visual)
+    if stated_preprocess is not None:
+        if stated_preprocess.image_size != preprocess.image_size:
+            raise ValueError(f"the weight file {cfg.pretrained!r} states input size {stated_preprocess.image_size}, "
+                             f"but {cfg.name!r} takes {preprocess.image_size}")
+        preprocess = stated_preprocess
+    return Backbone(visual, preprocess, architecture)
 
 
 def export_clip_weights(cfg: BackboneConfig, path: "str | os.PathLike[str]", *,
@@ -141,19 +150,21 @@ def export_clip_weights(cfg: BackboneConfig, path: "str | os.PathLike[str]", *,
     """Write the weights ``cfg`` names (a tag from the local hub cache, or a file) as a ``.safetensors`` weight file
     that states its activation, e.g. the OpenAI ViT-L/14 weights for a cluster without network access."""
     register_shipped_configs()
-    model, architecture = _create_clip(cfg, resolve_uri, None)
-    save_clip_weights(model, path, architecture.activation)
+    model, architecture, stated_preprocess = _create_clip(cfg, resolve_uri, None)
+    save_clip_weights(model, path, architecture.activation, stated_preprocess or _preprocess_of(model.visual))
     return architecture
 
 
 def _create_clip(cfg: BackboneConfig, resolve_uri: Optional[UriResolver], architecture: Optional[Architecture]):
-    """The whole open_clip CLIP model (both towers) for ``cfg``, built with ``architecture`` (resolved if None)."""
+    """(the whole open_clip CLIP model for ``cfg``, built with ``architecture`` (resolved if None), the input
+    normalisation its weight file states or None)."""
     register_shipped_configs()
     if cfg.name.replace("/", "-") not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {cfg.name!r}; shipped tiny configs: {shipped_config_names()}")
     weights, tag_cfg = _resolve_weights(cfg, resolve_uri)
+    metadata = weights_metadata(weights) if weights is not None and not tag_cfg else None
     if architecture is None:
-        architecture = resolve_architecture(cfg, weights_file=weights if not tag_cfg else None, tag_cfg=tag_cfg)
+        architecture = resolve_architecture(cfg, weights_metadata=metadata, tag_cfg=tag_cfg)
     quick_gelu = architecture.activation == "quick_gelu"
     with _random_init_warning_silenced(weights is None):
         model = open_clip.create_model(
@@ -166,19 +177,21 @@ def _create_clip(cfg: BackboneConfig, resolve_uri: Optional[UriResolver], archit
             embed_dim=architecture.embed_dim,
             vision_cfg=copy.deepcopy(architecture.vision_cfg),
         )
+    _require_patch_grid(model.visual, cfg.name)
     built = tower_activation(model.visual)
     if built != architecture.activation:
         raise RuntimeError(f"asked open_clip for {architecture.activation} but {cfg.name!r} was built with {built}")
-    return model, architecture
+    return model, architecture, _stated_preprocess(metadata, cfg.pretrained)
 
 
-def resolve_architecture(cfg: BackboneConfig, *, weights_file: Optional[str] = None,
+def resolve_architecture(cfg: BackboneConfig, *, weights_metadata: Optional[dict] = None,
                          tag_cfg: Optional[dict] = None) -> Architecture:
     """The architecture to build for ``cfg``: open_clip's config for the name plus the activation the weights need.
 
-    The activation comes from the open_clip tag (``tag_cfg``), from the weight file's metadata (``weights_file``),
-    or, for random init, from the architecture config; ``cfg.activation`` may state it and must then agree. A weight
-    file that does not state it needs ``cfg.activation``.
+    The activation comes from the open_clip tag (``tag_cfg``), from a weight file's metadata (``weights_metadata``,
+    see ``weights_metadata()``), or else from ``cfg.activation`` or an architecture config that names it (e.g.
+    ``ViT-B-32-quickgelu``); ``cfg.activation`` must agree with a tag or file that states it. A weight file that
+    nothing states it for is refused; random init takes the architecture's default (GELU).
     """
     register_shipped_configs()
     model_cfg = open_clip.get_model_config(cfg.name.replace("/", "-"))
@@ -186,16 +199,18 @@ def resolve_architecture(cfg: BackboneConfig, *, weights_file: Optional[str] = N
         raise ValueError(f"unknown open_clip model {cfg.name!r}; shipped tiny configs: {shipped_config_names()}")
     if tag_cfg:
         stated, origin = _activation_name(tag_cfg.get("quick_gelu", False)), f"open_clip tag {cfg.pretrained!r}"
-    elif weights_file is not None:
-        stated, origin = weights_activation(weights_file), f"weight file {cfg.pretrained!r}"
+    elif weights_metadata is not None:
+        stated, origin = _stated_activation(weights_metadata, cfg.pretrained), f"weight file {cfg.pretrained!r}"
     else:
         stated, origin = None, None
-    activation = _agreed_activation(cfg, stated, origin, default=_activation_name(model_cfg.get("quick_gelu", False)))
+    named = _activation_name(model_cfg["quick_gelu"]) if "quick_gelu" in model_cfg else None
+    activation = _agreed_activation(cfg, stated, origin, named=named)
     return Architecture(name=cfg.name.replace("/", "-"), activation=activation, embed_dim=int(model_cfg["embed_dim"]),
-                        vision_cfg=model_cfg["vision_cfg"])
+                        vision_cfg=asdict(CLIPVisionCfg(**model_cfg["vision_cfg"])))
 
 
-def _agreed_activation(cfg: BackboneConfig, stated: Optional[str], origin: Optional[str], *, default: str) -> str:
+def _agreed_activation(cfg: BackboneConfig, stated: Optional[str], origin: Optional[str], *,
+                       named: Optional[str]) -> str:
     if stated is not None and cfg.activation is not None and stated != cfg.activation:
         raise ValueError(f"backbone.activation is {cfg.activation!r} but the {origin} was trained with {stated!r}; "
                          "remove backbone.activation or correct it")
@@ -203,13 +218,15 @@ def _agreed_activation(cfg: BackboneConfig, stated: Optional[str], origin: Optio
         return stated
     if cfg.activation is not None:
         return cfg.activation
+    if named is not None:
+        return named
     if cfg.pretrained is not None:  # a weight file that does not say how it was trained
         raise ValueError(
             f"the weight file {cfg.pretrained!r} does not say which activation its weights were trained with; set "
             "backbone.activation: quick_gelu (OpenAI CLIP weights) or gelu (most LAION/DataComp weights), or write "
-            "the file with mpft_core.backbone.save_clip_weights"
+            "the file with `mpft export-weights`"
         )
-    return default
+    return "gelu"  # random init of an architecture that names no activation: open_clip's default
 
 
 def _activation_name(quick_gelu) -> str:
@@ -225,25 +242,56 @@ def tower_activation(visual: nn.Module) -> str:
     return kinds.pop()
 
 
-def weights_activation(path: "str | os.PathLike[str]") -> Optional[str]:
-    """The activation a ``.safetensors`` weight file says it was trained with, or None when it does not say."""
-    with safe_open(str(path), framework="pt") as f:
-        stated = (f.metadata() or {}).get(WEIGHTS_ACTIVATION_KEY)
+def weights_metadata(path: "str | os.PathLike[str]") -> dict[str, str]:
+    """The ``__metadata__`` of a local ``.safetensors`` file (what ``save_clip_weights`` states lives there)."""
+    with open(path, "rb") as f:
+        return read_weights_metadata(lambda n: (f.seek(0), f.read(n))[1], origin=str(path))
+
+
+def read_weights_metadata(read_prefix: Callable[[int], bytes], *, origin: str) -> dict[str, str]:
+    """The ``__metadata__`` of a ``.safetensors`` file from its first bytes (``read_prefix(n)`` returns the first
+    ``n``): the header is a little-endian length and that much JSON, so a remote file need not be downloaded."""
+    head = read_prefix(8)
+    size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < size <= MAX_SAFETENSORS_HEADER:
+        raise ValueError(f"{origin!r} is not a safetensors file (no valid header)")
+    try:
+        header = json.loads(read_prefix(8 + size)[8:])
+    except ValueError as err:
+        raise ValueError(f"{origin!r} is not a safetensors file (header: {err})") from err
+    return dict(header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+
+
+def _stated_activation(metadata: dict, origin) -> Optional[str]:
+    stated = metadata.get(WEIGHTS_ACTIVATION_KEY)
     if stated is not None and stated not in ACTIVATIONS:
-        raise ValueError(f"{str(path)!r} states activation {stated!r}; expected one of {ACTIVATIONS}")
+        raise ValueError(f"weight file {origin!r} states activation {stated!r}; expected one of {ACTIVATIONS}")
     return stated
 
 
-def save_clip_weights(model: nn.Module, path: "str | os.PathLike[str]", activation: str) -> None:
+def _stated_preprocess(metadata: Optional[dict], origin) -> Optional[Preprocess]:
+    if not metadata or WEIGHTS_PREPROCESS_KEY not in metadata:
+        return None
+    try:
+        return Preprocess.from_dict(json.loads(metadata[WEIGHTS_PREPROCESS_KEY]))
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"weight file {origin!r} states an unreadable preprocess: {err}") from err
+
+
+def save_clip_weights(model: nn.Module, path: "str | os.PathLike[str]", activation: str,
+                      preprocess: Optional[Preprocess] = None) -> None:
     """Write an open_clip CLIP model's full state dict as a ``.safetensors`` weight file that states ``activation``
-    (loadable as ``BackboneConfig.pretrained``; e.g. OpenAI weights exported for an offline cluster)."""
+    and the input normalisation (``preprocess``, default the model's own), loadable as ``BackboneConfig.pretrained``
+    (e.g. OpenAI weights exported for an offline cluster)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     built = tower_activation(model.visual)
     if built != activation:
         raise ValueError(f"the model's tower uses {built}, not {activation}")
+    preprocess = preprocess or _preprocess_of(model.visual)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={WEIGHTS_ACTIVATION_KEY: activation})
+    save_file(tensors, str(path), metadata={WEIGHTS_ACTIVATION_KEY: activation,
+                                            WEIGHTS_PREPROCESS_KEY: json.dumps(preprocess.to_dict())})
 
 
 @contextmanager

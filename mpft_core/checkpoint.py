@@ -5,8 +5,9 @@ Loading rebuilds the recorded architecture (activation and vision config include
 random init (no download), then loads the tensors strictly, so a checkpoint restores on a machine without network
 access or the original weights, as the same function that was trained.
 
-Format versions: 2 records the ``architecture``. Version 1 did not; its towers were built with the activation of the
-recorded open_clip tag (QuickGELU for OpenAI weights) or GELU for weight files and random init, and are rebuilt so.
+Format versions: 2 records the ``architecture``. Version 1 did not; its towers were built with QuickGELU when the
+recorded open_clip tag or the architecture config named it (OpenAI weights, ``*-quickgelu`` models) and with GELU
+otherwise (weight files, random init), and are rebuilt so.
 """
 
 from __future__ import annotations
@@ -79,19 +80,25 @@ def read_checkpoint_meta(path: PathLike) -> dict:
     return meta
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> MPFTDetector:
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu",
+                    config: DetectorConfig | None = None) -> MPFTDetector:
     """Rebuild a detector from a checkpoint directory or its ``model.safetensors``; returned in eval mode.
 
+    ``config`` replaces the recorded detector config (masking, dropout, trainable part: a resumed run follows its
+    own config); the tower is always the recorded architecture, and ``config`` must name the same one.
+
     Raises:
-        ValueError: for anything that is not safetensors + JSON (e.g. a pickled ``.pt``), or a malformed checkpoint.
+        ValueError: for anything that is not safetensors + JSON (e.g. a pickled ``.pt``), a malformed checkpoint, or
+            a ``config`` for another architecture.
     """
     directory, weights_path = _checkpoint_files(Path(path))
     meta = read_checkpoint_meta(directory)
-    config = DetectorConfig.from_dict(meta["detector"])
+    architecture = recorded_architecture(meta)
+    config = _config_for(architecture, config or DetectorConfig.from_dict(meta["detector"]))
 
     architecture_only = config.model_copy(deep=True)
     architecture_only.backbone.pretrained = None
-    detector = build_detector(architecture_only, architecture=recorded_architecture(meta))
+    detector = build_detector(architecture_only, architecture=architecture)
     detector.load_state_dict(_read_tensors(weights_path), strict=True)
 
     detector.config = config
@@ -99,6 +106,16 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     detector.preprocess = Preprocess.from_dict(meta["preprocess"])
     detector.threshold = float(meta["threshold"])
     return detector.to(map_location).eval()
+
+
+def _config_for(architecture: Architecture, config: DetectorConfig) -> DetectorConfig:
+    """``config`` with the recorded activation filled in; ValueError if it names another model or activation."""
+    backbone = config.backbone
+    if backbone.name.replace("/", "-") != architecture.name:
+        raise ValueError(f"the checkpoint holds a {architecture.name!r} tower, not {backbone.name!r}")
+    if backbone.activation not in (None, architecture.activation):
+        raise ValueError(f"the checkpoint's tower uses {architecture.activation}, not {backbone.activation}")
+    return config.model_copy(update={"backbone": backbone.model_copy(update={"activation": architecture.activation})})
 
 
 def recorded_architecture(meta: dict) -> Architecture:
@@ -110,9 +127,10 @@ def recorded_architecture(meta: dict) -> Architecture:
             raise ValueError(f"inconsistent {META_FILE}: the detector names {backbone.name!r} but the recorded "
                              f"architecture is {architecture.name!r}")
         return architecture
-    tag_cfg = open_clip.get_pretrained_cfg(backbone.name.replace("/", "-"), backbone.pretrained or "")
-    legacy = backbone.model_copy(update={"pretrained": None,
-                                         "activation": "quick_gelu" if tag_cfg.get("quick_gelu") else "gelu"})
+    name = backbone.name.replace("/", "-")
+    tag_cfg = open_clip.get_pretrained_cfg(name, backbone.pretrained or "")
+    quick_gelu = tag_cfg.get("quick_gelu") or (open_clip.get_model_config(name) or {}).get("quick_gelu")
+    legacy = backbone.model_copy(update={"pretrained": None, "activation": "quick_gelu" if quick_gelu else "gelu"})
     return resolve_architecture(legacy)
 
 

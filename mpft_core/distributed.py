@@ -57,8 +57,10 @@ def setup_training(method: MethodConfig, device: torch.device, *, total_steps: i
     device = concrete_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and default CUDA allocations follow the current device
-    # A resume rebuilds the recorded architecture and loads its weights: no pretrained download needed.
-    detector = load_checkpoint(resume_from) if resume_from else build_detector(method.detector, resolve_uri=resolve_uri)
+    # A resume rebuilds the recorded architecture and loads its weights (no pretrained download), under this run's
+    # detector config (masking, trainable part), which the optimizer below is built from as well.
+    detector = (load_checkpoint(resume_from, config=method.detector) if resume_from
+                else build_detector(method.detector, resolve_uri=resolve_uri))
     detector.to(device)
     optimizer = make_optimizer(detector, method.optim)
     scheduler = make_scheduler(optimizer, method.optim, total_steps=total_steps)

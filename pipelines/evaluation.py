@@ -309,25 +309,27 @@ def frozen_backbone_bundle(bundle: dict, storage_cfg: Optional[StorageConfig] = 
     Falls back to random init when the checkpoint records no pretrained source or it cannot be loaded offline;
     the description says which, so the plot title never claims a pretrained backbone that was not used.
     """
-    from mpft_core.checkpoint import save_checkpoint
+    from mpft_core.checkpoint import recorded_architecture, save_checkpoint
     from mpft_core.config import DetectorConfig
     from mpft_core.detector import build_detector
 
     config = DetectorConfig.from_dict(bundle["meta"]["detector"])
+    architecture = recorded_architecture(bundle["meta"])  # the tower that was fine-tuned, activation included
     source = config.backbone.pretrained
     name = config.backbone.name
     detector, description = None, f"frozen {name}, random init (the checkpoint records no pretrained weights)"
     if source:
         try:
-            detector = build_detector(config, resolve_uri=lambda uri: str(storage.fetch_to_local(uri, storage_cfg)))
+            detector = build_detector(config, resolve_uri=lambda uri: str(storage.fetch_to_local(uri, storage_cfg)),
+                                      architecture=architecture)
             description = f"frozen {name} ({source})"
         except Exception as err:  # noqa: BLE001 - offline hub, missing file: fall back, and say so
             log.warning("pretrained backbone %r unavailable (%s): using random init for the frozen plot", source, err)
             description = f"frozen {name}, random init ({source!r} not available here)"
     if detector is None:
-        architecture = config.model_copy(deep=True)
-        architecture.backbone.pretrained = None
-        detector = build_detector(architecture)
+        random_init = config.model_copy(deep=True)
+        random_init.backbone.pretrained = None
+        detector = build_detector(random_init, architecture=architecture)
     tmp = Path(tempfile.mkdtemp(prefix="mpft-frozen-"))
     try:
         save_checkpoint(detector, tmp)

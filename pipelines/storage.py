@@ -265,6 +265,13 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | dict | None = None) 
         stream.write(data)
 
 
+def read_prefix(uri: str, n_bytes: int, cfg: StorageConfig | dict | None = None) -> bytes:
+    """The first ``n_bytes`` of a file (fewer if it is shorter): a header without downloading the whole object."""
+    fs, path = resolve(uri, cfg)
+    with fs.open_input_file(path) as handle:
+        return handle.read(n_bytes)
+
+
 def exists(uri: str, cfg: StorageConfig | dict | None = None) -> bool:
     fs, path = resolve(uri, cfg)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

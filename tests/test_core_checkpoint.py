@@ -20,7 +20,7 @@ from mpft_core.transforms import Preprocess
 
 def tiny_detector(**overrides):
     cfg = DetectorConfig(
-        backbone=BackboneConfig(name="mpft-tiny-32", pretrained="openai-like-tag-recorded-only"),
+        backbone=BackboneConfig(name="mpft-tiny-32", pretrained="openai-like-tag-recorded-only", activation="gelu"),
         mask=MaskConfig(strategy="tam", ratio=0.5, mode="drop"),
         **overrides,
     )
@@ -301,3 +301,79 @@ def test_export_weights_writes_a_file_that_states_its_activation(tmp_path):
     assert tower_activation(visual) == "quick_gelu"
     assert_same_weights(visual, {k.removeprefix("visual."): v for k, v in model.state_dict().items()
                                  if k.startswith("visual.")})
+
+
+def format_1_meta(name: str, pretrained) -> dict:
+    return {"format": "mpft-detector", "format_version": 1, "threshold": 0.5, "extra": {},
+            "preprocess": {"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3},
+            "detector": {"backbone": {"name": name, "pretrained": pretrained}}}
+
+
+@pytest.mark.parametrize("name, pretrained, activation", [
+    ("ViT-L-14", "openai", "quick_gelu"),             # the tag was trained with QuickGELU
+    ("ViT-B-32-quickgelu", None, "quick_gelu"),       # the architecture config names it
+    ("ViT-B-32-quickgelu", "/weights/file.safetensors", "quick_gelu"),
+    ("ViT-L-14", "/weights/file.safetensors", "gelu"),  # what format-1 training built from a file
+])
+def test_format_1_checkpoints_rebuild_the_activation_their_training_built(name, pretrained, activation):
+    from mpft_core.checkpoint import recorded_architecture
+
+    assert recorded_architecture(format_1_meta(name, pretrained)).activation == activation
+
+
+def test_the_recorded_vision_config_holds_every_field_not_only_the_json(tmp_path):
+    from open_clip.model import CLIPVisionCfg
+
+    meta = json.loads((save_checkpoint(tiny_detector(), tmp_path / "ckpt") / "mpft.json").read_text())
+    assert set(meta["architecture"]["vision_cfg"]) == set(CLIPVisionCfg.__dataclass_fields__)
+    assert meta["architecture"]["vision_cfg"]["pool_type"] == "tok"
+
+
+def test_an_exported_tag_keeps_the_tag_s_input_normalisation(monkeypatch, tmp_path):
+    from mpft_core.backbone import export_clip_weights
+
+    tag = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "hf_hub": "none/none"}  # a LAION-like tag, GELU
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda name, t: tag if t == "fake-tag" else {})
+    monkeypatch.setattr("open_clip.factory.get_pretrained_cfg", lambda name, t: tag)
+    monkeypatch.setattr("open_clip.factory.download_pretrained", lambda cfg, cache_dir=None: None)
+    out = tmp_path / "exported.safetensors"
+    export_clip_weights(BackboneConfig(name="mpft-tiny-32", pretrained="fake-tag"), out)
+    monkeypatch.undo()
+
+    backbone = create_backbone(BackboneConfig(name="mpft-tiny-32", pretrained=str(out)))
+    assert backbone.preprocess == Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert backbone.architecture.activation == "gelu"
+
+
+def test_a_resume_follows_the_run_s_config_on_the_recorded_tower(tmp_path):
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
+    run_config = DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None),
+                                mask=MaskConfig(strategy="random", ratio=0.25), trainable="probe")
+
+    resumed = load_checkpoint(directory, config=run_config)
+    assert resumed.config.mask == run_config.mask and resumed.config.trainable == "probe"
+    assert resumed.config.backbone.activation == "gelu"
+    assert {n for n, p in resumed.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    with pytest.raises(ValueError, match="holds a 'mpft-tiny-32' tower"):
+        load_checkpoint(directory, config=DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-224")))
+
+
+def test_optimizer_state_is_only_restored_onto_a_model_already_on_its_device(tmp_path):
+    from mpft_core.config import MethodConfig
+    from mpft_core.distributed import restore_training_state, save_training_checkpoint, setup_training
+
+    method = MethodConfig(detector=DetectorConfig(backbone=BackboneConfig(name="mpft-tiny-32", pretrained=None)))
+    setup = setup_training(method, torch.device("cpu"), total_steps=4)
+    train_step(setup.model, torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), [0, 1, 0, 1],
+               setup.optimizer, scheduler=setup.scheduler)
+    setup.global_step = 1
+    directory = save_training_checkpoint(setup, tmp_path / "ckpt", epoch=0)
+
+    resumed = setup_training(method, torch.device("cpu"), total_steps=4, resume_from=directory)
+    assert (resumed.start_epoch, resumed.global_step, resumed.resumed) == (1, 1, True)
+    saved = setup.optimizer.state_dict()["state"]
+    assert all(torch.equal(resumed.optimizer.state_dict()["state"][i][k], v)
+               for i, state in saved.items() for k, v in state.items())
+    resumed.device = torch.device("meta")  # as if the detector had not been moved to its device yet
+    with pytest.raises(RuntimeError, match="before restoring"):
+        restore_training_state(resumed, directory)

@@ -145,3 +145,32 @@ def test_train_refuses_to_start_when_validation_images_are_also_training_images(
     with pytest.raises(SystemExit, match=r"validation images are also in the training manifest.*sdv14/train/"):
         cli.main(["train", "--config", str(path)])
     assert not ray.is_initialized() and not (tmp_path / "mlruns").exists()  # refused before anything started
+
+
+def test_train_refuses_a_weight_file_that_does_not_state_its_activation_before_anything_starts(tmp_path, s3_server):
+    import open_clip
+    import ray
+    from safetensors.torch import save_file
+
+    from mpft_core.backbone import register_shipped_configs
+
+    register_shipped_configs()
+    model = open_clip.create_model("mpft-tiny-32", force_quick_gelu=True)
+    unstated = tmp_path / "converted-elsewhere.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(unstated))
+    bucket = "weights-unstated"
+    s3_server.create_bucket(bucket)
+    s3_server.upload_dir(tmp_path, f"s3://{bucket}/w")  # read through the header only, as on a cluster
+    write_genimage_tree(tmp_path / "data", subsets=("sdv14",), n_per_class=4, size=8, splits=("train", "val"))
+    data = str(tmp_path / "data")
+    config = {"name": "unstated", "train": {"uri": data, "split": "train"}, "val": {"uri": data, "split": "val"},
+              "method": {"detector": {"backbone": {"name": "mpft-tiny-32",
+                                                   "pretrained": f"s3://{bucket}/w/converted-elsewhere.safetensors"}}},
+              "storage": s3_server.storage_config().to_dict(reveal_secrets=True),
+              "tracking": {"uri": (tmp_path / "mlruns").as_uri()}}
+    path = tmp_path / "unstated.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    with pytest.raises(SystemExit, match="does not say which activation"):
+        cli.main(["train", "--config", str(path)])
+    assert not ray.is_initialized() and not (tmp_path / "mlruns").exists()
