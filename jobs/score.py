@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipelines import storage
 from pipelines.scoring import (DetectorScorer, ModelInfo, ScoreJob, ScoreSummary, bundle_image_size, decode_settings,
-                               make_model_bundle, read_output_record, run_scoring)
+                               list_part_files, make_model_bundle, read_output_record, run_scoring)
 from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,18 @@ def resolve_model_info(ref: str, storage_cfg: Optional[StorageConfig] = None) ->
 
 
 def resolve_model_for_output(ref: str, output_uri: str, storage_cfg: Optional[StorageConfig] = None) -> ModelInfo:
-    """The model to score ``output_uri`` with: ``ref`` resolved, except that a rerun with the reference the output
-    was started with continues with the version recorded then, wherever an alias points now.
+    """The model to score ``output_uri`` with: ``ref`` resolved, except that a rerun with the alias reference
+    (``models:/name@alias``) the output was started with continues with the version recorded then, wherever the
+    alias points now, once the output holds parts (before, another model may take the output over anyway).
 
-    Any other reference is resolved as usual; ``run_scoring`` accepts it only if it gives the recorded checkpoint.
+    Anything else is resolved as given (a relative checkpoint path from where this runs, not where the first run
+    did); ``run_scoring`` accepts it only if it gives the recorded checkpoint files.
     """
+    from jobs import tracking
+
     record = read_output_record(output_uri, storage_cfg)
-    if record is None or record.model_ref != ref:
+    if (record is None or record.model_ref != ref or not tracking.is_alias_reference(ref)
+            or not list_part_files(output_uri, storage_cfg)):
         return resolve_model_info(ref, storage_cfg)
     _warn_if_alias_moved(ref, record.model_uri, output_uri)
     return resolve_model_info(record.model_uri, storage_cfg)
@@ -137,11 +142,11 @@ def run_score_job(job: ScoreJob, model: ModelInfo, *, tracking_uri: Optional[str
              summary.n_written, summary.n_errors, summary.n_skipped_already_scored, summary.seconds,
              summary.images_per_s, summary.output_uri)
     if tracking_uri:
-        log_summary(job, model, summary)
+        log_summary(job, summary)
     return summary
 
 
-def log_summary(job: ScoreJob, model: ModelInfo, summary: ScoreSummary) -> str:
+def log_summary(job: ScoreJob, summary: ScoreSummary) -> str:
     """One MLflow run per scoring job in experiment ``mpft-scoring``; returns its run id."""
     from jobs import tracking
 
@@ -150,9 +155,8 @@ def log_summary(job: ScoreJob, model: ModelInfo, summary: ScoreSummary) -> str:
     with tracking.start_run(SCORING_EXPERIMENT, f"score-{job.run_id}") as run:
         tracking.log_params({
             # The rows' identity: on a resumed output, the model version the output was started with.
-            "model_ref": job.model_ref, "model_uri": summary.model_uri or model.uri, "model_name": model.name or "",
-            "model_version": summary.model_version or model.version or "", "input": job.input_uri,
-            "output": job.output_uri,
+            "model_ref": job.model_ref, "model_uri": summary.model.uri, "model_name": summary.model.name or "",
+            "model_version": summary.model.version or "", "input": job.input_uri, "output": job.output_uri,
             "layout": job.layout, "batch_size": job.batch_size, "num_actors": num_actors,
             "actor_cpus": job.actor_cpus, "torch_threads": job.torch_threads, "use_gpu": job.use_gpu,
             "scoring_run_id": job.run_id,

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from jobs.score import format_table, local_inputs, resolve_model_info, score_in_process
-    from pipelines.scoring import OutputModelMismatch
+    from pipelines.scoring import OutputRefused
 
     storage_cfg = storage_from_args(args)
     if args.output is None:
@@ -66,8 +66,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         summary = score_to_output(args, storage_cfg)
-    except OutputModelMismatch as err:
-        raise SystemExit(str(err)) from None  # one line: which model the output holds, and what to do instead
+    except OutputRefused as err:
+        raise SystemExit(str(err)) from None  # one line: e.g. which model the output holds, and what to do instead
     print(json.dumps(summary.to_dict(), indent=2))
     return 0
 

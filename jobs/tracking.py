@@ -472,6 +472,11 @@ def resolve_model(ref: str, storage_cfg=None, *, dst_dir: Optional[str] = None) 
     return ResolvedModel(str(_find_checkpoint(local, ref)), ref)
 
 
+def is_alias_reference(ref: str) -> bool:
+    """Whether ``ref`` is ``models:/name@alias`` (a name for whichever version the alias points to now)."""
+    return _MODELS_ALIAS.match(ref) is not None
+
+
 def alias_target(ref: str) -> Optional[str]:
     """``models:/name/<version>`` that the alias reference ``ref`` names now; None when ``ref`` is no alias
     reference, or the alias is not set."""

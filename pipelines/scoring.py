@@ -19,10 +19,13 @@ Exactly-once, and what it rests on
   ``max_restarts=-1``, ``max_task_retries=-1``); a batch's rows only reach the writer once.
 - An output belongs to one model version. Before its first part, a run writes ``_mpft_output.json`` next to the
   parts: the reference as given, the immutable URI it resolved to (``models:/name/<version>``, else the run URI or
-  checkpoint path), and the sha256 of the checkpoint files. A rerun whose checkpoint files differ is refused before
-  anything is changed, so an alias that moved, or a checkpoint folder retrained in place, never mixes two models'
-  verdicts in one output (``mpft score`` continues a rerun with the same reference on the recorded version). Rows
-  carry the recorded identity. Outputs from before the record are checked on their parts' model URI and version.
+  checkpoint path), and the sha256 of the checkpoint files. Once the output holds scores, a rerun whose checkpoint
+  files differ is refused before anything is changed, so an alias that moved, or a checkpoint folder retrained in
+  place, never mixes two models' verdicts in one output (``mpft score`` continues a rerun with the same alias
+  reference on the recorded version). Rows carry the recorded identity. Until the first part, another model takes
+  the output over (the record is rewritten): a model that failed to load, or a mistaken ``--model``, binds nothing.
+  A run with nothing left to score writes nothing. Outputs from before the record are checked on their parts'
+  model URI and version.
 - Assumes one job at a time per output folder (a second concurrent job would see the first one's files in progress
   as torn). ``read_scores`` de-duplicates by path anyway, keeping the latest ``scored_at``, as a last line of defence.
 - Ray Data's own checkpointing (``ray.data.checkpoint``) was not used: it keeps a second store of IDs next to the
@@ -120,19 +123,12 @@ def make_model_bundle(model: ModelInfo) -> dict:
     }
 
 
-def checkpoint_sha256(checkpoint_dir: str) -> dict[str, str]:
-    """sha256 of each checkpoint file by name: the weights, and mpft.json (its threshold sets the verdicts)."""
-    from mpft_core.checkpoint import META_FILE, WEIGHTS_FILE
-
-    return {name: _file_sha256(Path(checkpoint_dir) / name) for name in (WEIGHTS_FILE, META_FILE)}
-
-
-def _file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def checkpoint_sha256(checkpoint_dir: str, bundle: dict) -> dict[str, str]:
+    """sha256 of each checkpoint file by name: the weights (the bundle's bytes, which the actors load) and mpft.json
+    (its threshold sets the verdicts)."""
+    meta = (Path(checkpoint_dir) / bundle["meta_file"]).read_bytes()
+    return {bundle["weights_file"]: hashlib.sha256(bundle["weights"]).hexdigest(),
+            bundle["meta_file"]: hashlib.sha256(meta).hexdigest()}
 
 
 def bundle_image_size(bundle: dict) -> int:
@@ -379,14 +375,18 @@ class PartNames(FilenameProvider):
 # ------------------------------------------------------------------------------ which model an output belongs to
 
 
-class OutputModelMismatch(ValueError):
-    """Scoring would put a second model's rows into an output; the message is one line, meant for the user."""
+class OutputRefused(ValueError):
+    """Scoring cannot go on with this output; the message is one line, meant for the user."""
+
+
+class OutputModelMismatch(OutputRefused):
+    """Scoring would put a second model's rows into an output."""
 
 
 @dataclass(frozen=True)
 class OutputRecord:
     """The model an output's rows come from: ``_mpft_output.json`` directly under the output, written before any
-    part by the run that starts the output, and never rewritten."""
+    part by the run that starts the output, and rewritten only while the output holds no scores."""
 
     model_ref: str                      # as the user gave it, e.g. models:/name@champion
     model_uri: str                      # what it resolved to, for good: models:/name/3, runs:/..., checkpoint path
@@ -413,34 +413,40 @@ def read_output_record(output_uri: str, cfg: Optional[StorageConfig] = None) -> 
 
 
 def write_output_record(output_uri: str, record: OutputRecord, cfg: Optional[StorageConfig] = None) -> None:
-    """Write the record whole or not at all: a temporary file moved into place (a rename on a local disk)."""
-    final = storage.join(output_uri, OUTPUT_RECORD)
-    temporary = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
-    storage.write_bytes(temporary, record.to_json().encode("utf-8"), cfg)
-    fs, final_path = storage.resolve(final, cfg)
-    fs.move(storage.resolve(temporary, cfg)[1], final_path)
+    """Write the record whole or not at all; raises ``OutputRefused`` when the output cannot take it."""
+    uri = storage.join(output_uri, OUTPUT_RECORD)
+    try:
+        storage.write_atomic(uri, record.to_json().encode("utf-8"), cfg)
+    except OSError as err:
+        reason = " ".join(str(err).split())  # S3 errors can span lines; the refusal is one
+        raise OutputRefused(f"cannot write {uri} ({reason}): --output must be writable") from err
 
 
-def claim_output(job: ScoreJob, model: ModelInfo, part_models: set[tuple]) -> ModelInfo:
+def claim_output(job: ScoreJob, model: ModelInfo, fingerprint: dict[str, str], part_models: set[tuple], *,
+                 scored_any: bool, write: bool) -> ModelInfo:
     """``model`` as this run's rows must name it; raises ``OutputModelMismatch`` for a model the output is not of.
 
-    The first run records its model; a later run must bring the same checkpoint files, whatever reference it came
-    through, and its rows then carry the recorded identity. The parts' own model columns are checked as well: an
-    output from before the record has nothing else to go by.
+    The first run records its model (``write``: only a run that will add rows writes); once the output holds scores
+    (``scored_any``), a later run must bring the same checkpoint files (``fingerprint``), whatever reference it came
+    through, and its rows then carry the recorded identity. Until then, another model takes the output over. The
+    parts' own model columns are checked as well: an output from before the record has nothing else to go by.
     """
-    fingerprint = checkpoint_sha256(model.checkpoint_dir)
     record = read_output_record(job.output_uri, job.storage)
     if record is not None and record.checkpoint_sha256 != fingerprint:
-        raise OutputModelMismatch(_changed_model_message(job, record, fingerprint))
+        if scored_any:
+            raise OutputModelMismatch(_changed_model_message(job, record, fingerprint))
+        log.warning("%s was started with %s but holds no scores yet: it is now an output of %s", job.output_uri,
+                    record.model_ref, job.model_ref)
+        record = None
     if record is not None:
         model = replace(model, uri=record.model_uri, name=record.model_name, version=record.model_version)
     started_with = job.model_ref if record is None else record.model_ref
     foreign = {part for part in part_models if not _part_of(part, model, started_with)}
     if foreign:
         raise OutputModelMismatch(f"{job.output_uri} already holds scores from "
-                                  f"{', '.join(sorted(_part_label(p) for p in foreign))}, not {model.uri}: use a "
-                                  "fresh --output for another model")
-    if record is None:
+                                  f"{', '.join(sorted(_part_label(p) for p in foreign))}, not {model.uri}: "
+                                  f"{_how_to_continue(part_models)}use a fresh --output")
+    if record is None and write:
         write_output_record(job.output_uri, _new_record(job, model, fingerprint), job.storage)
     return model
 
@@ -457,6 +463,15 @@ def _part_of(part: tuple, model: ModelInfo, started_with: str) -> bool:
 def _part_label(part: tuple) -> str:
     uri, name, version = part
     return uri if version is None else f"{uri} ({name} version {version})"
+
+
+def _how_to_continue(part_models: set[tuple]) -> str:
+    """The ``--model`` that continues an output whose parts all name one model (a registry version pinned, as the
+    alias the rows name may have moved since), or nothing when they name several."""
+    if len(part_models) != 1:
+        return ""
+    ((uri, name, version),) = part_models
+    return f"rerun with --model {f'models:/{name}/{version}' if name and version else uri} to continue it, or "
 
 
 def _new_record(job: ScoreJob, model: ModelInfo, fingerprint: dict[str, str]) -> OutputRecord:
@@ -559,8 +574,7 @@ class ScoreSummary:
     n_errors: int
     n_torn_parts_removed: int
     seconds: float
-    model_uri: Optional[str] = None       # as the rows name it (an output's rows all name the model it started with)
-    model_version: Optional[str] = None
+    model: ModelInfo   # as the rows name it: on a resumed output, the model it was started with
 
     @property
     def n_written(self) -> int:
@@ -571,7 +585,7 @@ class ScoreSummary:
         return self.n_written / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "images_per_s": self.images_per_s}
+        return {**asdict(self), "images_per_s": self.images_per_s}
 
 
 def input_manifest(input_uri: str, layout: str, cfg: Optional[StorageConfig]) -> pa.Table:
@@ -638,26 +652,29 @@ def limit_object_store(ds, mib: int) -> None:
     options.resource_limits = options.resource_limits.copy(object_store_memory=mib * 1024 * 1024)
 
 
-def run_scoring(job: ScoreJob, model: ModelInfo, *, scorer_cls=None, bundle: Optional[dict] = None) -> ScoreSummary:
+def run_scoring(job: ScoreJob, model: ModelInfo, *, scorer_cls=None) -> ScoreSummary:
     """Score every input of ``job`` not yet in its output; returns counts for this run (Ray must be initialised).
 
-    Raises ``OutputModelMismatch`` when the output belongs to another model (``claim_output``). ``scorer_cls``
-    swaps the actor class (tests use a subclass that slows down or reports its handle).
+    Raises, before the output changes: ``OutputModelMismatch`` when the output belongs to another model
+    (``claim_output``), ``OutputRefused`` when it cannot take its record, ValueError for a malformed checkpoint.
+    ``scorer_cls`` swaps the actor class (tests use a subclass that slows down or reports its handle).
     """
     started = time.perf_counter()
     manifest = input_manifest(job.input_uri, job.layout, job.storage)
     done, torn, part_models = _scan_parts(job.output_uri, job.storage)
+    todo = remaining_inputs(manifest, done)
+    # Read (and mpft.json checked) before the output is claimed: a checkpoint that cannot score claims nothing.
+    bundle = make_model_bundle(model)
     # Resuming with another model would skip files the first one scored and mix two models' verdicts: refused
     # before anything under the output changes.
-    model = claim_output(job, model, part_models)
+    model = claim_output(job, model, checkpoint_sha256(model.checkpoint_dir, bundle), part_models,
+                         scored_any=bool(done), write=todo.num_rows > 0)
     delete_parts(job.output_uri, job.storage, torn)
-    todo = remaining_inputs(manifest, done)
     skipped = manifest.num_rows - todo.num_rows
     log.info("scoring %d of %d inputs (%d already in %s, %d torn parts removed)", todo.num_rows,
              manifest.num_rows, skipped, job.output_uri, len(torn))
     if todo.num_rows:
-        bundle = {**(bundle or make_model_bundle(model)), "uri": model.uri, "name": model.name,
-                  "version": model.version}
+        bundle = {**bundle, "uri": model.uri, "name": model.name, "version": model.version}
         ds = scored_dataset(todo, ray.put(bundle), bundle_image_size(bundle), job, scorer_cls)
         fs, root = _output_location(job.output_uri, job.storage)
         ds.select_columns(list(OUTPUT_COLUMNS) + list(job.carry_columns)).write_parquet(
@@ -671,5 +688,4 @@ def run_scoring(job: ScoreJob, model: ModelInfo, *, scorer_cls=None, bundle: Opt
     n_rows = 0 if written is None else written.num_rows
     return ScoreSummary(run_id=job.run_id, output_uri=job.output_uri, n_inputs=manifest.num_rows,
                         n_skipped_already_scored=skipped, n_scored=n_rows - n_errors, n_errors=n_errors,
-                        n_torn_parts_removed=len(torn), seconds=time.perf_counter() - started,
-                        model_uri=model.uri, model_version=model.version)
+                        n_torn_parts_removed=len(torn), seconds=time.perf_counter() - started, model=model)

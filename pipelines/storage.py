@@ -20,6 +20,7 @@ import logging
 import os
 import posixpath
 import tempfile
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -263,6 +264,34 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | dict | None = None) 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     with fs.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def write_atomic(uri: str, data: bytes, cfg: StorageConfig | dict | None = None) -> None:
+    """Write ``uri`` so that a reader sees the old content or the new, never part of it.
+
+    On S3 one upload: an object appears only once its upload completed (PyArrow sends small data as one PUT). A
+    temporary object moved into place would be a copy plus a delete there: not atomic, and refused by buckets that
+    grant no delete. Locally a temporary file in the same folder is renamed over the target.
+    """
+    fs, path = resolve(uri, cfg)
+    if fs.type_name != "local":
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Hidden, so folder listings skip it if a crash leaves it behind; not mkstemp, whose 0600 would keep the file
+    # from the other users of a shared folder.
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename makes it the file, so a power cut cannot empty it
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_prefix(uri: str, n_bytes: int, cfg: StorageConfig | dict | None = None) -> bytes:

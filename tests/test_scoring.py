@@ -462,31 +462,53 @@ def test_scoring_from_s3_to_s3_with_a_registered_model_logs_a_summary(ray_local,
     assert logged.data.metrics["n_inputs"] == len(expected_s3)
     assert logged.data.metrics["n_errors"] == len(failed)
     assert logged.data.params["output"] == "s3://score-out/run1"
+    assert (logged.data.params["model_uri"], logged.data.params["model_name"]) == (f"models:/tiny-scorer/{version}",
+                                                                                   "tiny-scorer")
 
 
 # ------------------------------------------------------------------------------- one model version per output
 
 
-def _legacy_part(folder: Path, paths: list[str], model_uri: str, name: str, version: str) -> None:
-    """A part as written before outputs had a record: the reference as typed, and the version it pointed to."""
+def _legacy_part(folder: Path, paths: list[str], model_uri: str, name: str | None, version: str | None) -> None:
+    """A part naming its model, as written before outputs had a record: the reference as typed, and the version it
+    pointed to (null for a checkpoint path)."""
     n = len(paths)
-    pq.write_table(pa.table({"path": paths, "model_uri": [model_uri] * n, "model_name": [name] * n,
-                             "model_version": [version] * n}), folder / "part-legacy-000000-0.parquet")
+    pq.write_table(pa.table({"path": paths, "model_uri": pa.array([model_uri] * n, pa.string()),
+                             "model_name": pa.array([name] * n, pa.string()),
+                             "model_version": pa.array([version] * n, pa.string())}),
+                   folder / "part-legacy-000000-0.parquet")
+
+
+def _sha256_of(checkpoint_dir: Path) -> dict[str, str]:
+    import hashlib
+
+    return {name: hashlib.sha256((Path(checkpoint_dir) / name).read_bytes()).hexdigest()
+            for name in ("model.safetensors", "mpft.json")}
+
+
+def _record(folder: Path, model_ref: str, model_uri: str, name: str | None, version: str | None,
+            sha256: dict[str, str]) -> None:
+    """The record a first run on ``folder`` would have written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = scoring.OutputRecord(model_ref=model_ref, model_uri=model_uri, model_name=name, model_version=version,
+                                  checkpoint_sha256=sha256, run_id="first", started_at="2026-01-01T00:00:00+00:00")
+    (folder / scoring.OUTPUT_RECORD).write_text(record.to_json())
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_an_output_from_before_records_resumes_with_the_same_reference_and_version(model, corpus, tmp_path):
+def test_a_complete_output_reruns_as_a_no_op_without_writing_a_record(model, corpus, tmp_path):
     root, expected = corpus
     _legacy_part(tmp_path, sorted(expected), "models:/tiny@champion", "tiny", model.version)
 
     summary = run_scoring(_job(root, tmp_path, model_ref="models:/tiny@champion"), model)  # all done: no Ray needed
 
     assert summary.n_skipped_already_scored == len(expected) and summary.n_written == 0
-    record = scoring.read_output_record(str(tmp_path))
-    assert (record.model_ref, record.model_uri, record.model_version) == ("models:/tiny@champion", model.uri, "3")
+    assert summary.model == model
+    # Nothing is written, so an output on storage this job may only read still reruns.
+    assert scoring.read_output_record(str(tmp_path)) is None
 
 
 def test_an_output_from_before_records_refuses_the_same_alias_at_another_version(model, corpus, tmp_path):
@@ -494,9 +516,86 @@ def test_an_output_from_before_records_refuses_the_same_alias_at_another_version
     _legacy_part(tmp_path, sorted(expected), "models:/tiny@champion", "tiny", "2")
     before = _snapshot(tmp_path)
 
-    with pytest.raises(scoring.OutputModelMismatch, match="fresh --output"):
+    with pytest.raises(scoring.OutputModelMismatch) as refused:
         run_scoring(_job(root, tmp_path, model_ref="models:/tiny@champion"), model)
+
+    assert str(refused.value) == (f"{tmp_path} already holds scores from models:/tiny@champion (tiny version 2), not "
+                                  f"{model.uri}: rerun with --model models:/tiny/2 to continue it, or use a fresh "
+                                  "--output")
     assert _snapshot(tmp_path) == before
+
+
+def test_a_malformed_checkpoint_is_refused_before_the_output_is_claimed(checkpoint, corpus, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "mpft.json").write_text("{not json")
+    out = tmp_path / "scores"
+
+    with pytest.raises(ValueError, match="not valid JSON"):
+        run_scoring(_job(corpus[0], out, model_ref=str(broken)), ModelInfo(checkpoint_dir=str(broken), uri=str(broken)))
+
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_output_that_cannot_take_the_record_is_refused_in_one_line(checkpoint, corpus, tmp_path, monkeypatch):
+    from pipelines import runtime, storage
+
+    def read_only(uri, data, cfg=None):
+        raise PermissionError(13, "Permission denied", uri)
+
+    monkeypatch.setattr(storage, "write_atomic", read_only)
+    monkeypatch.setattr(runtime, "init_ray", lambda *args, **kwargs: None)  # refused before Ray is needed
+    out = tmp_path / "scores"
+
+    with pytest.raises(SystemExit) as refused:
+        _score_cli_job(str(checkpoint), corpus[0], out)
+
+    message = str(refused.value)
+    assert message.startswith(f"cannot write {out / scoring.OUTPUT_RECORD} (") and "\n" not in message
+    assert not scoring.list_part_files(str(out))
+
+
+def test_a_rerun_with_a_relative_checkpoint_path_uses_the_checkpoint_where_it_runs(corpus, tmp_path, monkeypatch):
+    from jobs.score import resolve_model_for_output
+
+    root, expected = corpus
+    first = tiny_checkpoint(tmp_path / "a" / "ckpt", threshold=THRESHOLD, seed=0)
+    second = tiny_checkpoint(tmp_path / "b" / "ckpt", threshold=THRESHOLD, seed=1)
+    out = tmp_path / "scores"
+    _record(out, "ckpt", str(first), None, None, _sha256_of(first))  # started from a/ as `--model ckpt`
+    _legacy_part(out, sorted(expected), str(first), None, None)
+    before = _snapshot(out)
+
+    monkeypatch.chdir(tmp_path / "b")
+    model = resolve_model_for_output("ckpt", str(out))
+
+    assert Path(model.checkpoint_dir).resolve() == second.resolve()
+    with pytest.raises(scoring.OutputModelMismatch, match="but it now has weights sha256"):
+        run_scoring(_job(root, out, model_ref="ckpt"), model)
+    assert _snapshot(out) == before
+
+
+@pytest.mark.timeout(120)
+def test_a_resumed_output_is_summarised_and_logged_under_its_recorded_identity(mlflow_server, checkpoint, corpus,
+                                                                               tmp_path):
+    import mlflow
+
+    from jobs import tracking
+    from jobs.score import log_summary
+
+    root, expected = corpus
+    _record(tmp_path, "models:/tiny@champion", "models:/tiny/3", "tiny", "3", _sha256_of(checkpoint))
+    _legacy_part(tmp_path, sorted(expected), "models:/tiny/3", "tiny", "3")
+    job = _job(root, tmp_path, model_ref=str(checkpoint))  # the same weights, as a local folder
+
+    summary = run_scoring(job, ModelInfo(checkpoint_dir=str(checkpoint), uri=str(checkpoint)))  # all done: no Ray
+
+    assert summary.model == ModelInfo(checkpoint_dir=str(checkpoint), uri="models:/tiny/3", name="tiny", version="3")
+    tracking.set_tracking(mlflow_server.tracking_uri)
+    params = mlflow.get_run(log_summary(job, summary)).data.params
+    assert (params["model_uri"], params["model_name"], params["model_version"]) == ("models:/tiny/3", "tiny", "3")
 
 
 @pytest.fixture(scope="module")
@@ -601,3 +700,40 @@ def test_a_local_checkpoint_overwritten_between_runs_is_refused(ray_local, corpu
         _score_cli_job(str(folder), root, out)
 
     assert _snapshot(out) == before
+
+
+@pytest.mark.timeout(120)
+def test_an_alias_rerun_is_pinned_to_the_recorded_version_only_once_the_output_holds_scores(
+        mlflow_server, two_versions, tmp_path):
+    from jobs import tracking
+    from jobs.score import resolve_model_for_output
+
+    ref = f"models:/{two_versions}@champion"
+    tracking.set_alias(two_versions, "champion", "2")
+    _record(tmp_path, ref, f"models:/{two_versions}/1", two_versions, "1", {"model.safetensors": "0" * 64})
+
+    assert resolve_model_for_output(ref, str(tmp_path)).version == "2"  # nothing scored: the alias as it is now
+    _legacy_part(tmp_path, ["/in/1.png"], f"models:/{two_versions}/1", two_versions, "1")
+    assert resolve_model_for_output(ref, str(tmp_path)).version == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_an_output_without_scores_is_taken_over_by_another_model(ray_local, model, checkpoint, corpus, tmp_path,
+                                                                  caplog):
+    """A record whose model never scored a row (refused when loaded, or a mistaken --model stopped at once) does
+    not bind the output."""
+    root, _ = corpus
+    _record(tmp_path, "models:/mistake@champion", "models:/mistake/1", "mistake", "1",
+            {"model.safetensors": "0" * 64, "mpft.json": "0" * 64})
+    (tmp_path / "part-crashed-0-0.parquet").write_bytes(b"PAR1 half a file")  # torn: it holds no scores either
+
+    with caplog.at_level("WARNING", logger="pipelines.scoring"):
+        summary = run_scoring(_job(root / "more" / "000.png", tmp_path, model_ref="tiny"), model)
+
+    assert summary.n_written == 1 and summary.model == model
+    assert _all_rows(tmp_path).column("model_uri").to_pylist() == [model.uri]
+    record = scoring.read_output_record(str(tmp_path))
+    assert (record.model_ref, record.model_uri, record.checkpoint_sha256) == ("tiny", model.uri,
+                                                                              _sha256_of(checkpoint))
+    assert "models:/mistake@champion" in caplog.text and "holds no scores" in caplog.text

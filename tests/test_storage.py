@@ -124,6 +124,36 @@ def test_write_read_exists_and_sorted_recursive_listing(root_uri, request):
 
 
 @pytest.mark.timeout(60)
+def test_write_atomic_replaces_the_whole_file_and_leaves_nothing_beside_it(root_uri, request):
+    import pyarrow.fs as pafs
+
+    cfg = request.getfixturevalue("s3_server").storage_config() if storage.is_remote(root_uri) else None
+    target = storage.join(root_uri, "sub/_record.json")
+
+    storage.write_atomic(target, b"a longer first version", cfg)
+    storage.write_atomic(target, b"second", cfg)
+
+    assert storage.read_bytes(target, cfg) == b"second"
+    fs, root = storage.resolve(root_uri, cfg)
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+    assert files == [storage.resolve(target, cfg)[1]]
+
+
+def test_a_failed_local_write_atomic_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "_record.json"
+    storage.write_atomic(str(target), b"old")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        storage.write_atomic(str(target), b"new")
+
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["_record.json"]
+
+
+@pytest.mark.timeout(60)
 def test_read_each_returns_every_file_in_order_with_its_own_error(root_uri, request):
     cfg = request.getfixturevalue("s3_server").storage_config() if storage.is_remote(root_uri) else None
     names = [f"{i:02d}.jpg" for i in range(7)]
