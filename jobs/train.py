@@ -78,6 +78,7 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
     train_manifest = labelled_manifest(cfg.train, cfg.storage)
     val_manifest = labelled_manifest(cfg.val, cfg.storage)
     check_validation_is_held_out(train_manifest, val_manifest)
+    val_pairs = validation_pairs(cfg.val, val_manifest)
     check_backbone_weights(cfg.method.detector.backbone, cfg.storage)
     init_ray(cfg.ray_address)
     tracking.set_tracking(tracking_uri)
@@ -113,6 +114,7 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
             log_every_steps=cfg.log_every_steps,
             torch_threads=cfg.scaling.torch_threads,
             inject_failure_at_step=cfg.inject_failure_at_step,
+            real_pairs=val_pairs,
         )
         trainer = training.build_trainer(
             name=cfg.name, loop_config=loop_config, logger=MlflowRankZeroLogger(tracking_uri, run.info.run_id),
@@ -144,7 +146,20 @@ def check_validation_is_held_out(train_manifest: pa.Table, val_manifest: pa.Tabl
         example = val_manifest.filter(shared)["path"][0].as_py()
         raise ValidationNotHeldOutError(
             f"{n_shared} of {val_manifest.num_rows} validation images are also in the training manifest, "
-            f"e.g. {example}: validate on another split, or carve it out of the training split with `carve`")
+            f"e.g. {example}: validate on another split, or carve validation out of the training split: `carve` "
+            "with the same fraction on both sources (train `keep: rest`, val `keep: carved`), both on the same split "
+            "so that their carve keys match")
+
+
+def validation_pairs(val_sources, val_manifest: pa.Table) -> dict[str, str]:
+    """The validation sources' ``real_pairs``; RefusedToStart if the validation rows cannot be scored with them (a
+    fake-only set without its real set...), which rank 0 would otherwise find only after the first epoch."""
+    try:
+        pairs = sources.real_pairs_of(val_sources)
+        sources.check_real_pairs(val_manifest, pairs)
+    except ValueError as err:
+        raise RefusedToStart(str(err)) from err
+    return pairs
 
 
 def shuffled(table: pa.Table, seed: int) -> pa.Table:

@@ -104,13 +104,32 @@ def _mean_over_subsets(per_subset: dict[str, dict], pooled: dict) -> dict:
     return mean
 
 
-def _pairs_present(pairs: Optional[Mapping[str, str]], present: set[str]) -> dict[str, str]:
-    """The pairs whose both subsets hold images; ValueError if a subset is both paired and a pair's real subset."""
+def pairing_problem(labels, subsets, pairs: Optional[Mapping[str, str]]) -> Optional[str]:
+    """Why ``pairs`` cannot score these images as pairs, or None.
+
+    Both subsets of a pair must hold images, or neither (a fake-only set scored alone has no AP/AUC yet enters the
+    mean accuracy; a real set scored alone counts as a generator); a pair's real subset must hold real images only
+    and the paired subset generated images only; no subset may be on both sides of a pair.
+    """
     pairs = dict(pairs or {})
     both = sorted(set(pairs) & set(pairs.values()))
     if both:
-        raise ValueError(f"subsets {both} are paired with a real subset and are a pair's real subset themselves")
-    return {fake: real for fake, real in pairs.items() if fake in present and real in present}
+        return f"subsets {both} are paired with a real subset and are a pair's real subset themselves"
+    y, names = np.asarray(labels), np.asarray(subsets).astype(str)
+    present = set(names.tolist())
+    for fake, real in sorted(pairs.items()):
+        if fake in present and real not in present:
+            return f"subset {fake!r} is paired with real subset {real!r}, which has no images"
+    for real in sorted(present & set(pairs.values())):
+        fakes = sorted(fake for fake, paired in pairs.items() if paired == real)
+        if not present & set(fakes):
+            return f"real subset {real!r} is paired with {', '.join(map(repr, fakes))}, which has no images"
+        if (y[names == real] == 1).any():
+            return f"real subset {real!r} (paired with {', '.join(map(repr, fakes))}) holds generated images"
+    for fake, real in sorted(pairs.items()):
+        if (y[names == fake] == 0).any():
+            return f"subset {fake!r} (paired with real subset {real!r}) holds real images"
+    return None
 
 
 def per_subset_metrics(labels, scores, subsets, threshold: float = 0.5,
@@ -119,7 +138,7 @@ def per_subset_metrics(labels, scores, subsets, threshold: float = 0.5,
 
     ``pairs`` ({fake-only subset: real-only subset}): a paired subset is scored on its own images plus its real
     subset's; a real subset that some present subset is paired with is not reported on its own (nor in the mean).
-    Pairs naming an absent subset are ignored.
+    Pairs whose subsets are both absent are ignored; ValueError on any ``pairing_problem``.
 
     ``"mean"`` is the unweighted, NaN-skipping mean over the reported subsets of each rate — the number papers report
     as "mean accuracy" — with the counts of all images. ``"all"`` is ``binary_metrics`` on the pooled images.
@@ -134,8 +153,11 @@ def per_subset_metrics(labels, scores, subsets, threshold: float = 0.5,
     if reserved:
         raise ValueError(f"subset names {sorted(reserved)} are reserved for the summary rows")
 
+    problem = pairing_problem(y, names, pairs)
+    if problem:
+        raise ValueError(f"{problem}: score both subsets of each pair together, or leave the pair out of `pairs`")
     present = set(names.tolist())
-    pairs = _pairs_present(pairs, present)
+    pairs = {fake: real for fake, real in (pairs or {}).items() if fake in present}
     results = {}
     for name in sorted(present - set(pairs.values())):
         rows = (names == name) | (names == pairs[name]) if name in pairs else names == name

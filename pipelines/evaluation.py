@@ -12,9 +12,11 @@ center crop, through the decode stage's per-row ``degrade`` hook (pipelines/deco
 perturbations, only of an image-to-image function per row).
 Files that cannot be decoded are reported (``n_errors``) and left out of the metrics.
 
-Fake-only subsets are scored together with the real-only subset their source pairs them with
-(``pipelines.sources.real_pairs_of``: UFD's diffusion sets with LAION / ImageNet by default); every image is still
-read and scored once.
+Fake-only subsets are scored together with the real-only subset they are paired with (``real_pairs`` of all the
+sources together, ``pipelines.sources.real_pairs_of``: UFD's diffusion sets with LAION / ImageNet by default); every
+image is still read and scored once, even when two sources list it (two UFD sets share their real set). A pair with
+one side missing, a subset holding the other class than its side of a pair, or one subset name coming from two
+benchmarks (GenImage's and UFD's ``biggan``) is refused before any image is read.
 """
 
 from __future__ import annotations
@@ -110,13 +112,18 @@ def _errors_per_subset(scores: pa.Table) -> dict[str, int]:
 
 
 def build_eval_manifest(sources: Sequence, storage_cfg: Optional[StorageConfig] = None) -> pa.Table:
-    """Concatenated manifests of ``sources`` (``pipelines.sources.SourceConfig``), labelled rows only."""
-    from pipelines.sources import build_manifest
+    """The labelled rows of the manifests of ``sources`` (``pipelines.sources.SourceConfig``), each image once.
+
+    ValueError if two benchmarks give one subset name, an image is listed twice with different labels, subsets or
+    splits, or the sources' ``real_pairs`` cannot be scored on these rows (``pipelines.sources.check_real_pairs``).
+    """
+    from pipelines.sources import build_manifest, check_real_pairs, real_pairs_of
 
     tables = [build_manifest(src, storage_cfg) for src in sources]
-    manifest = pa.concat_tables(tables) if tables else None
-    if manifest is None or manifest.num_rows == 0:
+    if not tables:
         raise ValueError("the evaluation sources list no images")
+    _check_one_benchmark_per_subset(sources, tables)
+    manifest = pa.concat_tables(tables)
     labelled = manifest.filter(pc.is_valid(manifest.column("label")))
     if labelled.num_rows < manifest.num_rows:
         log.warning("%d unlabelled rows left out of the evaluation", manifest.num_rows - labelled.num_rows)
@@ -124,7 +131,33 @@ def build_eval_manifest(sources: Sequence, storage_cfg: Optional[StorageConfig] 
         raise ValueError("no labelled images in the evaluation sources (layouts genimage/ufd/manifest carry labels)")
     # Subset names must not collide with the summary rows, and a missing subset still needs a name.
     subsets = pc.fill_null(labelled.column("subset"), "default")
-    return labelled.set_column(labelled.schema.get_field_index("subset"), "subset", subsets)
+    labelled = _each_image_once(labelled.set_column(labelled.schema.get_field_index("subset"), "subset", subsets))
+    check_real_pairs(labelled, real_pairs_of(sources))
+    return labelled
+
+
+def _check_one_benchmark_per_subset(sources: Sequence, tables: Sequence[pa.Table]) -> None:
+    """The same generator in two benchmarks (GenImage's BigGAN and UFD's biggan are both ``biggan``) means two test
+    sets: pooled into one row, the numbers would describe neither."""
+    layout_of: dict[str, str] = {}
+    for source, table in zip(sources, tables):
+        for subset in pc.unique(table.column("subset")).to_pylist():
+            first = layout_of.setdefault(subset, source.layout)
+            if first != source.layout:
+                raise ValueError(f"subset {subset!r} comes from both a {first} source and a {source.layout} source: "
+                                 "evaluate the two benchmarks separately")
+
+
+def _each_image_once(manifest: pa.Table) -> pa.Table:
+    """``manifest`` without repeated rows (sources may overlap), sorted by path; ValueError if a path is listed with
+    different values."""
+    names = manifest.column_names
+    unique = manifest.group_by(names, use_threads=False).aggregate([]).select(names).sort_by("path")
+    paths = unique.column("path")
+    if pc.count_distinct(paths).as_py() != len(paths):
+        repeated = next(c["values"] for c in pc.value_counts(paths).to_pylist() if c["counts"] > 1)
+        raise ValueError(f"{repeated} is listed by two sources with different labels, subsets or splits")
+    return unique
 
 
 # ------------------------------------------------------------------------------------------ degraded decode stage
@@ -261,13 +294,17 @@ def evaluate_many(models: Sequence[ModelInfo], sources: Sequence, storage_cfg: O
                   manifest: Optional[pa.Table] = None) -> list[EvalResult]:
     """``evaluate`` for several models of the same input size on the same images, in one pass over them.
 
-    A ready ``manifest`` must come from ``sources``: their ``real_pairs`` decide which subsets are scored together.
+    A ready ``manifest`` must come from ``sources``: their ``real_pairs`` decide which subsets are scored together
+    (checked on it before any model is loaded).
     """
-    from pipelines.sources import real_pairs_of
+    from pipelines.sources import check_real_pairs, real_pairs_of
 
     options = options or EvalOptions()
-    manifest = manifest if manifest is not None else build_eval_manifest(sources, storage_cfg)
     real_pairs = real_pairs_of(sources)
+    if manifest is None:
+        manifest = build_eval_manifest(sources, storage_cfg)
+    else:
+        check_real_pairs(manifest, real_pairs)
     bundles = [make_model_bundle(model) for model in models]
     image_size = bundle_image_size(bundles[0])
     if any(bundle_image_size(b) != image_size for b in bundles):

@@ -10,22 +10,24 @@ Layouts (``SourceConfig.layout``):
   manifest's folder; ``split`` filters on the split column.
 - ``unlabelled``: every image under ``uri``, label null, subset ``"unlabelled"`` (for scoring).
 
-Subset names (``pipelines.subset_names``) do not depend on where ``uri`` points: a known generator folder (GenImage's
-and UFD's folder names, matched case-insensitively in the two folders above the split / class folder) gives its
-canonical name (``stable_diffusion_v_1_4`` and ``imagenet_ai_0419_sdv4`` both give ``sdv14``); otherwise genimage
-takes the folder directly above ``{train,val}``, ufd the nearest folder above ``{0_real,1_fake}`` that is not one of
-UFD's object categories (car, cat, ...). A manifest file's subsets are mapped to canonical names too.
+Subset names do not depend on where ``uri`` points: genimage takes the folder directly above ``{train,val}``, ufd the
+nearest folder above ``{0_real,1_fake}`` that is not one of UFD's object categories (car, cat, ...), even when that
+folder is above ``uri``; either is mapped to its canonical name (``pipelines.subset_names``: the generator folder
+``stable_diffusion_v_1_4`` and the folder inside it, ``imagenet_ai_0419_sdv4``, both give ``sdv14``). A manifest
+file's subsets are mapped to canonical names too.
 
 ``subsets`` keeps only the named subsets (canonical names or aliases) and the real subsets they are paired with;
 naming a subset that does not exist is an error (a typo must not silently train on nothing). Files that do not fit
 the layout are skipped with a warning that says how many and shows one.
 
 ``carve`` keeps a deterministic part of a source, so validation can be held out of the training split: a file is in
-the carved part iff the first 8 bytes of sha256(its path relative to the source root, UTF-8; for a manifest file,
-relative to the manifest's folder, or the whole path if outside it), read as a big-endian integer, are below
-``fraction * 2**64``. The same files are carved on every machine and wherever the dataset is mounted; a train source
-with ``keep: rest`` and a val source with ``keep: carved`` (same uri, split, subsets and fraction) are disjoint and
-together exactly the split.
+the carved part iff the first 8 bytes of sha256(its carve key, UTF-8), read as a big-endian integer, are below
+``fraction * 2**64``. The carve key is ``<subset>/<path below the split folder>`` for genimage (``sdv14/ai/x.png``),
+``<subset>/<path below the subset's folder>`` for ufd (``progan/car/1_fake/x.png``), the path relative to the
+manifest's folder for a manifest file (the whole path if outside it) and the path below ``uri`` for unlabelled
+files. So the same files are carved on every machine, wherever the dataset is mounted and whichever folder ``uri``
+points at: a train source with ``keep: rest`` and a val source with ``keep: carved`` (same split and fraction) are
+disjoint and together exactly the split.
 
 ``real_pairs`` ({fake-only subset: real-only subset}) says which real images a fake-only subset is evaluated with
 (``real_pairs_of``, ``mpft_core.metrics.per_subset_metrics(pairs=...)``); the ufd layout defaults to
@@ -50,9 +52,10 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from mpft_core.config import _Strict
+from mpft_core.metrics import pairing_problem
 from pipelines import storage
 from pipelines.storage import StorageConfig
-from pipelines.subset_names import UFD_REAL_PAIRS, canonical_subset, genimage_subset, ufd_subset
+from pipelines.subset_names import UFD_OBJECT_CLASSES, UFD_REAL_PAIRS, canonical_subset
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +65,12 @@ GENIMAGE_SPLITS = {"train", "val"}
 GENIMAGE_CLASSES = {"ai": 1, "nature": 0}
 UFD_CLASSES = {"1_fake": 1, "0_real": 0}
 UNLABELLED_SUBSET = "unlabelled"
+_CARVE_KEY = "carve_key"  # a column that lives only until the carve
 _HASH_VERSION = b"mpft-manifest-v1\n"
 
 
 class CarveConfig(_Strict):
-    """A deterministic part of a source's files, chosen by a hash of each path (see the module docstring)."""
+    """A deterministic part of a source's files, chosen by a hash of each file's carve key (module docstring)."""
 
     fraction: float = Field(gt=0.0, lt=1.0)  # expected share of the files in the carved part
     keep: Literal["rest", "carved"]          # train on the rest, validate on the carved part
@@ -87,14 +91,15 @@ def build_manifest(source: SourceConfig, storage_cfg: StorageConfig | None = Non
         table = _read_manifest_file(source.uri, storage_cfg)
         if source.split is not None:
             table = table.filter(pc.equal(table["split"], source.split))
-        root = posixpath.dirname(_source_root(source.uri))
+        folder = posixpath.dirname(_source_root(source.uri))
+        keys = [_path_below(folder, path) for path in table["path"].to_pylist()]
+        table = table.append_column(_CARVE_KEY, pa.array(keys, pa.string()))
     else:
-        files = storage.list_files(source.uri, storage_cfg)
-        table = _from_listing(source, files)
-        root = _source_root(source.uri)
+        table = _from_listing(source, storage.list_files(source.uri, storage_cfg))
     table = _keep_subsets(table, source.subsets, real_pairs_of([source]))
     if source.carve is not None:
-        table = _carve(table, root, source.carve)
+        table = _carve(table, source.carve)
+    table = table.select(MANIFEST_SCHEMA.names)
     if table.num_rows == 0:
         raise ValueError(f"no images found for {source.layout} source {source.uri} (split={source.split}, "
                          f"subsets={source.subsets})")
@@ -119,6 +124,18 @@ def _default_real_pairs(layout: str) -> dict[str, str]:
     return UFD_REAL_PAIRS if layout == "ufd" else {}
 
 
+def check_real_pairs(manifest: pa.Table, real_pairs: dict[str, str]) -> None:
+    """ValueError, in one line naming the pair and the fix, if the labelled rows of ``manifest`` cannot be scored
+    with ``real_pairs`` (``mpft_core.metrics.pairing_problem``), e.g. a fake-only set listed without its real set."""
+    labelled = manifest.filter(pc.is_valid(manifest["label"]))
+    problem = pairing_problem(labelled["label"].to_numpy(zero_copy_only=False), labelled["subset"].to_pylist(),
+                              real_pairs)
+    if problem:
+        raise ValueError(f"{problem}: list both subsets of each pair, each holding its own class only (point the "
+                         "source at the folder that holds both), or turn pairing off with `real_pairs: {}` on every "
+                         "source")
+
+
 # --------------------------------------------------------------------------------------------------- folder layouts
 
 
@@ -132,53 +149,59 @@ def _relative_parts(root: str, path: str) -> list[str]:
 
 
 def _from_listing(source: SourceConfig, files: list[str]) -> pa.Table:
+    """The listed files that fit the layout, with the manifest columns and their carve keys."""
     root = _source_root(source.uri)
     root_folders = [folder for folder in root.split("/") if folder]
-    rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+    names = MANIFEST_SCHEMA.names + [_CARVE_KEY]
+    rows: dict[str, list] = {name: [] for name in names}
     skipped: list[str] = []
     for path in files:
         row = _parse(source, _relative_parts(root, path), root_folders)
         if row is None:
             skipped.append(path)
             continue
-        label, subset, split = row
+        label, subset, split, key = row
         if source.layout == "genimage" and source.split is not None and split != source.split:
             continue
-        for name, value in zip(MANIFEST_SCHEMA.names, (path, label, subset, split)):
+        for name, value in zip(names, (path, label, subset, split, key)):
             rows[name].append(value)
     if skipped:
         log.warning("%d files under %s do not fit the %s layout and are skipped, e.g. %s",
                     len(skipped), source.uri, source.layout, skipped[0])
-    return pa.table(rows, schema=MANIFEST_SCHEMA)
+    return pa.table(rows, schema=MANIFEST_SCHEMA.append(pa.field(_CARVE_KEY, pa.string())))
 
 
 def _parse(source: SourceConfig, parts: list[str], root_folders: list[str]):
-    """(label, subset, split) of a file from its path below the source root, or None if it does not fit.
+    """(label, subset, split, carve key) of a file from its path below the source root, or None if it does not fit.
 
-    The split / class folder is looked for below the root only; the subset name may come from folders above it
-    (``root_folders``), so it is the same whichever folder the source points at.
+    The split / class folder is looked for below the root only; the subset's folder may be above it
+    (``root_folders``), so subset and carve key are the same whichever folder the source points at.
     """
     folders = parts[:-1]
     if source.layout == "unlabelled":
-        return None, UNLABELLED_SUBSET, source.split
+        return None, UNLABELLED_SUBSET, source.split, "/".join(parts)
     if source.layout == "genimage":
         # The last "<split>/<class>" pair decides, so a subset may itself contain folders named like a split.
         for i in range(len(folders) - 2, -1, -1):
             if folders[i] in GENIMAGE_SPLITS and folders[i + 1] in GENIMAGE_CLASSES:
-                subset = genimage_subset(_innermost_first(root_folders + folders[:i]))
-                return None if subset is None else (GENIMAGE_CLASSES[folders[i + 1]], subset, folders[i])
+                above = root_folders + folders[:i]
+                if not above:
+                    return None
+                subset = canonical_subset(above[-1])
+                return GENIMAGE_CLASSES[folders[i + 1]], subset, folders[i], "/".join([subset, *parts[i + 1:]])
         return None
     if source.layout == "ufd":
         for i in range(len(folders) - 1, -1, -1):
             if folders[i] in UFD_CLASSES:
-                subset = ufd_subset(_innermost_first(root_folders + folders[:i]))
-                return None if subset is None else (UFD_CLASSES[folders[i]], subset, source.split)
+                above = root_folders + folders[:i]
+                at = next((j for j in reversed(range(len(above))) if above[j].lower() not in UFD_OBJECT_CLASSES),
+                          None)
+                if at is None:
+                    return None
+                subset = canonical_subset(above[at])
+                return UFD_CLASSES[folders[i]], subset, source.split, "/".join([subset, *above[at + 1:], *parts[i:]])
         return None
     raise ValueError(f"unknown layout {source.layout!r}")
-
-
-def _innermost_first(folders: list[str]) -> list[str]:
-    return folders[::-1]
 
 
 def _keep_subsets(table: pa.Table, subsets: Optional[list[str]], real_pairs: dict[str, str]) -> pa.Table:
@@ -194,19 +217,20 @@ def _keep_subsets(table: pa.Table, subsets: Optional[list[str]], real_pairs: dic
     return table.filter(pc.is_in(table["subset"], value_set=pa.array(sorted(wanted), pa.string())))
 
 
-def _carve(table: pa.Table, root: str, carve: CarveConfig) -> pa.Table:
-    in_carved_part = [_in_carved_part(_path_below(root, path), carve.fraction) for path in table["path"].to_pylist()]
+def _carve(table: pa.Table, carve: CarveConfig) -> pa.Table:
+    in_carved_part = [_in_carved_part(key, carve.fraction) for key in table[_CARVE_KEY].to_pylist()]
     keep = in_carved_part if carve.keep == "carved" else [not carved for carved in in_carved_part]
     return table.filter(pa.array(keep, pa.bool_()))
 
 
 def _path_below(root: str, path: str) -> str:
-    """``path`` relative to ``root`` (what a carve hashes, so the mount point does not matter); whole if outside."""
+    """``path`` relative to ``root`` (a manifest file's carve key, so the mount point does not matter); whole if
+    outside."""
     return path[len(root) + 1:] if path.startswith(root + "/") else path
 
 
-def _in_carved_part(relative_path: str, fraction: float) -> bool:
-    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+def _in_carved_part(key: str, fraction: float) -> bool:
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 

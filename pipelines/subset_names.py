@@ -3,15 +3,14 @@
 GenImage nests each generator twice (``stable_diffusion_v_1_4/imagenet_ai_0419_sdv4/{train,val}/...``) and
 UniversalFakeDetect spells some sets its own way (``seeingdark`` is the SITD set). Tables, validation metrics and
 ``subsets:`` filters must agree on one name, so every known folder name maps to the canonical name below
-(case-insensitively). Folder names not in the table are kept as they are.
+(case-insensitively). Folder names not in the table are kept as they are. Which folder gives a file's subset is the
+layout's rule (``pipelines.sources``).
 
 UFD's diffusion test sets ship fake images only; ``UFD_REAL_PAIRS`` names the real-only set the benchmark scores each
 of them with (UnivFD's ``dataset_paths.py``: guided with ImageNet, the LDM / Glide / DALL-E sets with LAION).
 """
 
 from __future__ import annotations
-
-from typing import Iterable, Optional
 
 # canonical name -> the folder names that mean it (the canonical name itself always does)
 GENERATOR_ALIASES: dict[str, tuple[str, ...]] = {
@@ -23,7 +22,8 @@ GENERATOR_ALIASES: dict[str, tuple[str, ...]] = {
     "glide": ("imagenet_glide",),
     "wukong": ("imagenet_ai_0424_wukong",),
     "vqdm": ("VQDM", "imagenet_ai_0419_vqdm"),
-    "biggan": ("BigGAN", "imagenet_ai_0419_biggan"),  # also UFD's biggan: the same generator
+    # also UFD's biggan: the same generator, but another test set (one evaluation refuses to pool the two)
+    "biggan": ("BigGAN", "imagenet_ai_0419_biggan"),
     # UniversalFakeDetect (CNNSpot's GAN sets, then UnivFD's diffusion sets and their real sets)
     "progan": ("progan_train", "progan_val"),
     "stylegan": (),
@@ -66,37 +66,7 @@ UFD_OBJECT_CLASSES = frozenset({
     "bedroom", "church", "apple", "orange", "summer", "winter", "zebra",
 })
 
-# GenImage and UFD put the generator at most two folders above the split / class folder; looking no higher keeps a
-# mount point or bucket that happens to be called like a known set (".../imagenet/...") from naming the files.
-GENERATOR_FOLDER_DEPTH = 2
-
 
 def canonical_subset(name: str) -> str:
     """The canonical name of a known folder name or alias (any case); any other name unchanged."""
     return _CANONICAL_BY_FOLDER.get(name.lower(), name)
-
-
-def known_generator(folders_above: Iterable[str]) -> Optional[str]:
-    """The canonical name of the nearest known folder among the first ``GENERATOR_FOLDER_DEPTH`` of
-    ``folders_above`` (innermost first), or None."""
-    for folder in list(folders_above)[:GENERATOR_FOLDER_DEPTH]:
-        if folder.lower() in _CANONICAL_BY_FOLDER:
-            return _CANONICAL_BY_FOLDER[folder.lower()]
-    return None
-
-
-def genimage_subset(folders_above_split: list[str]) -> Optional[str]:
-    """Subset of a GenImage file from the folders above its ``{train,val}`` folder (innermost first): the known
-    generator, else the folder directly above the split folder."""
-    if not folders_above_split:
-        return None
-    return known_generator(folders_above_split) or folders_above_split[0]
-
-
-def ufd_subset(folders_above_class: list[str]) -> Optional[str]:
-    """Subset of a UFD file from the folders above its ``{0_real,1_fake}`` folder (innermost first): the known
-    generator, else the nearest folder that is not one of UFD's object categories."""
-    named = known_generator(folders_above_class)
-    if named:
-        return named
-    return next((f for f in folders_above_class if f.lower() not in UFD_OBJECT_CLASSES), None)

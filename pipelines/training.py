@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -68,6 +68,7 @@ class LoopConfig:
     log_every_steps: int = 10
     torch_threads: int = 1
     inject_failure_at_step: Optional[int] = None
+    real_pairs: dict = field(default_factory=dict)  # {fake-only subset: real subset} of the validation sources
 
 
 # --------------------------------------------------------------------------------------------------- worker side
@@ -116,7 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                summary = _validate(detector, val_iter, method, batch_size, device, Path(tmp))
+                summary = _validate(detector, val_iter, method, batch_size, device, Path(tmp), loop.real_pairs)
                 save_training_checkpoint(setup, Path(tmp), epoch=epoch)
                 summary.update(throughput)
                 if logger is not None:
@@ -182,8 +183,10 @@ def predict_batches(detector: MPFTDetector, batches, device) -> dict[str, np.nda
     return {k: (np.concatenate(v) if v else np.array([])) for k, v in cols.items()}
 
 
-def _validate(detector, val_iter, method: MethodConfig, batch_size: int, device, out: Path) -> dict[str, float]:
-    """Score the whole validation set, calibrate the threshold, and write predictions and metrics into ``out``."""
+def _validate(detector, val_iter, method: MethodConfig, batch_size: int, device, out: Path,
+              real_pairs: Optional[dict] = None) -> dict[str, float]:
+    """Score the whole validation set, calibrate the threshold, and write predictions and metrics into ``out``
+    (fake-only subsets scored with the real subset ``real_pairs`` pairs them with)."""
     batches = val_iter.iter_batches(batch_size=batch_size, batch_format="numpy")
     batches = ({**b, "image": torch.from_numpy(b["image"])} for b in batches)
     preds = predict_batches(detector, batches, device)
@@ -194,7 +197,8 @@ def _validate(detector, val_iter, method: MethodConfig, batch_size: int, device,
         real = preds["score"][preds["label"] == 0]
         threshold = calibrate_threshold(real, method.threshold.target_fpr)
     detector.threshold = float(threshold)
-    per_subset = per_subset_metrics(preds["label"], preds["score"], preds["subset"], threshold=threshold)
+    per_subset = per_subset_metrics(preds["label"], preds["score"], preds["subset"], threshold=threshold,
+                                    pairs=real_pairs)
 
     pq.write_table(pa.table({k: preds[k] for k in ("path", "label", "subset", "score")}), out / VAL_PREDICTIONS_FILE)
     (out / "val_metrics.json").write_text(json.dumps(per_subset, indent=2, default=float))

@@ -151,6 +151,25 @@ def test_a_subset_cannot_be_both_paired_and_a_pair_s_real_subset():
                            pairs={"dalle": "laion", "laion": "coco"})
 
 
+@pytest.mark.parametrize("subsets, labels, message", [
+    (["guided", "progan", "progan"], [1, 0, 1], "'guided' is paired with real subset 'imagenet', which has no images"),
+    (["imagenet", "progan", "progan"], [0, 0, 1], "'imagenet' .*'guided'.* has no images"),
+    (["guided", "imagenet", "imagenet"], [1, 0, 1], "real subset 'imagenet' .*holds generated images"),
+    (["guided", "guided", "imagenet"], [1, 0, 0], "subset 'guided' .*holds real images"),
+])
+def test_a_pair_with_one_side_absent_or_holding_the_other_class_is_an_error(subsets, labels, message):
+    # Scored anyway, a fake-only set would have no AP/AUC but enter the mean accuracy, a lone real set would count
+    # as a generator, and a mixed set would be merged unnoticed.
+    with pytest.raises(ValueError, match=message):
+        per_subset_metrics(labels, [0.5] * len(labels), subsets, pairs={"guided": "imagenet"})
+
+
+def test_pairs_whose_subsets_are_both_absent_are_ignored():
+    result = per_subset_metrics([0, 1], [0.2, 0.8], ["progan", "progan"], pairs={"guided": "imagenet"})
+
+    assert set(result) == {"progan", "mean", "all"}
+
+
 def test_reserved_subset_name_is_rejected():
     with pytest.raises(ValueError, match="reserved"):
         per_subset_metrics([0, 1], [0.1, 0.9], ["mean", "x"])

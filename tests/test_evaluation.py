@@ -155,3 +155,82 @@ def test_ufd_fake_only_generators_are_evaluated_with_their_paired_real_images(ra
     assert np.isfinite(table.loc[generators, ["ap", "auc"]].to_numpy()).all()
     for metric in ("acc", "ap", "auc"):
         assert table.loc["mean", metric] == pytest.approx(table.loc[generators, metric].mean(), abs=1e-12)
+
+
+# ------------------------------------------------------------------------- which images an evaluation scores together
+
+
+def _ufd_sets(root: Path, fakes=("guided", "ldm_200", "dalle"), reals=("imagenet", "laion")) -> Path:
+    write_ufd_tree(root, subsets={"progan": ("car",)}, n_per_class=1, size=8)
+    for subset in fakes:
+        write_ufd_single_class(root, subset, label=1, n=2, size=8)
+    for subset in reals:
+        write_ufd_single_class(root, subset, label=0, n=2, size=8)
+    return root
+
+
+def _fake_set_alone(root):
+    return [SourceConfig(uri=str(_ufd_sets(root) / "guided"), layout="ufd")]
+
+
+def _filter_on_a_tree_without_its_real_set(root):
+    return [SourceConfig(uri=str(_ufd_sets(root, reals=("laion",))), layout="ufd", subsets=["guided"])]
+
+
+def _real_pairs_typo(root):
+    return [SourceConfig(uri=str(_ufd_sets(root)), layout="ufd",
+                         real_pairs={"guided": "imagenet", "ldm_200": "laion", "dalle": "laoin"})]
+
+
+def _real_set_without_its_fake_set(root):
+    return [SourceConfig(uri=str(_ufd_sets(root, fakes=("ldm_200",))), layout="ufd")]
+
+
+def _real_set_holding_fakes(root):
+    write_ufd_single_class(_ufd_sets(root), "imagenet", label=1, n=1, size=8)
+    return [SourceConfig(uri=str(root), layout="ufd")]
+
+
+def _fake_set_holding_reals(root):
+    write_ufd_single_class(_ufd_sets(root), "guided", label=0, n=1, size=8)
+    return [SourceConfig(uri=str(root), layout="ufd")]
+
+
+@pytest.mark.parametrize("sources, message", [
+    (_fake_set_alone, "'guided' is paired with real subset 'imagenet', which has no images"),
+    (_filter_on_a_tree_without_its_real_set, "'guided' is paired with real subset 'imagenet', which has no images"),
+    (_real_pairs_typo, "'dalle' is paired with real subset 'laoin', which has no images"),
+    (_real_set_without_its_fake_set, "real subset 'imagenet' .*'guided'.* has no images"),
+    (_real_set_holding_fakes, "real subset 'imagenet' .*holds generated images"),
+    (_fake_set_holding_reals, "subset 'guided' .*holds real images"),
+])
+def test_an_evaluation_refuses_pairs_it_cannot_score_before_any_work(tmp_path, sources, message):
+    sources = sources(tmp_path)
+    with pytest.raises(ValueError, match=f"{message}.*real_pairs: {{}}"):
+        build_eval_manifest(sources)
+    # A manifest built elsewhere is checked against the sources' pairs too, before any model is loaded.
+    loose = build_eval_manifest([s.model_copy(update={"real_pairs": {}}) for s in sources])
+    with pytest.raises(ValueError, match=message):
+        evaluate_many([ModelInfo(checkpoint_dir=str(tmp_path / "unused"), uri="unused")], sources, manifest=loose)
+
+
+def test_sources_that_list_the_same_images_are_merged_and_a_conflict_is_refused(tmp_path):
+    root = _ufd_sets(tmp_path / "ufd")
+    ldm, dalle = (SourceConfig(uri=str(root), layout="ufd", subsets=[name]) for name in ("ldm_200", "dalle"))
+
+    manifest = build_eval_manifest([ldm, dalle])
+
+    assert sorted(manifest["subset"].to_pylist()) == ["dalle"] * 2 + ["laion"] * 2 + ["ldm_200"] * 2
+    laion_image = next(p for p in manifest["path"].to_pylist() if "/laion/" in p)
+    (tmp_path / "mine.csv").write_text(f"path,label,subset\n{laion_image},0,mine\n")
+    with pytest.raises(ValueError, match=f"{laion_image}.*different"):
+        build_eval_manifest([ldm, SourceConfig(uri=str(tmp_path / "mine.csv"), layout="manifest")])
+
+
+def test_one_subset_name_from_two_benchmarks_is_refused(tmp_path):
+    write_genimage_tree(tmp_path / "genimage", subsets=("BigGAN",), n_per_class=1, size=8, splits=("val",))
+    write_ufd_tree(tmp_path / "ufd", subsets={"biggan": None}, n_per_class=1, size=8)
+
+    with pytest.raises(ValueError, match="'biggan'.*genimage.*ufd.*separately"):
+        build_eval_manifest([SourceConfig(uri=str(tmp_path / "genimage"), split="val"),
+                             SourceConfig(uri=str(tmp_path / "ufd"), layout="ufd")])

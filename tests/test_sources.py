@@ -12,6 +12,7 @@ import pytest
 
 from pipelines.sources import (MANIFEST_SCHEMA, SourceConfig, build_manifest, manifest_hash, real_pairs_of,
                                write_manifest)
+from pipelines.subset_names import UFD_OBJECT_CLASSES
 from tests.helpers.images import write_genimage_tree, write_ufd_single_class, write_ufd_tree
 
 
@@ -115,6 +116,37 @@ def test_ufd_subset_names_do_not_depend_on_where_the_uri_points(tmp_path):
     assert len(names) == 8
 
 
+def test_genimage_subset_is_the_folder_directly_above_the_split_folder(tmp_path):
+    # An ablation set kept inside a generator's folder is a set of its own, not that generator's test set.
+    write_genimage_tree(tmp_path / "ADM", subsets=("ablation", "imagenet_ai_0508_adm"), n_per_class=1, size=8)
+
+    names = _same_names_through_every_uri(
+        [str(tmp_path), str(tmp_path / "ADM"), str(tmp_path / "ADM" / "ablation")], "genimage")
+
+    assert sorted(set(names.values())) == ["ablation", "adm"]
+
+
+def test_ufd_subset_is_the_nearest_folder_above_the_class_folder_that_is_no_object_category(tmp_path):
+    # A custom set stored under a folder named like a UFD set keeps its own name.
+    write_ufd_tree(tmp_path / "custom" / "imagenet", subsets={"my_sd_fakes": None, "stylegan": ("car",)},
+                   n_per_class=1, size=8)
+
+    names = _same_names_through_every_uri(
+        [str(tmp_path), str(tmp_path / "custom" / "imagenet"), str(tmp_path / "custom" / "imagenet" / "my_sd_fakes"),
+         str(tmp_path / "custom" / "imagenet" / "stylegan" / "car")], "ufd")
+
+    assert sorted(set(names.values())) == ["my_sd_fakes", "stylegan"]
+
+
+def test_ufd_object_categories_cover_the_class_folders_of_the_ufd_sets():
+    progan = {"airplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+              "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"}
+    stylegan, stylegan2 = {"bedroom", "car", "cat"}, {"car", "cat", "church", "horse"}
+    cyclegan = {"apple", "horse", "orange", "summer", "winter", "zebra"}
+
+    assert progan | stylegan | stylegan2 | cyclegan <= UFD_OBJECT_CLASSES
+
+
 def test_subset_filters_accept_canonical_names_and_aliases(tmp_path):
     write_genimage_tree(tmp_path / "stable_diffusion_v_1_4", subsets=("imagenet_ai_0419_sdv4",), n_per_class=1,
                         size=8)
@@ -155,9 +187,41 @@ def test_carve_splits_a_source_into_disjoint_parts_that_together_are_the_split(t
 
     assert rest.isdisjoint(carved) and rest | carved == whole_paths
     assert 8 <= len(carved) <= 32  # about a quarter of 80
-    # The documented rule: sha256 of the path below the source root, first 8 bytes as a fraction of 2**64.
-    assert carved == {p for p in whole_paths
-                      if int(hashlib.sha256(p.encode()).hexdigest()[:16], 16) / 2**64 < 0.25}
+    # The documented rule: sha256 of "<subset>/<path below the split folder>", first 8 bytes as a fraction of 2**64.
+    assert carved == {p for p in whole_paths if _hash_fraction("sdv14/" + p.split("/", 2)[2]) < 0.25}
+
+
+def _hash_fraction(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:16], 16) / 2**64
+
+
+def _paths(uri, **source) -> set[str]:
+    return set(build_manifest(SourceConfig(uri=str(uri), **source))["path"].to_pylist())
+
+
+def test_genimage_carve_does_not_depend_on_the_folder_the_uri_points_at(tmp_path):
+    sd = tmp_path / "stable_diffusion_v_1_4"
+    write_genimage_tree(sd, subsets=("imagenet_ai_0419_sdv4",), n_per_class=20, size=8, splits=("train",))
+    write_genimage_tree(tmp_path / "Midjourney", subsets=("imagenet_midjourney",), n_per_class=2, size=8,
+                        splits=("train",))
+    carve = {"fraction": 0.3, "keep": "rest"}
+    train = _paths(tmp_path, split="train", subsets=["sdv14"], carve=carve)
+    split = _paths(sd, split="train")
+
+    for val_uri in (sd, sd / "imagenet_ai_0419_sdv4"):
+        val = _paths(val_uri, split="train", carve={**carve, "keep": "carved"})
+        assert val and train.isdisjoint(val) and train | val == split, val_uri
+
+
+def test_ufd_carve_does_not_depend_on_the_folder_the_uri_points_at(tmp_path):
+    write_ufd_tree(tmp_path, subsets={"progan": ("car", "cat")}, n_per_class=10, size=8)
+    carve = {"fraction": 0.3, "keep": "rest"}
+    train = _paths(tmp_path, layout="ufd", carve=carve)
+    val = _paths(tmp_path / "progan", layout="ufd", carve={**carve, "keep": "carved"})
+    val_car = _paths(tmp_path / "progan" / "car", layout="ufd", carve={**carve, "keep": "carved"})
+
+    assert val and train.isdisjoint(val) and train | val == _paths(tmp_path, layout="ufd")
+    assert val_car == {path for path in val if "/car/" in path}
 
 
 @pytest.mark.timeout(60)

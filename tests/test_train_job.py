@@ -18,7 +18,7 @@ from jobs.config import load_train_config
 from jobs.train import run_train
 from mpft_core.checkpoint import load_checkpoint
 from mpft_core.transforms import eval_view
-from tests.helpers.images import write_genimage_tree
+from tests.helpers.images import write_genimage_tree, write_ufd_single_class, write_ufd_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -131,9 +131,12 @@ def test_rerunning_the_same_name_resumes_instead_of_starting_over(mlflow_server,
     assert second.metrics["global_step"] == steps_two_epochs * 3 // 2
 
 
-def test_train_refuses_to_start_when_validation_images_are_also_training_images(tmp_path, capsys):
-    import ray
+def refuse_to_start_ray(*args, **kwargs):
+    raise AssertionError("Ray was started: the job should have been refused before")
 
+
+def test_train_refuses_to_start_when_validation_images_are_also_training_images(tmp_path, monkeypatch):
+    monkeypatch.setattr("jobs.train.init_ray", refuse_to_start_ray)
     write_genimage_tree(tmp_path / "data", subsets=("sdv14",), n_per_class=4, size=8, splits=("train",))
     data = str(tmp_path / "data")
     config = {"name": "leaky", "train": {"uri": data, "split": "train"},
@@ -144,13 +147,30 @@ def test_train_refuses_to_start_when_validation_images_are_also_training_images(
 
     with pytest.raises(SystemExit, match=r"validation images are also in the training manifest.*sdv14/train/"):
         cli.main(["train", "--config", str(path)])
-    assert not ray.is_initialized() and not (tmp_path / "mlruns").exists()  # refused before anything started
+    assert not (tmp_path / "mlruns").exists()  # refused before anything started
 
 
-def test_train_refuses_a_weight_file_that_does_not_state_its_activation_before_anything_starts(tmp_path, s3_server):
+def test_train_refuses_validation_whose_fake_only_set_lacks_its_paired_real_set(tmp_path, monkeypatch):
+    monkeypatch.setattr("jobs.train.init_ray", refuse_to_start_ray)
+    write_ufd_tree(tmp_path / "ufd", subsets={"progan": ("car",)}, n_per_class=2, size=8)
+    write_ufd_single_class(tmp_path / "ufd", "guided", label=1, n=2, size=8)
+    ufd = str(tmp_path / "ufd")
+    config = {"name": "unpaired", "train": {"uri": f"{ufd}/progan", "layout": "ufd"},
+              "val": {"uri": f"{ufd}/guided", "layout": "ufd"}, "tracking": {"uri": (tmp_path / "mlruns").as_uri()}}
+    path = tmp_path / "unpaired.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    with pytest.raises(SystemExit, match="refused: .*'guided' is paired with real subset 'imagenet'"):
+        cli.main(["train", "--config", str(path)])
+    assert not (tmp_path / "mlruns").exists()  # refused before anything started
+
+
+def test_train_refuses_a_weight_file_that_does_not_state_its_activation_before_anything_starts(
+        tmp_path, s3_server, monkeypatch):
     import open_clip
-    import ray
     from safetensors.torch import save_file
+
+    monkeypatch.setattr("jobs.train.init_ray", refuse_to_start_ray)
 
     from mpft_core.backbone import register_shipped_configs
 
@@ -173,4 +193,4 @@ def test_train_refuses_a_weight_file_that_does_not_state_its_activation_before_a
 
     with pytest.raises(SystemExit, match="does not say which activation"):
         cli.main(["train", "--config", str(path)])
-    assert not ray.is_initialized() and not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "mlruns").exists()

@@ -111,6 +111,33 @@ def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint_and_continues_the_st
     assert result.metrics["global_step"] == 2 * steps
 
 
+class InMemoryShard:
+    """What validation reads from Ray's validation shard: numpy batches of decoded rows."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        for start in range(0, len(self.rows), batch_size):
+            rows = self.rows[start:start + batch_size]
+            yield {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+@pytest.mark.timeout(120)
+def test_validation_scores_a_fake_only_subset_with_its_paired_real_subset(tmp_path):
+    from mpft_core.detector import build_detector
+
+    method = method_config()
+    rows = learnable_rows(8, seed=3)
+    rows = [{**row, "subset": "guided" if row["label"] else "imagenet"} for row in rows]
+
+    summary = training._validate(build_detector(method.detector), InMemoryShard(rows), method, 16, "cpu", tmp_path,
+                                 real_pairs={"guided": "imagenet"})
+
+    assert np.isfinite(summary["val_guided_auc"]) and not any(key.startswith("val_imagenet") for key in summary)
+    assert json.loads((tmp_path / "val_metrics.json").read_text())["guided"]["n"] == 16
+
+
 def padded_window_rows(n: int, window: int = 40) -> list[dict]:
     """Training windows as the decode stage makes them for pictures larger than the input but smaller than the
     window: the picture top-left, zeros around it, its extent in view_height / view_width."""
