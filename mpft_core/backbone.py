@@ -149,9 +149,8 @@ def export_clip_weights(cfg: BackboneConfig, path: "str | os.PathLike[str]", *,
                         resolve_uri: Optional[UriResolver] = None) -> Architecture:
     """Write the weights ``cfg`` names (a tag from the local hub cache, or a file) as a ``.safetensors`` weight file
     that states its activation, e.g. the OpenAI ViT-L/14 weights for a cluster without network access."""
-    register_shipped_configs()
     model, architecture, stated_preprocess = _create_clip(cfg, resolve_uri, None)
-    save_clip_weights(model, path, architecture.activation, stated_preprocess or _preprocess_of(model.visual))
+    save_clip_weights(model, path, architecture.activation, stated_preprocess)
     return architecture
 
 
