@@ -12,13 +12,13 @@ from typing import Optional
 import yaml
 from pydantic import Field, field_validator
 
-from mpft_core.config import MethodConfig, _Strict
+from mpft_core.config import MethodConfig, StrictModel
 from mpft_core.imageio import DEFAULT_MAX_PIXELS
 from pipelines.sources import SourceConfig
 from pipelines.storage import StorageConfig
 
 
-class ScalingSection(_Strict):
+class ScalingSection(StrictModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     # Fractional CPUs keep Ray Data's read/decode tasks schedulable on small machines (PLATFORM.md: whole-CPU
@@ -27,14 +27,14 @@ class ScalingSection(_Strict):
     torch_threads: int = Field(1, ge=1)
 
 
-class TrackingSection(_Strict):
+class TrackingSection(StrictModel):
     # None: the MLFLOW_TRACKING_URI environment variable, read by the CLI.
     uri: Optional[str] = None
     experiment: str = "mpft"
     registered_model: Optional[str] = "mpft-detector"
 
 
-class TrainJobConfig(_Strict):
+class TrainJobConfig(StrictModel):
     # The run name identifies the checkpoint folder and the MLflow run: re-running the same name resumes.
     name: str
     method: MethodConfig = Field(default_factory=MethodConfig)

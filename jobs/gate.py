@@ -13,11 +13,11 @@ from typing import Optional
 import pandas as pd
 from pydantic import Field
 
-from mpft_core.config import _Strict
+from mpft_core.config import StrictModel
 from mpft_core.metrics import MEAN_KEY, POOLED_KEY
 
 
-class GateConfig(_Strict):
+class GateConfig(StrictModel):
     """Rules a challenger must pass. Differences are challenger minus champion, as fractions (0.01 = 1 point)."""
 
     # Mean accuracy over subsets may not drop by more than this (0 = must not be lower).

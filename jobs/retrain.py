@@ -20,14 +20,14 @@ from jobs import tracking
 from jobs.config import TrainJobConfig, load_yaml
 from jobs.gate import GateConfig
 from jobs.promote import PromotionOutcome, default_evaluator, promote, render_decision
-from mpft_core.config import _Strict
+from mpft_core.config import StrictModel
 from mpft_core.metrics import MEAN_KEY
 from pipelines.sources import SourceConfig
 
 log = logging.getLogger(__name__)
 
 
-class RetrainConfig(_Strict):
+class RetrainConfig(StrictModel):
     # The regular training job; its `train` sources are the data the current champion was trained on.
     train: TrainJobConfig
     # The new generator's images (and any fresh real images), merged into the training manifest.

@@ -55,9 +55,10 @@ from mlflow.protos.databricks_pb2 import (
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
+from pipelines.storage import SECRET_MASK
+
 log = logging.getLogger(__name__)
 
-MASK = "**********"  # same marker as StorageConfig.to_dict
 # Defence in depth: callers pass already-masked dicts, but a key that looks like a credential is never logged.
 _SECRET_KEY = re.compile(r"secret|passw|credential|(^|[_\-.])token($|[_\-.])|api_?key|private_?key|access_?key",
                          re.IGNORECASE)
@@ -172,15 +173,15 @@ def log_params(params: dict) -> None:
 
 
 def mask_secrets(value: Any, key: str = "") -> Any:
-    """Copy of ``value`` with every entry under a secret-like key replaced by ``MASK`` and URL passwords removed."""
+    """Copy of ``value`` with each entry under a secret-like key replaced by ``SECRET_MASK``, URL passwords removed."""
     if key and _SECRET_KEY.search(key) and not _is_empty(value):
-        return MASK
+        return SECRET_MASK
     if isinstance(value, Mapping):
         return {k: mask_secrets(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [mask_secrets(v) for v in value]
     if isinstance(value, str):
-        return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", value)
+        return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{SECRET_MASK}@", value)
     return value
 
 

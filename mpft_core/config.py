@@ -12,7 +12,9 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config section: unknown keys are rejected, assignments validated, and it round-trips through plain dicts."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     def to_dict(self) -> dict:
@@ -23,7 +25,7 @@ class _Strict(BaseModel):
         return cls.model_validate(data or {})
 
 
-class BackboneConfig(_Strict):
+class BackboneConfig(StrictModel):
     """Which open_clip vision tower, and where its weights come from."""
 
     name: str = "ViT-L-14"
@@ -34,7 +36,7 @@ class BackboneConfig(_Strict):
     activation: Optional[Literal["gelu", "quick_gelu"]] = None
 
 
-class MaskConfig(_Strict):
+class MaskConfig(StrictModel):
     """Texture-Aware Masking. Applied in training only; evaluation and scoring always see the whole image."""
 
     strategy: Literal["tam", "random", "none"] = "tam"
@@ -43,7 +45,7 @@ class MaskConfig(_Strict):
     mode: Literal["fill", "drop"] = "fill"
 
 
-class DetectorConfig(_Strict):
+class DetectorConfig(StrictModel):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     trainable: Literal["full", "last-k", "probe"] = "full"
@@ -51,7 +53,7 @@ class DetectorConfig(_Strict):
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     # None picks the METHOD.md default for the trainable policy: 1e-5 (full) or 5e-5 (last-k).
     backbone_lr: Optional[float] = None
     head_lr: float = 1e-3
@@ -69,7 +71,7 @@ class OptimConfig(_Strict):
         return 5e-5 if trainable == "last-k" else 1e-5
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Training-time crops. The decode stage cuts one random window per file, ``crop_jitter`` x the input size
     larger than the model input; every epoch the training loop takes a fresh random crop of the input size from it,
     and a random horizontal flip. Crops (and so the phase of the pixel grid against a generator's upsampling or JPEG
@@ -85,14 +87,14 @@ class AugmentConfig(_Strict):
         return image_size + round(image_size * self.crop_jitter)
 
 
-class ThresholdConfig(_Strict):
+class ThresholdConfig(StrictModel):
     """How the decision threshold is chosen on the validation split (never on test labels)."""
 
     # None keeps 0.5; otherwise the threshold that gives this false-positive rate on real validation images.
     target_fpr: Optional[float] = Field(None, gt=0.0, lt=1.0)
 
 
-class MethodConfig(_Strict):
+class MethodConfig(StrictModel):
     """The method part of a training run: model, masking, optimiser, calibration."""
 
     detector: DetectorConfig = Field(default_factory=DetectorConfig)

@@ -51,7 +51,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from mpft_core.config import _Strict
+from mpft_core.config import StrictModel
 from mpft_core.metrics import pairing_problem
 from pipelines import storage
 from pipelines.storage import StorageConfig
@@ -69,14 +69,14 @@ _CARVE_KEY = "carve_key"  # a column that lives only until the carve
 _HASH_VERSION = b"mpft-manifest-v1\n"
 
 
-class CarveConfig(_Strict):
+class CarveConfig(StrictModel):
     """A deterministic part of a source's files, chosen by a hash of each file's carve key (module docstring)."""
 
     fraction: float = Field(gt=0.0, lt=1.0)  # expected share of the files in the carved part
     keep: Literal["rest", "carved"]          # train on the rest, validate on the carved part
 
 
-class SourceConfig(_Strict):
+class SourceConfig(StrictModel):
     uri: str  # prefix/folder, or a .parquet/.csv manifest file
     layout: Literal["genimage", "ufd", "manifest", "unlabelled"] = "genimage"
     split: Optional[str] = None  # genimage: "train"/"val"; manifest: filter on its split column; else recorded

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 from pydantic import SecretStr, field_validator
 
-from mpft_core.config import _Strict
+from mpft_core.config import StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ STAMP_DIR = ".mpft-stamps"
 _SECRET_FIELDS = ("access_key", "secret_key", "session_token")
 
 
-class StorageConfig(_Strict):
+class StorageConfig(StrictModel):
     """Where S3 is and how to log in; every field may be left empty to use the standard AWS variables."""
 
     endpoint_url: Optional[str] = None  # e.g. "http://127.0.0.1:5123"; None -> AWS_ENDPOINT_URL(_S3), else AWS

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from mpft_core.config import _Strict
+from mpft_core.config import StrictModel
 from pipelines import storage
 from pipelines.decode import DECODED_COLUMNS
 from pipelines.ingest import drop_errors, for_training, read_images
@@ -110,7 +110,7 @@ def test_eval_reads_are_deterministic_and_train_crops_follow_the_seed(ray_local,
     assert sum(not np.array_equal(train_0[p], train_1[p]) for p in train_0) >= len(train_0) // 2
 
 
-class _JobLikeConfig(_Strict):
+class _JobLikeConfig(StrictModel):
     storage: StorageConfig
     source: SourceConfig
 

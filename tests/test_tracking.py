@@ -20,6 +20,7 @@ import open_clip
 
 from jobs import plots, tracking
 from mpft_core.backbone import register_shipped_configs, save_clip_weights, tower_activation
+from pipelines.storage import SECRET_MASK
 from mpft_core.checkpoint import load_checkpoint, save_checkpoint
 from mpft_core.config import BackboneConfig, DetectorConfig
 from mpft_core.detector import build_detector
@@ -111,10 +112,10 @@ def test_log_config_masks_secret_like_keys(tracking_uri):
     for secret in ("hunter2", "s3cr3t", "pw-value", "tok-value", "nested-value"):
         assert secret not in saved_yaml
         assert not any(secret in value for value in params.values())
-    assert params["storage.secret_key"] == tracking.MASK
-    assert params["db_password"] == tracking.MASK
-    assert params["auth.client_secrets"] == tracking.MASK
-    assert params["storage.endpoint_url"] == f"http://{tracking.MASK}@127.0.0.1:9000"
+    assert params["storage.secret_key"] == SECRET_MASK
+    assert params["db_password"] == SECRET_MASK
+    assert params["auth.client_secrets"] == SECRET_MASK
+    assert params["storage.endpoint_url"] == f"http://{SECRET_MASK}@127.0.0.1:9000"
     assert params["storage.access_key"] == "None"  # unset stays visibly unset
     assert params["tokenizer"] == "kept"
 
@@ -199,7 +200,7 @@ def test_text_report_and_run_tags(tracking_uri):
         tracking.set_run_tags({"retrain.decision": "promoted", "db_password": "pw-value"})
     assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/gate.md") == "# gate\npassed\n"
     tags = MlflowClient(tracking_uri).get_run(run.info.run_id).data.tags
-    assert tags["retrain.decision"] == "promoted" and tags["db_password"] == tracking.MASK
+    assert tags["retrain.decision"] == "promoted" and tags["db_password"] == SECRET_MASK
 
 
 def test_logging_outside_a_run_is_an_error_not_a_stray_run():
