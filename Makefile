@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv test test-fast demo bench gpu-wheels gpu-check clean
+.PHONY: venv lint test test-fast demo bench gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,local]"
 	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # Two pytest workers, one test file each at a time: much of an end-to-end test is waiting on process start-up.
 test: $(STAMP)

@@ -25,10 +25,11 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import open_clip
 import torch.nn as nn
@@ -99,7 +100,7 @@ class Architecture:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Architecture":
+    def from_dict(cls, data: dict) -> Architecture:
         if data.get("activation") not in ACTIVATIONS:
             raise ValueError(f"recorded architecture has activation {data.get('activation')!r}; expected {ACTIVATIONS}")
         return cls(name=str(data["name"]), activation=data["activation"], embed_dim=int(data["embed_dim"]),
@@ -145,7 +146,7 @@ def create_backbone(
     return Backbone(visual, preprocess, architecture)
 
 
-def export_clip_weights(cfg: BackboneConfig, path: "str | os.PathLike[str]", *,
+def export_clip_weights(cfg: BackboneConfig, path: str | os.PathLike[str], *,
                         resolve_uri: Optional[UriResolver] = None) -> Architecture:
     """Write the weights ``cfg`` names (a tag from the local hub cache, or a file) as a ``.safetensors`` weight file
     that states its activation, e.g. the OpenAI ViT-L/14 weights for a cluster without network access."""
@@ -241,7 +242,7 @@ def tower_activation(visual: nn.Module) -> str:
     return kinds.pop()
 
 
-def weights_metadata(path: "str | os.PathLike[str]") -> dict[str, str]:
+def weights_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``__metadata__`` of a local ``.safetensors`` file (what ``save_clip_weights`` states lives there)."""
     with open(path, "rb") as f:
         return read_weights_metadata(lambda n: (f.seek(0), f.read(n))[1], origin=str(path))
@@ -277,7 +278,7 @@ def _stated_preprocess(metadata: Optional[dict], origin) -> Optional[Preprocess]
         raise ValueError(f"weight file {origin!r} states an unreadable preprocess: {err}") from err
 
 
-def save_clip_weights(model: nn.Module, path: "str | os.PathLike[str]", activation: str,
+def save_clip_weights(model: nn.Module, path: str | os.PathLike[str], activation: str,
                       preprocess: Optional[Preprocess] = None) -> None:
     """Write an open_clip CLIP model's full state dict as a ``.safetensors`` weight file that states ``activation``
     and the input normalisation (``preprocess``, default the model's own), loadable as ``BackboneConfig.pretrained``

@@ -1,8 +1,8 @@
 """Typed configuration of the method.
 
-Every knob of METHOD.md is a field here, so a run's behaviour is fully described by one object that is saved next to
-its outputs (``to_dict``) and can be rebuilt from YAML/JSON (``from_dict``). Unknown keys are rejected: a typo in a
-sweep config must fail loudly instead of silently training the default.
+Every knob of the method (docs/METHOD.md) is a field here, so a run's behaviour is fully described by one object that
+is saved next to its outputs (``to_dict``) and can be rebuilt from YAML/JSON (``from_dict``). Unknown keys are
+rejected: a typo in a sweep config must fail loudly instead of silently training the default.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class DetectorConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    # None picks the METHOD.md default for the trainable policy: 1e-5 (full) or 5e-5 (last-k).
+    # None picks the docs/METHOD.md default for the trainable policy: 1e-5 (full) or 5e-5 (last-k).
     backbone_lr: Optional[float] = None
     head_lr: float = 1e-3
     weight_decay: float = 0.0
@@ -77,8 +77,8 @@ class AugmentConfig(StrictModel):
     and a random horizontal flip. Crops (and so the phase of the pixel grid against a generator's upsampling or JPEG
     blocks) then differ between epochs even when the decoded set is cached.
 
-    The default 0 keeps one crop per file (flipped anew each epoch): on the toy demo, 0.125 raised validation
-    accuracy on the training generator but lowered it on held-out generators in each of 3 seeds (README)."""
+    The default 0 keeps one crop per file (flipped anew each epoch): jitter helped the training generator but hurt
+    held-out ones on the demo corpus (README, crop jitter)."""
 
     crop_jitter: float = Field(0.0, ge=0.0, le=1.0)
 

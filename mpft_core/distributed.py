@@ -73,7 +73,7 @@ def setup_training(method: MethodConfig, device: torch.device, *, total_steps: i
     return setup
 
 
-def concrete_device(device: "torch.device | str") -> torch.device:
+def concrete_device(device: torch.device | str) -> torch.device:
     """``device`` with its CUDA index filled in (``"cuda"`` means the current device)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -92,11 +92,13 @@ def wrap_data_parallel(detector: MPFTDetector, device: torch.device) -> nn.Modul
     return DistributedDataParallel(detector)
 
 
-def save_training_checkpoint(setup: TrainingSetup, directory: Path, *, epoch: int, extra: Optional[dict] = None) -> Path:
+def save_training_checkpoint(setup: TrainingSetup, directory: Path, *, epoch: int,
+                             extra: Optional[dict] = None) -> Path:
     """Write the detector (``model.safetensors`` + ``mpft.json``, from a CPU copy of its state: nothing is moved)
     and ``train_state.pt`` (optimizer, schedule, scaler, epoch, step) into ``directory``."""
     directory = Path(directory)
-    save_checkpoint(setup.detector, directory, extra={"epoch": epoch, "global_step": setup.global_step, **(extra or {})})
+    save_checkpoint(setup.detector, directory,
+                    extra={"epoch": epoch, "global_step": setup.global_step, **(extra or {})})
     torch.save({"optimizer": setup.optimizer.state_dict(),
                 "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
                 "scaler": setup.scaler.state_dict() if setup.scaler is not None else None,

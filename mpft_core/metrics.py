@@ -6,7 +6,7 @@ Conventions used throughout:
 * ``scores``: the detector's probability that an image is generated.
 * Prediction rule: an image is called *generated* iff ``score >= threshold``; otherwise *real*.
 
-Every number is computed once on the full subset (METHOD.md): no resampling, no averaging of per-batch values.
+Every number is computed once on the full subset (docs/METHOD.md): no resampling, no averaging of per-batch values.
 Average precision and ROC AUC need both classes, so they are NaN on a subset that holds only one class (a common case:
 a test folder of one generator's fakes only); per-class accuracies are NaN when that class is absent. Benchmarks that
 ship fake-only test sets pair each with a real-only set (UniversalFakeDetect: guided with ImageNet, LDM / Glide /
@@ -16,7 +16,8 @@ DALL-E with LAION): ``pairs`` scores a fake-only subset together with its real s
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -221,7 +222,7 @@ def calibrate_threshold(real_scores, target_fpr: float) -> float:
     they are all let through (FPR may land below the target). The result may exceed 1.0 when ``target_fpr`` is so
     small that even the top score (possibly 1.0) must pass as real.
 
-    Use validation images only — never test labels (METHOD.md).
+    Use validation images only — never test labels (docs/METHOD.md).
 
     Raises:
         ValueError: no scores, non-finite scores, or ``target_fpr`` outside [0, 1).

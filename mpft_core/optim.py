@@ -1,6 +1,6 @@
 """Optimiser, learning-rate schedule and one training step for the MPFT detector.
 
-AdamW with two parameter groups (the pre-trained backbone learns slowly, the fresh head fast; METHOD.md), a
+AdamW with two parameter groups (the pre-trained backbone learns slowly, the fresh head fast; docs/METHOD.md), a
 per-step schedule, and a ``train_step`` shared by the Ray Train loop and the examples. Mixed precision is used only
 on CUDA and only when a ``GradScaler`` is passed (``make_grad_scaler`` returns one when the config asks for AMP).
 Every function also accepts the detector wrapped in ``DistributedDataParallel`` (as Ray Train hands it over).
@@ -9,7 +9,8 @@ Every function also accepts the detector wrapped in ``DistributedDataParallel`` 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F

@@ -12,8 +12,8 @@ crop of a JPEG-compressed image). Pure numpy/PIL, deterministic, no torch.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageFilter

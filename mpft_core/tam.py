@@ -1,6 +1,6 @@
 """Texture-Aware Masking (TAM): score every ViT patch by how textured it is, then hide the most textured ones.
 
-Textured regions carry generator-specific fingerprints that do not transfer to unseen generators (METHOD.md), so
+Textured regions carry generator-specific fingerprints that do not transfer to unseen generators (docs/METHOD.md), so
 during fine-tuning the top ``ratio`` fraction of patches by texture score is hidden. Everything here works on whole
 batches at once: images are reshaped into a ``[N, P, p, p]`` stack of patches and scored with tensor ops, so the cost
 is a few elementwise passes over the batch, negligible next to a ViT step.

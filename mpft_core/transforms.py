@@ -1,6 +1,6 @@
 """Pixel transforms: tile small images, crop to the model size, flip, normalise.
 
-There is deliberately no resize anywhere: resampling wipes out the low-level traces generators leave (METHOD.md).
+There is deliberately no resize anywhere: resampling wipes out the low-level traces generators leave (docs/METHOD.md).
 Per-image functions work on numpy uint8 HWC arrays (decode side, CPU tasks); ``random_crops`` (the training loop's
 per-epoch crop of the decoded windows) and ``normalize`` work on a torch batch right before the model, so the data
 pipeline can ship compact uint8.
@@ -8,8 +8,9 @@ pipeline can ship compact uint8.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class Preprocess:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
+    def from_dict(cls, d: dict) -> Preprocess:
         return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
 
@@ -102,8 +103,9 @@ def random_crops(batch: torch.Tensor, size: int, generator: torch.Generator, *, 
     tops = (torch.rand(n, generator=generator) * (heights - size + 1)).long().tolist()
     lefts = (torch.rand(n, generator=generator) * (widths - size + 1)).long().tolist()
     flips = (torch.rand(n, generator=generator) < flip_prob).tolist()
-    crops = [batch[i, top : top + size, left : left + size] for i, (top, left) in enumerate(zip(tops, lefts))]
-    return torch.stack([c.flip(1) if flip else c for c, flip in zip(crops, flips)])
+    corners = enumerate(zip(tops, lefts, strict=True))
+    crops = [batch[i, top : top + size, left : left + size] for i, (top, left) in corners]
+    return torch.stack([c.flip(1) if flip else c for c, flip in zip(crops, flips, strict=True)])
 
 
 def crop_generator(seed: int, epoch: int, rank: int) -> torch.Generator:

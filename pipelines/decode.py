@@ -4,7 +4,7 @@ Each batch re-reads its files through ``pipelines.storage`` (one filesystem per 
 dict the driver ships; S3 objects fetched a few at a time ahead of the decoder), decodes them with
 ``mpft_core.imageio.decode_rgb`` and cuts the model view with ``mpft_core.transforms``: tile small images up to the
 input size, then the centre crop (evaluation, scoring) or, in training, a random window + flip that the training
-loop crops anew every epoch (``mpft_core.transforms.train_window``). Nothing is ever resized (METHOD.md).
+loop crops anew every epoch (``mpft_core.transforms.train_window``). Nothing is ever resized (docs/METHOD.md).
 
 A file that cannot be read or decoded becomes a row with an ``error`` message, zero pixels and width = height = -1;
 it never fails the task or the job. Only one batch of files is held at a time: bytes and the full-size decode of a

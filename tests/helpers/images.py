@@ -7,7 +7,7 @@
 - ``write_genimage_tree`` / ``write_ufd_tree``: the two benchmark layouts, returning {relative path: label};
   ``write_ufd_single_class``: a one-class UFD folder (the diffusion test sets and their real sets).
 - ``write_bad_corpus``: one file per failure mode / odd format, returning {file name: expected to decode}.
-Both classes are written in the same file format, so format is never the signal (METHOD.md pitfall).
+Both classes are written in the same file format, so format is never the signal (docs/METHOD.md pitfall).
 """
 
 from __future__ import annotations
