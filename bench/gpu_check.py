@@ -47,8 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from mpft_core.backbone import register_shipped_configs, save_clip_weights, tower_activation  # noqa: E402
 from mpft_core.checkpoint import load_checkpoint  # noqa: E402
 from mpft_core.config import BackboneConfig, DetectorConfig, MethodConfig, OptimConfig  # noqa: E402
-from mpft_core.distributed import (TRAIN_STATE_FILE, TrainingSetup, replica_digests,  # noqa: E402
-                                   save_training_checkpoint, setup_training)
+from mpft_core.distributed import (  # noqa: E402
+    TRAIN_STATE_FILE,
+    TrainingSetup,
+    replica_digests,
+    save_training_checkpoint,
+    setup_training,
+)
 from mpft_core.optim import train_step  # noqa: E402
 
 WORLD_SIZE = 2

@@ -65,7 +65,7 @@ def subset_accuracy_bars(results: dict) -> Figure:
         values = np.array([float(results[n].get(key, np.nan)) for n in names])
         positions = x + (i - (len(ACCURACY_BARS) - 1) / 2) * width
         ax.bar(positions, np.nan_to_num(values, nan=0.0), width, label=label)
-        for pos, value in zip(positions, values):
+        for pos, value in zip(positions, values, strict=True):
             if np.isnan(value):
                 ax.text(pos, 0.01, "n/a", ha="center", va="bottom", fontsize="x-small", rotation=90)
     ax.set_xticks(x, names, rotation=30, ha="right")

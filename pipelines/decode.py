@@ -27,7 +27,8 @@ training loop crops anew every epoch.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -97,7 +98,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, 
     images = np.zeros((n, side, side, 3), dtype=np.uint8)
     sizes = {name: np.full(n, -1, dtype=np.int32) for name in ("width", "height", "view_height", "view_width")}
     errors = np.full(n, None, dtype=object)
-    for i, (path, (data, read_error)) in enumerate(zip(paths, BytesReader(storage).read_each(paths))):
+    for i, (path, (data, read_error)) in enumerate(zip(paths, BytesReader(storage).read_each(paths), strict=True)):
         try:
             if read_error is not None:
                 raise read_error

@@ -43,7 +43,8 @@ import hashlib
 import io
 import logging
 import posixpath
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -163,7 +164,7 @@ def _from_listing(source: SourceConfig, files: list[str]) -> pa.Table:
         label, subset, split, key = row
         if source.layout == "genimage" and source.split is not None and split != source.split:
             continue
-        for name, value in zip(names, (path, label, subset, split, key)):
+        for name, value in zip(names, (path, label, subset, split, key), strict=True):
             rows[name].append(value)
     if skipped:
         log.warning("%d files under %s do not fit the %s layout and are skipped, e.g. %s",

@@ -22,9 +22,10 @@ import posixpath
 import tempfile
 import uuid
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -69,7 +70,7 @@ class StorageConfig(StrictModel):
                 data[name] = secret.get_secret_value() if secret is not None else None
         return data
 
-    def resolved(self) -> "StorageConfig":
+    def resolved(self) -> StorageConfig:
         """A copy with empty fields filled from the AWS variables of *this* process.
 
         Ship ``resolved().to_dict(reveal_secrets=True)`` to Ray workers: on another node the driver's environment

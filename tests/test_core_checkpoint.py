@@ -9,8 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mpft_core.backbone import (create_backbone, register_shipped_configs, resolve_architecture, save_clip_weights,
-                                tower_activation)
+from mpft_core.backbone import (
+    create_backbone,
+    register_shipped_configs,
+    resolve_architecture,
+    save_clip_weights,
+    tower_activation,
+)
 from mpft_core.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from mpft_core.config import BackboneConfig, DetectorConfig, MaskConfig, OptimConfig
 from mpft_core.detector import build_detector
@@ -77,7 +82,8 @@ def test_loader_accepts_the_safetensors_file_path(tmp_path):
     detector = tiny_detector()
     directory = save_checkpoint(detector, tmp_path / "ckpt")
     restored = load_checkpoint(directory / "model.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), detector.state_dict().values()))
+    pairs = zip(restored.state_dict().values(), detector.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_loader_refuses_a_pickle_file(tmp_path):

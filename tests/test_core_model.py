@@ -277,7 +277,7 @@ def test_cosine_schedule_decays_from_base_lr_to_zero():
     assert trace[0] == pytest.approx(1.0)
     assert trace[5] == pytest.approx(0.5)
     assert trace[-1] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(trace, trace[1:]))
+    assert all(a >= b for a, b in zip(trace, trace[1:], strict=False))
 
 
 def test_step_schedule_multiplies_by_gamma_once_per_epoch():

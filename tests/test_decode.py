@@ -14,8 +14,13 @@ from PIL import Image
 
 from mpft_core.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from pipelines.decode import DECODED_COLUMNS, decode_batch, decode_batch_arrow, decoded_schema
-from tests.helpers.images import (BAD_CORPUS_FAILURES, BAD_CORPUS_MAX_PIXELS, BAD_CORPUS_SIZES, real_photo_crops,
-                                  write_bad_corpus)
+from tests.helpers.images import (
+    BAD_CORPUS_FAILURES,
+    BAD_CORPUS_MAX_PIXELS,
+    BAD_CORPUS_SIZES,
+    real_photo_crops,
+    write_bad_corpus,
+)
 
 FAILURE_REASONS = {
     "truncated.jpg": "truncated",
@@ -176,16 +181,16 @@ def test_train_view_is_reproducible_per_seed_and_varies_across_seeds(photos):
     seed1 = decode_batch(_batch(photos), image_size=32, train=True, storage={}, seed=1)
 
     assert np.array_equal(seed0["image"], seed0_again["image"][::-1])  # same crop whatever the batch order
-    assert any(not np.array_equal(a, b) for a, b in zip(seed0["image"], seed1["image"]))
+    assert any(not np.array_equal(a, b) for a, b in zip(seed0["image"], seed1["image"], strict=True))
     eval_crops = decode_batch(_batch(photos), image_size=32, train=False, storage={})["image"]
-    assert any(not np.array_equal(a, b) for a, b in zip(seed0["image"], eval_crops))
+    assert any(not np.array_equal(a, b) for a, b in zip(seed0["image"], eval_crops, strict=True))
 
 
 def _is_crop_of(crop: np.ndarray, picture: np.ndarray) -> bool:
     """Is ``crop`` a region of ``picture`` or of its mirror image?"""
     h, w = crop.shape[:2]
-    return any(np.array_equal(crop, view[t:t + h, l:l + w]) for view in (picture, picture[:, ::-1])
-               for t in range(picture.shape[0] - h + 1) for l in range(picture.shape[1] - w + 1))
+    return any(np.array_equal(crop, view[t:t + h, x:x + w]) for view in (picture, picture[:, ::-1])
+               for t in range(picture.shape[0] - h + 1) for x in range(picture.shape[1] - w + 1))
 
 
 def _epoch_crops(decoded: dict, size: int, epoch: int) -> np.ndarray:
@@ -207,8 +212,8 @@ def test_each_epoch_cuts_new_crops_of_the_decoded_windows_and_a_rerun_repeats_th
     assert window == 40 and decoded["image"].shape[1:] == (40, 40, 3) and first.shape == (len(photos), 32, 32, 3)
     assert list(decoded["view_height"]) == list(decoded["view_width"]) == [40] * len(photos)  # 48 px photos
     windows = np.concatenate([decoded["image"]] * 2)
-    assert all(_is_crop_of(c, w) for c, w in zip(np.concatenate([first, second]), windows))
-    assert any(not np.array_equal(a, b) for a, b in zip(first, second))  # augmentation varies per epoch
+    assert all(_is_crop_of(c, w) for c, w in zip(np.concatenate([first, second]), windows, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, second, strict=True))  # augmentation varies per epoch
     assert np.array_equal(first, first_again)  # a restarted epoch sees the same crops
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.render import RenderError, main as render_main, placeholders, render, render_text
+from infra.render import RenderError, placeholders, render, render_text
+from infra.render import main as render_main
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 RAYJOB = INFRA / "k8s" / "rayjob.yaml"

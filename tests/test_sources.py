@@ -10,8 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sources import (MANIFEST_SCHEMA, SourceConfig, build_manifest, manifest_hash, real_pairs_of,
-                               write_manifest)
+from pipelines.sources import (
+    MANIFEST_SCHEMA,
+    SourceConfig,
+    build_manifest,
+    manifest_hash,
+    real_pairs_of,
+    write_manifest,
+)
 from pipelines.subset_names import UFD_OBJECT_CLASSES
 from tests.helpers.images import write_genimage_tree, write_ufd_single_class, write_ufd_tree
 

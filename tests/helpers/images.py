@@ -15,9 +15,10 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image
