@@ -46,10 +46,11 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -58,7 +59,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipelines.scoring import ScoringResources  # noqa: E402
+from pipelines.processes import Process, command_line, descendants, resident_kib, running_processes  # noqa: E402
+from pipelines.scoring_spec import ScoringResources  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL_NAME = "mpft-small-224"
@@ -94,35 +96,10 @@ def write_files(folder: Path, n: int, side: int, seed: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------- memory sampling
 
 
-def _rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _process_tree(root: int, exclude: set[int]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        if pid in exclude:
-            continue
-        out.append(pid)
-        stack.extend(children.get(pid, []))
-    return out
+def _tree(root: int, skip: Collection[int] = ()) -> list[Process]:
+    """``root`` and every process below it, except those in ``skip`` and everything below them."""
+    processes = running_processes()
+    return [p for p in processes if p.pid == root] + descendants(root, processes, prune=skip)
 
 
 class PeakRss:
@@ -136,11 +113,11 @@ class PeakRss:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = sum(_rss_kib(p) for p in _process_tree(os.getpid(), self.exclude))
+            total = sum(resident_kib(p.pid) for p in _tree(os.getpid(), self.exclude))
             self.peak_kib = max(self.peak_kib, total)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 
@@ -264,17 +241,19 @@ def measure_dataloader(checkpoint: Path, paths: list[str], batch_size: int, work
 def measure_pipeline(checkpoint: Path, input_uri: str, output_dir: Path, args, storage_cfg=None,
                      exclude_pids: set[int] = frozenset(), decode_in_actor: bool = False) -> dict:
     """(b)/(b') one full scoring run; returns images/s, rows written and the peak RSS of the process tree."""
-    from pipelines.scoring import ModelInfo, ScoreJob, run_scoring
+    from pipelines.scoring import ScoreJob, run_scoring
+    from pipelines.scoring_spec import ResolvedModel
 
     shutil.rmtree(output_dir, ignore_errors=True)
     _wait_for_scoring_actors_to_exit()  # the previous run's actors would count in this run's memory
+    resources = ScoringResources(batch_size=args.batch_size, num_actors=args.num_actors, actor_cpus=args.actor_cpus,
+                                 torch_threads=args.torch_threads, decode_cpus=args.decode_cpus,
+                                 rows_per_block=args.rows_per_block, buffer_mib=args.buffer_mib)
     job = ScoreJob(model_ref=str(checkpoint), input_uri=input_uri, output_uri=str(output_dir), storage=storage_cfg,
-                   batch_size=args.batch_size, num_actors=args.num_actors or None, actor_cpus=args.actor_cpus,
-                   torch_threads=args.torch_threads, decode_cpus=args.decode_cpus, rows_per_block=args.rows_per_block,
-                   buffer_mib=args.buffer_mib or None, decode_in_actor=decode_in_actor)
+                   resources=resources, decode_in_actor=decode_in_actor)
     with PeakRss(exclude=exclude_pids) as mem:
         started = time.perf_counter()
-        summary = run_scoring(job, ModelInfo(checkpoint_dir=str(checkpoint), uri=str(checkpoint)))
+        summary = run_scoring(job, ResolvedModel(checkpoint_dir=str(checkpoint), uri=str(checkpoint)))
         seconds = time.perf_counter() - started
     if summary.n_written != summary.n_inputs or summary.n_errors:
         raise RuntimeError(f"pipeline wrote {summary.n_written} rows ({summary.n_errors} errors) for "
@@ -287,17 +266,9 @@ def _wait_for_scoring_actors_to_exit(timeout: float = 60.0) -> None:
     """Ray stops a finished run's actors asynchronously: wait until no ``MapWorker`` process is left."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(b"MapWorker" in _cmdline(p) for p in _process_tree(os.getpid(), set())):
+        if not any("MapWorker" in arg for p in _tree(os.getpid()) for arg in command_line(p.pid)):
             return
         time.sleep(0.2)
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read()
-    except OSError:
-        return b""
 
 
 # --------------------------------------------------------------------------------------------------- the run
@@ -392,15 +363,7 @@ def one_actor_all_threads(args, cores: int) -> argparse.Namespace:
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its children (the S3 server's own share of the machine)."""
-    total = 0.0
-    for p in _process_tree(pid, set()) if pid else []:
-        try:
-            with open(f"/proc/{p}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    return sum(p.cpu_ticks for p in _tree(pid)) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

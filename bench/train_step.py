@@ -4,24 +4,23 @@
     .venv/bin/python bench/train_step.py --quick         # 3 repeats (a few minutes on a 2-core CPU)
     .venv/bin/python bench/train_step.py --part tam      # only the TAM share of a `fill` step
 
-Setup (the demo issue): open_clip ViT-B-16 with random weights (nothing downloaded), full fine-tuning, batch 8 of
-224 px crops, TAM with the `diversity` texture score at ratio 0.5, fp32 on the CPU with 2 torch threads. Every timed
-step is a complete `mpft_core.optim.train_step` (normalise, TAM, forward, BCE, backward, AdamW) on the same batch.
+Setup: open_clip ViT-B-16 with random weights (nothing downloaded), full fine-tuning, batch 8 of 224 px crops, TAM
+with the `diversity` texture score at ratio 0.5, fp32 on the CPU with 2 torch threads. Every timed step is a complete
+`mpft_core.optim.train_step` (normalise, TAM, forward, BCE, backward, AdamW) on the same batch.
 
 Parts:
 * ``tam``: time spent in ``compute_mask`` during each step, measured inside the step (the detector's reference to
   ``compute_mask`` is wrapped with a timer), as a share of the whole step. Also timed on its own on the same batch,
   as a cross-check. Target: <= 3 % of the step.
 * ``mask-modes``: step time of ``fill`` vs ``drop`` at ratio 0.5. Target: ``drop`` >= 1.6x faster per step.
-
-The machine is shared, so the modes are interleaved (and their order alternates every repeat) so that background
-load hits both alike, and the figures are medians. Results go to ``bench/results/train_step.{json,md}``.
-
 * ``ray``: training samples/s of 1 vs 2 Ray Train workers (the real loop of ``pipelines/training.py``, DDP over
   gloo) on the tiny ``mpft-tiny-224`` config, from an in-memory dataset so that only the training side is measured.
   Both runs use the same 2 torch threads in total (1 worker x 2 threads vs 2 workers x 1 thread); samples/s is the
   loop's own per-epoch figure, the first epoch (warm-up) left out. On 2 cores this shows what data-parallelism costs
   or gains when the cores are already busy; the gain it exists for comes with more nodes or GPUs.
+
+The modes are interleaved (and their order alternates every repeat) so that background load hits both alike, and
+the figures are medians. Results go to ``bench/results/train_step.{json,md}``.
 """
 
 from __future__ import annotations
@@ -33,10 +32,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,7 +66,7 @@ class MaskTimer:
         self.seconds = 0.0
 
     @contextmanager
-    def installed(self) -> Iterator["MaskTimer"]:
+    def installed(self) -> Iterator[MaskTimer]:
         original = detector_module.compute_mask
 
         def timed_compute_mask(*args, **kwargs):
@@ -183,7 +182,7 @@ def summarise_mask_modes(records: dict[str, list[dict]]) -> dict:
     fill_s = median([r["step_s"] for r in records["fill"]])
     drop_s = median([r["step_s"] for r in records["drop"]])
     # Paired ratios (fill and drop of the same round ran back to back) are less sensitive to slow drifts in load.
-    paired = [f["step_s"] / d["step_s"] for f, d in zip(records["fill"], records["drop"])]
+    paired = [f["step_s"] / d["step_s"] for f, d in zip(records["fill"], records["drop"], strict=True)]
     speedup = fill_s / drop_s
     return {
         "ratio": MASK_RATIO,
@@ -233,9 +232,10 @@ def render_markdown(result: dict) -> str:
         f"- machine: {m['cpu_model']}, {m['logical_cores']} logical cores, torch {m['torch']} "
         f"({m['torch_threads']} threads), Python {m['python']}",
         f"- load average (1/5/15 min) at start {result['load_average_start']}, at end {result['load_average_end']} "
-        "(the machine was shared with other jobs: figures are medians over interleaved repeats)",
+        "(figures are medians over interleaved repeats, which background load hits alike)",
         f"- setup: {result['setup']['backbone']} random weights, full fine-tuning, batch {BATCH_SIZE} x 224 px, "
-        f"fp32 CPU, TAM `diversity` at ratio {MASK_RATIO}; {result['repeats']} timed steps per mode after one warm-up step",
+        f"fp32 CPU, TAM `diversity` at ratio {MASK_RATIO}; {result['repeats']} timed steps per mode after one "
+        "warm-up step",
         "",
         "| figure | value | target | result |",
         "|---|---|---|---|",

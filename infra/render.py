@@ -1,8 +1,8 @@
 """Fill the ``${PLACEHOLDER}`` values of the deployment templates under infra/ (string.Template syntax).
 
-    python -m infra.render infra/k8s/rayjob.yaml IMAGE=ghcr.io/acme/mpft:0.1.0 NAMESPACE=mpft ... > rayjob.yaml
-    python -m infra.render infra/k8s/rayjob.yaml --env            # take unset values from the environment
-    python -m infra.render infra/k8s/rayjob.yaml --list           # which placeholders the template needs
+    mpft render infra/k8s/rayjob.yaml IMAGE=ghcr.io/acme/mpft:0.1.0 NAMESPACE=mpft ... > rayjob.yaml
+    mpft render infra/k8s/rayjob.yaml --env            # take unset values from the environment
+    mpft render infra/k8s/rayjob.yaml --list           # which placeholders the template needs
 
 Rendering refuses to produce a manifest with a placeholder left unset: a ``${BUCKET}`` that reaches ``kubectl``
 would create a resource pointing nowhere, which fails much later and far from the cause. In templates ``$$`` is a
@@ -11,12 +11,9 @@ literal ``$`` (shell variables in commands are written ``$$NAME``).
 
 from __future__ import annotations
 
-import argparse
-import os
 import string
-import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 
 class RenderError(ValueError):
@@ -55,42 +52,3 @@ def _invalid_placeholder_message(text: str, offset: int) -> str:
     number = text.count("\n", 0, offset) + 1
     line = text.splitlines()[number - 1].strip()
     return f"line {number}: '$' not followed by a placeholder name (write $$ for a literal $): {line}"
-
-
-def _parse_assignments(items: list[str]) -> dict[str, str]:
-    values = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise RenderError(f"expected NAME=VALUE, got {item!r}")
-        values[name] = value
-    return values
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.render", description=__doc__.split("\n\n")[0])
-    parser.add_argument("template", type=Path)
-    parser.add_argument("values", nargs="*", metavar="NAME=VALUE")
-    parser.add_argument("--env", action="store_true", help="fill placeholders not given as NAME=VALUE from the env")
-    parser.add_argument("--list", action="store_true", help="print the template's placeholders and exit")
-    parser.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
-    args = parser.parse_args(argv)
-    try:
-        text = args.template.read_text()
-        if args.list:
-            print("\n".join(placeholders(text)))
-            return 0
-        values = {**(dict(os.environ) if args.env else {}), **_parse_assignments(args.values)}
-        rendered = render_text(text, values, source=str(args.template))
-    except (RenderError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.output:
-        args.output.write_text(rendered)
-    else:
-        sys.stdout.write(rendered)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,8 +21,7 @@ from pipelines.storage import StorageConfig
 class ScalingSection(StrictModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    # Fractional CPUs keep Ray Data's read/decode tasks schedulable on small machines (PLATFORM.md: whole-CPU
-    # workers on 2 cores left the reads backpressured forever).
+    # Fractional CPUs leave room for Ray Data's read/decode tasks on small machines (docs/PLATFORM.md).
     cpus_per_worker: float = Field(0.5, gt=0)
     torch_threads: int = Field(1, ge=1)
 
@@ -52,7 +51,8 @@ class TrainJobConfig(StrictModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # larger images become error rows (decompression bombs)
     log_every_steps: int = Field(10, ge=1)
     # Decode the train/val images once and keep them in Ray's object store for every epoch. For corpora that fit in
-    # memory (the demo, small-data fine-tuning): the crops are the same each epoch either way (seeded per path).
+    # memory (the demo, small-data fine-tuning). Augmentation is unchanged by it: the decoded training windows are
+    # seeded per path either way, and the loop draws each epoch's crop and flip from them anew.
     cache_decoded: bool = False
     # Resilience drill: raise once inside the loop at this global step on a fresh (not resumed) attempt, to check
     # that FailureConfig restarts from the last checkpoint. Off by default.

@@ -3,7 +3,7 @@
     start   moto S3 server · MLflow server (sqlite) · private Ray
     corpus  real photo crops + images from toy generators the demo trains itself → s3://mpft-demo/genimage
     train   2 Ray Train workers, TAM on                  → MLflow run, registered version, alias `challenger`
-    eval    challenger on the unseen generators, clean and degraded → table + plots in MLflow
+    eval    challenger on a seen and an unseen generator, clean and degraded → table + plots in MLflow
     promote challenger vs champion on the frozen holdout → alias `champion`
     score   an unlabelled "crawl" (with broken files) with models:/…@champion → Parquet, one row per file
     stop    everything the demo started
@@ -13,27 +13,41 @@ Everything the demo keeps (MLflow database and artefacts, score Parquet, corpus)
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
+from infra.local_stack.mlflow_server import LocalMlflowServer
+from infra.local_stack.s3 import LocalS3Server
 from jobs import sample_corpus
 from jobs.config import TrainJobConfig
+from jobs.evaluate import run_evaluate
 from jobs.gate import GateConfig
+from jobs.promote import PromotionOutcome, promote, render_decision
+from jobs.score import run_score_job
+from jobs.tracking import resolve_model
+from jobs.train import TrainOutcome, run_train
 from mpft_core.config import MethodConfig
+from mpft_core.perturb import parse_perturb_specs
+from pipelines.evaluation import EvalOptions, EvalResult
+from pipelines.runtime import init_ray, shutdown_ray
+from pipelines.scoring import ScoreJob, read_scores
 from pipelines.sources import SourceConfig
-
-log = logging.getLogger(__name__)
+from pipelines.storage import StorageConfig
 
 BUCKET = "mpft-demo"
 MODEL_NAME = "mpft-demo-detector"
 EXPERIMENT = "mpft-demo"
 TRAIN_GENERATORS = ("ae_up",)
 TEST_GENERATORS = ("ae_up", "ae_nn")
+GENIMAGE = f"s3://{BUCKET}/genimage"
+CRAWL = f"s3://{BUCKET}/crawl"
 
 
 @dataclass
@@ -63,104 +77,33 @@ def demo_method(sizes: DemoSizes) -> MethodConfig:
     })
 
 
-def write_crawl(corpus_root: Path, crawl_dir: Path) -> int:
-    """An unlabelled folder as a crawler would leave it: images of both classes plus a few broken files."""
-    crawl_dir.mkdir(parents=True, exist_ok=True)
-    images = sorted(corpus_root.glob("*/val/*/*.png"))
-    for i, path in enumerate(images):
-        shutil.copyfile(path, crawl_dir / f"img_{i:05d}.png")
-    (crawl_dir / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
-    (crawl_dir / "empty.png").write_bytes(b"")
-    (crawl_dir / "notes.jpg").write_text("this is not an image")
-    return len(images) + 3
-
-
-def run_demo(workdir: Path, sizes: DemoSizes | None = None) -> dict:
-    from infra.local_stack.mlflow_server import LocalMlflowServer
-    from infra.local_stack.s3 import LocalS3Server
-    from jobs.evaluate import run_evaluate
-    from jobs.promote import promote, render_decision
-    from jobs.score import resolve_model_info, run_score_job
-    from jobs.train import run_train
-    from mpft_core.perturb import parse_perturb_specs
-    from pipelines.evaluation import EvalOptions
-    from pipelines.runtime import init_ray, shutdown_ray
-    from pipelines.scoring import ScoreJob, read_scores
-
-    sizes = sizes or DemoSizes()
-    workdir = Path(workdir).resolve()
-    if workdir.exists():
-        shutil.rmtree(workdir)  # a demo run starts clean: old registry versions would change the promotion story
-    workdir.mkdir(parents=True)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 1)
-        print(f"[demo] {name} done in {timings[name]:.1f} s", flush=True)
-
+def run_demo(workdir: Path, sizes: DemoSizes, *, verbose: bool = False) -> dict:
+    """Every stage of the module docstring in order, one line each as it ends, then the summary; returns it as a
+    dict (paths, run ids, version, accuracies, score counts, ``timings_s`` per stage, ``total_s``). ``verbose``:
+    Ray's own progress output on the console too."""
+    workdir = fresh_workdir(workdir)
+    started, timings = time.perf_counter(), {}
     with LocalS3Server() as s3, LocalMlflowServer(root=workdir / "mlflow") as mlflow_server:
-        storage = s3.storage_config()
-        tracking_uri = mlflow_server.tracking_uri
+        storage, tracking_uri = s3.storage_config(), mlflow_server.tracking_uri
         print(f"[demo] S3 server {s3.endpoint_url} · MLflow {tracking_uri}", flush=True)
-        init_ray(num_cpus=2)
+        init_ray(num_cpus=2, verbose=verbose)
         try:
-            t0 = time.perf_counter()
-            corpus_root = workdir / "corpus" / "genimage"
-            corpus = sample_corpus.write_genimage_corpus(
-                corpus_root, n_train_per_class=sizes.n_train_per_class, n_val_per_class=sizes.n_val_per_class,
-                n_test_per_class=sizes.n_test_per_class, image_size=sizes.image_size, seed=0,
-                train_generators=TRAIN_GENERATORS, test_generators=TEST_GENERATORS,
-                generator_steps=sizes.generator_steps)
-            n_crawl = write_crawl(corpus_root, workdir / "corpus" / "crawl")
-            s3.create_bucket(BUCKET)
-            s3.upload_dir(corpus_root, f"s3://{BUCKET}/genimage")
-            s3.upload_dir(workdir / "corpus" / "crawl", f"s3://{BUCKET}/crawl")
-            lap("corpus", t0)
-
-            genimage = f"s3://{BUCKET}/genimage"
-            t0 = time.perf_counter()
-            train_cfg = TrainJobConfig(
-                name="demo-mpft-tam", method=demo_method(sizes),
-                train=[SourceConfig(uri=genimage, layout="genimage", split="train",
-                                    subsets=list(TRAIN_GENERATORS))],
-                val=[SourceConfig(uri=genimage, layout="genimage", split="val", subsets=list(TRAIN_GENERATORS))],
-                storage=storage, checkpoint_root=f"s3://{BUCKET}/checkpoints",
-                tracking={"uri": tracking_uri, "experiment": EXPERIMENT, "registered_model": MODEL_NAME},
-                log_every_steps=10, cache_decoded=True)
-            trained = run_train(train_cfg, tracking_uri)
-            lap("train", t0)
-
-            t0 = time.perf_counter()
-            holdout = [SourceConfig(uri=genimage, layout="genimage", split="val", subsets=list(TEST_GENERATORS))]
-            challenger_ref = f"models:/{MODEL_NAME}@challenger"
-            evaluation, eval_run = run_evaluate(
-                challenger_ref, holdout, storage_cfg=storage,
-                perturbations=parse_perturb_specs(["jpeg=65", "blur=1", "downscale=24"]),
-                options=EvalOptions(), tracking_uri=tracking_uri, run_name="demo-evaluate")
-            lap("evaluate", t0)
-
-            t0 = time.perf_counter()
-            outcome = promote(MODEL_NAME, holdout, GateConfig(min_mean_acc=0.6), storage_cfg=storage)
-            print(render_decision(outcome, MODEL_NAME, dry_run=False), flush=True)
-            lap("promote", t0)
-
-            t0 = time.perf_counter()
-            scores_dir = workdir / "scores"
-            # The champion if promotion passed; otherwise the demo still shows scoring, with the challenger.
-            model_ref = f"models:/{MODEL_NAME}@{'champion' if outcome.promoted else 'challenger'}"
-            job = ScoreJob(model_ref=model_ref, input_uri=f"s3://{BUCKET}/crawl", output_uri=str(scores_dir),
-                           storage=storage)
-            summary = run_score_job(job, resolve_model_info(model_ref, storage), tracking_uri=tracking_uri)
-            scores = read_scores(str(scores_dir))
-            lap("score", t0)
+            with stage("corpus", timings):
+                corpus, n_crawl = write_corpus(workdir / "corpus", sizes, s3)
+            with stage("train", timings):
+                trained = train_challenger(sizes, storage, tracking_uri, verbose)
+            with stage("evaluate", timings):
+                evaluation, eval_run = evaluate_challenger(storage, tracking_uri)
+            with stage("promote", timings):
+                outcome = promote_challenger(storage)
+            with stage("score", timings):
+                scores = score_crawl(workdir / "scores", outcome.promoted, storage, tracking_uri)
         finally:
             shutdown_ray()
-
     report = {
         "workdir": str(workdir),
         "mlflow_root": str(workdir / "mlflow"),
-        "scores": str(scores_dir),
+        "scores": str(workdir / "scores"),
         "train_run_id": trained.run_id,
         "model_version": trained.model_version,
         "promoted": outcome.promoted,
@@ -176,6 +119,90 @@ def run_demo(workdir: Path, sizes: DemoSizes | None = None) -> dict:
     }
     print_report(report)
     return report
+
+
+def fresh_workdir(workdir: Path) -> Path:
+    """``workdir``, absolute and empty: old registry versions would change the promotion story."""
+    workdir = Path(workdir).resolve()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    return workdir
+
+
+@contextmanager
+def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Time one stage into ``timings[name]`` and print one line when it is done."""
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 1)
+    print(f"[demo] {name} done in {timings[name]:.1f} s", flush=True)
+
+
+def write_corpus(corpus_dir: Path, sizes: DemoSizes, s3: LocalS3Server) -> tuple[dict, int]:
+    """The GenImage-layout corpus and the crawl, written under ``corpus_dir`` and uploaded to the demo bucket;
+    returns the corpus summary and the number of crawled files."""
+    corpus = sample_corpus.write_genimage_corpus(
+        corpus_dir / "genimage", n_train_per_class=sizes.n_train_per_class, n_val_per_class=sizes.n_val_per_class,
+        n_test_per_class=sizes.n_test_per_class, image_size=sizes.image_size, seed=0,
+        train_generators=TRAIN_GENERATORS, test_generators=TEST_GENERATORS, generator_steps=sizes.generator_steps)
+    n_crawl = write_crawl(corpus_dir / "genimage", corpus_dir / "crawl")
+    s3.create_bucket(BUCKET)
+    s3.upload_dir(corpus_dir / "genimage", GENIMAGE)
+    s3.upload_dir(corpus_dir / "crawl", CRAWL)
+    return corpus, n_crawl
+
+
+def write_crawl(corpus_root: Path, crawl_dir: Path) -> int:
+    """An unlabelled folder as a crawler would leave it: images of both classes plus a few broken files."""
+    crawl_dir.mkdir(parents=True, exist_ok=True)
+    images = sorted(corpus_root.glob("*/val/*/*.png"))
+    for i, path in enumerate(images):
+        shutil.copyfile(path, crawl_dir / f"img_{i:05d}.png")
+    (crawl_dir / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
+    (crawl_dir / "empty.png").write_bytes(b"")
+    (crawl_dir / "notes.jpg").write_text("this is not an image")
+    return len(images) + 3
+
+
+def train_challenger(sizes: DemoSizes, storage: StorageConfig, tracking_uri: str, verbose: bool) -> TrainOutcome:
+    """MPFT on the training generators, checkpoints in the bucket, registered as the `challenger`."""
+    cfg = TrainJobConfig(
+        name="demo-mpft-tam", method=demo_method(sizes),
+        train=[SourceConfig(uri=GENIMAGE, layout="genimage", split="train", subsets=list(TRAIN_GENERATORS))],
+        val=[SourceConfig(uri=GENIMAGE, layout="genimage", split="val", subsets=list(TRAIN_GENERATORS))],
+        storage=storage, checkpoint_root=f"s3://{BUCKET}/checkpoints",
+        tracking={"uri": tracking_uri, "experiment": EXPERIMENT, "registered_model": MODEL_NAME},
+        log_every_steps=10, cache_decoded=True)
+    return run_train(cfg, tracking_uri, verbose=verbose)
+
+
+def holdout() -> list[SourceConfig]:
+    """The frozen holdout: validation images of the seen and the unseen generator."""
+    return [SourceConfig(uri=GENIMAGE, layout="genimage", split="val", subsets=list(TEST_GENERATORS))]
+
+
+def evaluate_challenger(storage: StorageConfig, tracking_uri: str) -> tuple[EvalResult, str | None]:
+    """The challenger on the holdout, clean and degraded, logged to MLflow; the result and its run id."""
+    return run_evaluate(f"models:/{MODEL_NAME}@challenger", holdout(), storage_cfg=storage,
+                        perturbations=parse_perturb_specs(["jpeg=65", "blur=1", "downscale=24"]),
+                        options=EvalOptions(), tracking_uri=tracking_uri, run_name="demo-evaluate")
+
+
+def promote_challenger(storage: StorageConfig) -> PromotionOutcome:
+    """The gate against the champion (none yet: the first challenger above 60 % mean accuracy passes)."""
+    outcome = promote(MODEL_NAME, holdout(), GateConfig(min_mean_acc=0.6), storage_cfg=storage)
+    print(render_decision(outcome, MODEL_NAME, dry_run=False), flush=True)
+    return outcome
+
+
+def score_crawl(scores_dir: Path, promoted: bool, storage: StorageConfig, tracking_uri: str) -> pa.Table:
+    """The crawl scored into Parquet under ``scores_dir`` with the champion (the challenger if promotion was
+    refused: the demo still shows scoring); the score rows."""
+    model_ref = f"models:/{MODEL_NAME}@{'champion' if promoted else 'challenger'}"
+    job = ScoreJob(model_ref=model_ref, input_uri=CRAWL, output_uri=str(scores_dir), storage=storage)
+    run_score_job(job, resolve_model(model_ref, storage), tracking_uri=tracking_uri)
+    return read_scores(str(scores_dir))
 
 
 def print_report(report: dict) -> None:

@@ -16,9 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobs.demo import QUICK_SIZES, run_demo
+    from jobs.demo import QUICK_SIZES, DemoSizes, run_demo
 
-    report = run_demo(args.workdir, QUICK_SIZES if args.quick else None)
+    report = run_demo(args.workdir, QUICK_SIZES if args.quick else DemoSizes(), verbose=args.verbose)
     if args.report:
         args.report.write_text(json.dumps(report, indent=2, default=str))
     return 0

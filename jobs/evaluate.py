@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.score import resolve_model_info
 from mpft_core.metrics import to_markdown
 from mpft_core.perturb import Perturbation
 from pipelines import storage
 from pipelines.evaluation import CLEAN, EvalOptions, EvalResult, evaluate, finite_metrics
 from pipelines.storage import StorageConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +29,18 @@ SCORES_FILE = "eval_scores.parquet"
 def run_evaluate(model_ref: str, sources: Sequence, *, storage_cfg: Optional[StorageConfig] = None,
                  perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
                  output_uri: Optional[str] = None, tracking_uri: Optional[str] = None,
-                 ray_address: Optional[str] = None, run_name: Optional[str] = None) -> tuple[EvalResult, Optional[str]]:
-    """Evaluate; write table + scores under ``output_uri`` if given; log to MLflow if a tracking URI is given.
+                 ray_address: Optional[str] = None, run_name: Optional[str] = None,
+                 verbose: bool = False) -> tuple[EvalResult, Optional[str]]:
+    """Evaluate; write table + scores under ``output_uri`` if given; log to MLflow if a tracking URI is given;
+    ``verbose``: Ray's own progress on the console too.
 
     Returns the result and the MLflow run id (None when not logged).
     """
+    from jobs.tracking import resolve_model
     from pipelines.runtime import init_ray
 
-    model = resolve_model_info(model_ref, storage_cfg)
-    init_ray(ray_address)
+    model = resolve_model(model_ref, storage_cfg)
+    init_ray(ray_address, verbose=verbose)
     result = evaluate(model, sources, storage_cfg, perturbations, options)
     print(to_markdown(result.table))
     if output_uri:
@@ -73,9 +79,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 def log_evaluation(result: EvalResult, model_ref: str, sources: Sequence, perturbations: Sequence[Perturbation],
                    run_name: Optional[str] = None) -> str:
     """An MLflow run in ``mpft-evaluation``: params, flat metrics, the table, ROC/accuracy/feature-space plots."""
-    import matplotlib.pyplot as plt
-
-    from jobs import plots, tracking
+    from jobs import tracking
 
     model = result.model
     name = run_name or f"evaluate-{model.name or 'checkpoint'}-{model.version or 'local'}"
@@ -90,18 +94,24 @@ def log_evaluation(result: EvalResult, model_ref: str, sources: Sequence, pertur
         tracking.log_metrics(finite_metrics(result))
         tracking.log_table(result.table, TABLE_NAME)
         tracking.log_table(all_scores(result).to_pandas(), "eval_scores")
-        clean = result.condition(CLEAN).scores
-        scored = clean.filter(clean.column("error").is_null())
-        figures = {"roc_clean.png": plots.roc_curves(scored.column("label").to_numpy(zero_copy_only=False),
-                                                     scored.column("score").to_numpy(zero_copy_only=False),
-                                                     scored.column("subset").to_pylist())}
-        for cond in result.conditions:
-            figures[f"accuracy_{cond.name}.png"] = plots.subset_accuracy_bars(cond.results)
-        for i, space in enumerate(result.feature_spaces):
-            kind = "frozen" if i == 0 else "finetuned"
-            figures[f"feature_space_{kind}.png"] = plots.feature_space(space.embeddings, space.subsets,
-                                                                       space.labels, space.title)
-        for artifact_file, fig in figures.items():
-            tracking.log_figure(fig, artifact_file)
-            plt.close(fig)
+        for artifact_file, fig in _evaluation_figures(result):
+            tracking.log_figure(fig, artifact_file)  # closes the figure
         return run.info.run_id
+
+
+def _evaluation_figures(result: EvalResult) -> Iterator[tuple[str, Figure]]:
+    """(artefact name, figure) of the ROC, per-condition accuracy and feature-space plots, each drawn only when the
+    previous one has been handed over, so that no figure is left open if logging one fails."""
+    from jobs import plots
+
+    clean = result.condition(CLEAN).scores
+    scored = clean.filter(clean.column("error").is_null())
+    yield "roc_clean.png", plots.roc_curves(scored.column("label").to_numpy(zero_copy_only=False),
+                                            scored.column("score").to_numpy(zero_copy_only=False),
+                                            scored.column("subset").to_pylist())
+    for cond in result.conditions:
+        yield f"accuracy_{cond.name}.png", plots.subset_accuracy_bars(cond.results)
+    for i, space in enumerate(result.feature_spaces):
+        kind = "frozen" if i == 0 else "finetuned"
+        yield f"feature_space_{kind}.png", plots.feature_space(space.embeddings, space.subsets, space.labels,
+                                                               space.title)

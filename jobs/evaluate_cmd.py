@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_stack_arguments, connect_tracking, storage_from_args
-from pipelines.scoring import DEFAULT_MAX_PIXELS
+from jobs.common import (
+    add_resource_arguments,
+    add_stack_arguments,
+    connect_tracking,
+    resources_from_args,
+    storage_from_args,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,12 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the PCA plots of the frozen and fine-tuned embeddings")
     parser.add_argument("--max-feature-points", type=int, default=1000)
     parser.add_argument("--run-name", default=None, help="MLflow run name")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-actors", type=int, default=0, help="as for mpft score; 0: fill the cluster")
-    parser.add_argument("--actor-cpus", type=float, default=0.5)
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    add_resource_arguments(parser)
     add_stack_arguments(parser)
 
 
@@ -49,14 +49,12 @@ def main(args: argparse.Namespace) -> int:
     tracking_uri = connect_tracking(args, required=args.log)
     sources = [SourceConfig(uri=uri, layout=args.layout, split=args.split, subsets=args.subsets)
                for uri in args.source]
-    options = EvalOptions(batch_size=args.batch_size, num_actors=args.num_actors or None,
-                          actor_cpus=args.actor_cpus, torch_threads=args.torch_threads, use_gpu=args.gpu,
-                          max_pixels=args.max_pixels, feature_space=args.feature_space,
+    options = EvalOptions(resources=resources_from_args(args), feature_space=args.feature_space,
                           max_feature_points=args.max_feature_points)
     _, run_id = run_evaluate(args.model, sources, storage_cfg=storage_from_args(args), perturbations=perturbations,
                              options=options, output_uri=args.output,
                              tracking_uri=tracking_uri if args.log else None, ray_address=args.ray_address,
-                             run_name=args.run_name)
+                             run_name=args.run_name, verbose=args.verbose)
     if run_id:
         print(f"MLflow run: {run_id}")
     return 0

@@ -6,12 +6,12 @@
     # 0  0.912  generated  0.37       None
     # 1  0.103  real       0.37       None
 
-Preprocessing travels with the model: decode (``mpft_core.imageio.decode_rgb``, EXIF applied, pixel limit enforced),
-tile + centre crop to the model's input size (``mpft_core.transforms.eval_view``, never a resize), then
-``detector.score_uint8``. The weights are the project's own checkpoint files (``model.safetensors`` + ``mpft.json``),
-logged as a pyfunc artifact and rebuilt with ``load_checkpoint`` in ``load_context``: nothing torch-related is
-pickled. An image that cannot be decoded becomes a row with an ``error`` message and a NaN score, never an exception,
-so one corrupt upload cannot fail a whole batch.
+Preprocessing travels with the model, in ``mpft_core.scoring`` (the kernel of the Ray scoring actor too): decode
+(``mpft_core.imageio.decode_rgb``, EXIF applied, pixel limit enforced), tile + centre crop to the model's input size
+(``mpft_core.transforms.eval_view``, never a resize), then ``detector.score_uint8``. The weights are the project's
+own checkpoint files (``model.safetensors`` + ``mpft.json``), logged as a pyfunc artifact and rebuilt with
+``load_checkpoint`` in ``load_context``: nothing torch-related is pickled. An image that cannot be decoded becomes a
+row with an ``error`` message and a NaN score, never an exception, so one corrupt upload cannot fail a whole batch.
 
 This module imports mlflow only because the pyfunc class must subclass ``mlflow.pyfunc.PythonModel``; everything
 else about MLflow lives in ``jobs/tracking.py``.
@@ -19,24 +19,19 @@ else about MLflow lives in ``jobs/tracking.py``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Optional
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import torch
 
-from mpft_core.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
-from mpft_core.transforms import eval_view
+from mpft_core.imageio import DEFAULT_MAX_PIXELS
+from mpft_core.scoring import decode_views, score_rows, verdicts
 
 # Name of the pyfunc artifact holding model.safetensors + mpft.json (jobs.tracking logs and resolves it).
 CHECKPOINT_ARTIFACT = "checkpoint"
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("score", "verdict", "threshold", "error")
-VERDICT_GENERATED = "generated"
-VERDICT_REAL = "real"
 # Rows decoded and scored together: bounds memory for large inputs while keeping the model's matmuls batched.
 SCORE_BATCH_SIZE = 32
 
@@ -69,45 +64,17 @@ def score_encoded_images(detector, images: list, *, max_pixels: int = DEFAULT_MA
     ``error`` (None on every good row).
     """
     threshold = float(detector.threshold)
-    size = detector.preprocess.image_size
     scores = np.full(len(images), np.nan, dtype=np.float64)
     errors: list[Optional[str]] = [None] * len(images)
     for start in range(0, len(images), batch_size):
-        positions, crops = [], []
-        for pos in range(start, min(start + batch_size, len(images))):
-            try:
-                crops.append(eval_view(decode_rgb(_as_bytes(images[pos]), max_pixels), size))
-                positions.append(pos)
-            except Exception as err:  # noqa: BLE001 - any per-image failure must become an error row
-                errors[pos] = _describe(err)
-        if crops:
-            batch = torch.from_numpy(np.stack(crops))
-            # float32 -> float64 is exact, so the output equals the detector's own numbers bit for bit.
-            scores[positions] = detector.score_uint8(batch).numpy().astype(np.float64)
-    verdicts = [None if err is not None else (VERDICT_GENERATED if s >= threshold else VERDICT_REAL)
-                for s, err in zip(scores, errors)]
+        chunk = slice(start, start + batch_size)
+        views, chunk_errors = decode_views(images[chunk], detector.preprocess.image_size, max_pixels)
+        errors[chunk] = chunk_errors
+        # float32 -> float64 is exact, so the output equals the detector's own numbers bit for bit.
+        scores[chunk] = score_rows(detector, views, chunk_errors)
     return pd.DataFrame(
-        {"score": scores, "verdict": verdicts, "threshold": np.full(len(images), threshold), "error": errors},
+        {"score": scores, "verdict": verdicts(scores, errors, threshold), "threshold": np.full(len(images), threshold),
+         "error": errors},
         index=index if index is not None else pd.RangeIndex(len(images)),
         columns=list(OUTPUT_COLUMNS),
     )
-
-
-def _as_bytes(value) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview, np.bytes_)):
-        return bytes(value)
-    if isinstance(value, str):
-        # MLflow's REST scoring protocol carries binary columns as base64 strings.
-        try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise ImageDecodeError("image is text but not base64-encoded bytes") from err
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        raise ImageDecodeError("no image bytes in this row")
-    raise ImageDecodeError(f"image must be encoded bytes, got {type(value).__name__}")
-
-
-def _describe(err: Exception) -> str:
-    if isinstance(err, ImageDecodeError):
-        return str(err) or "undecodable image"
-    return f"{type(err).__name__}: {err}"

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from jobs import tracking
 from jobs.gate import GateConfig, GateDecision, decide
@@ -42,12 +43,11 @@ def default_evaluator(model_refs: list[str], holdout: list[SourceConfig], storag
     """Clean per-subset metrics of registered versions, by the same code path as `mpft evaluate` (fake-only holdout
     subsets scored with the real subset their source pairs them with); the models are compared in one pass over the
     holdout (each image read and decoded once)."""
-    from jobs.score import resolve_model_info
     from pipelines.evaluation import CLEAN, EvalOptions, build_eval_manifest, evaluate_many
     from pipelines.sources import manifest_hash
 
     manifest = build_eval_manifest(holdout, storage_cfg)
-    results = evaluate_many([resolve_model_info(ref, storage_cfg) for ref in model_refs], holdout, storage_cfg,
+    results = evaluate_many([tracking.resolve_model(ref, storage_cfg) for ref in model_refs], holdout, storage_cfg,
                             options=EvalOptions(feature_space=False), manifest=manifest)
     return [result.condition(CLEAN).results for result in results], manifest_hash(manifest)
 
@@ -83,7 +83,7 @@ def _gate_tags(decision: GateDecision, challenger: dict, champion: Optional[dict
                holdout_hash: str, gate: GateConfig) -> dict[str, str]:
     tags = {
         "gate.decision": "promoted" if decision.passed else "refused",
-        "gate.reasons": "; ".join(decision.reasons)[:4000] or "all rules pass",
+        "gate.reasons": "; ".join(decision.reasons) or "all rules pass",  # set_version_tags truncates
         "gate.config": json.dumps(gate.to_dict(), sort_keys=True),
         "gate.holdout_manifest_hash": holdout_hash,
         "gate.compared_to_version": champion_version or "none",

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from jobs.common import add_stack_arguments, connect_tracking, storage_from_args
-from jobs.gate import GateConfig
-from pipelines.sources import SourceConfig
+
+if TYPE_CHECKING:
+    from jobs.gate import GateConfig
+    from pipelines.sources import SourceConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,18 +20,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", default=None, choices=["genimage", "ufd", "manifest"],
                         help="layout of --holdout (default: manifest for .parquet/.csv files, else genimage)")
     parser.add_argument("--split", default=None, help="split to use (GenImage: val)")
-    defaults = GateConfig()
-    parser.add_argument("--max-subset-drop", type=float, default=defaults.max_subset_acc_drop,
-                        help="largest allowed accuracy drop on any subset, as a fraction (default %(default)s)")
-    parser.add_argument("--mean-acc-tolerance", type=float, default=defaults.mean_acc_tolerance)
-    parser.add_argument("--mean-ap-tolerance", type=float, default=defaults.mean_ap_tolerance)
-    parser.add_argument("--min-mean-acc", type=float, default=defaults.min_mean_acc,
-                        help="needed by the first champion (default %(default)s)")
+    # Unset gate rules keep the gate's defaults (jobs/gate.py GateConfig; README: retrain).
+    rules = {"--max-subset-drop": ("max_subset_acc_drop", "largest allowed accuracy drop on any subset"),
+             "--mean-acc-tolerance": ("mean_acc_tolerance", "how far mean accuracy may fall below the champion's"),
+             "--mean-ap-tolerance": ("mean_ap_tolerance", "how far mean AP may fall below the champion's"),
+             "--min-mean-acc": ("min_mean_acc", "mean accuracy the first champion needs")}
+    for flag, (rule, help_line) in rules.items():
+        parser.add_argument(flag, dest=rule, type=float, metavar="FRACTION",
+                            help=f"{help_line}, as a fraction (0.01 = 1 point; default: the gate's)")
     parser.add_argument("--dry-run", action="store_true", help="print the decision, change nothing")
     add_stack_arguments(parser)
 
 
+def gate_from_args(args: argparse.Namespace) -> GateConfig:
+    """The GateConfig with the rules given as flags; the others keep GateConfig's defaults."""
+    from jobs.gate import GateConfig
+
+    given = {rule: getattr(args, rule) for rule in GateConfig.model_fields if getattr(args, rule) is not None}
+    return GateConfig(**given)
+
+
 def holdout_sources(uris: list[str], layout: str | None, split: str | None) -> list[SourceConfig]:
+    from pipelines.sources import SourceConfig
+
     def layout_of(uri: str) -> str:
         return layout or ("manifest" if uri.endswith((".parquet", ".csv")) else "genimage")
 
@@ -40,10 +54,8 @@ def main(args: argparse.Namespace) -> int:
     from pipelines.runtime import init_ray
 
     connect_tracking(args, required=True)
-    init_ray(args.ray_address)
-    gate = GateConfig(max_subset_acc_drop=args.max_subset_drop, mean_acc_tolerance=args.mean_acc_tolerance,
-                      mean_ap_tolerance=args.mean_ap_tolerance, min_mean_acc=args.min_mean_acc)
-    outcome = promote(args.model, holdout_sources(args.holdout, args.layout, args.split), gate,
+    init_ray(args.ray_address, verbose=args.verbose)
+    outcome = promote(args.model, holdout_sources(args.holdout, args.layout, args.split), gate_from_args(args),
                       storage_cfg=storage_from_args(args), dry_run=args.dry_run)
     print(render_decision(outcome, args.model, args.dry_run))
     if not outcome.decision.passed:

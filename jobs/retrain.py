@@ -2,7 +2,7 @@
 
     parent run "retrain-<name>-<time>"
       ├─ train     existing training sources + the new generator's images → challenger
-      ├─ evaluate  challenger on the frozen holdout (table + plots)
+      ├─ evaluate  challenger on the frozen holdout → per-subset accuracy, AP and AUC as metrics
       └─ promote   challenger vs champion through the gate → alias moves, or the job exits non-zero
 """
 
@@ -48,7 +48,10 @@ def load_retrain_config(path: str | Path) -> RetrainConfig:
     return RetrainConfig.from_dict(load_yaml(path))
 
 
-def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] = None) -> RetrainOutcome:
+def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] = None,
+                verbose: bool = False) -> RetrainOutcome:
+    """The three child runs under one parent run named after ``stamp`` (default: now); ``verbose`` as for
+    ``run_train``."""
     from jobs.train import run_train
 
     model_name = cfg.train.tracking.registered_model
@@ -64,7 +67,7 @@ def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] =
         # A fresh run name per retrain: re-using the base name would resume the previous training run instead.
         train_cfg = cfg.train.model_copy(update={"name": f"{cfg.train.name}-{stamp}",
                                                  "train": [*cfg.train.train, *cfg.new_data]})
-        trained = run_train(train_cfg, tracking_uri, parent_run_id=parent_id)
+        trained = run_train(train_cfg, tracking_uri, parent_run_id=parent_id, verbose=verbose)
 
         with tracking.start_run(experiment, run_name="evaluate", parent_run_id=parent_id):
             challenger_ref = f"models:/{model_name}/{trained.model_version}"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from jobs.common import configured_tracking_uri
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,11 +19,9 @@ def main(args: argparse.Namespace) -> int:
     from jobs.train import RefusedToStart
 
     cfg = load_retrain_config(args.config)
-    tracking_uri = cfg.train.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri:
-        raise SystemExit("no MLflow tracking URI: set train.tracking.uri in the config or MLFLOW_TRACKING_URI")
+    tracking_uri = configured_tracking_uri(cfg.train.tracking.uri, "train.tracking.uri")
     try:
-        outcome = run_retrain(cfg, tracking_uri)
+        outcome = run_retrain(cfg, tracking_uri, verbose=args.verbose)
     except RefusedToStart as err:
         raise SystemExit(f"mpft retrain: refused: {err}") from None
     print(render_decision(outcome.promotion, cfg.train.tracking.registered_model, dry_run=False))

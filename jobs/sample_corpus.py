@@ -1,6 +1,6 @@
 """A small labelled corpus built on the fly for the demo and the end-to-end tests (the repository commits no data).
 
-    python -m jobs.sample_corpus --out /tmp/sample [--seed 0] [--image-size 32]
+    mpft sample-corpus --out /tmp/sample [--seed 0] [--image-size 32]      # jobs/sample_corpus_cmd.py
     # -> /tmp/sample/corpus/<subset>/{train,val}/{ai,nature}/*.png and /tmp/sample/new_generator/ae_bilinear/...
 
 Real class ("nature"): random crops of the photographs bundled with scikit-image and scikit-learn. Whole photos are
@@ -24,7 +24,7 @@ what is in the picture (``tests/test_sample_corpus.py`` checks that mean colour 
 
 Layout (GenImage): ``<out>/<subset>/{train,val}/{ai,nature}/<photo>_<index>.png``; subsets used only for testing get
 a ``val/`` folder only, as in GenImage. Everything, both classes, is PNG: real JPEG vs generated PNG would let a
-detector learn the file format instead of the generator (METHOD.md, format bias). Crop sides vary around the model
+detector learn the file format instead of the generator (docs/METHOD.md, pitfalls). Crop sides vary around the model
 input size (some smaller, so the pipeline's tiling is exercised; some larger, so cropping is), with the same size
 distribution in both classes so that size is not a cue either.
 
@@ -34,16 +34,15 @@ Everything is deterministic given ``seed``: generator training runs with a fixed
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 import warnings
 import zlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -80,7 +79,7 @@ TORCH_THREADS = 1
 # --------------------------------------------------------------------------------------------------- photographs
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_photo(name: str) -> np.ndarray:
     """One bundled photograph as uint8 RGB ``[H, W, 3]`` (grey photos are repeated over 3 channels)."""
     if name in ("china", "flower"):
@@ -374,38 +373,3 @@ def _summary(root: Path, image_size: int, seed: int, counts: dict, start: float)
         "total_files": total,
         "seconds": round(time.perf_counter() - start, 2),
     }
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the sample GenImage-layout corpus (and a new-generator drop).")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=32, help="model input side; crops vary around it")
-    parser.add_argument("--train", type=int, default=64, help="train images per class per training subset")
-    parser.add_argument("--val", type=int, default=32, help="val images per class per training subset")
-    parser.add_argument("--test", type=int, default=32, help="val images per class per test subset")
-    parser.add_argument("--train-generators", nargs="+", default=list(DEFAULT_TRAIN_GENERATORS), choices=GENERATORS)
-    parser.add_argument("--test-generators", nargs="+", default=list(DEFAULT_TEST_GENERATORS), choices=GENERATORS)
-    parser.add_argument("--new-generator", default=NEW_GENERATOR, choices=GENERATORS,
-                        help="also write <out>/new_generator/<name>/... for the retrain flow")
-    parser.add_argument("--no-new-generator", action="store_true")
-    parser.add_argument("--generator-steps", type=int, default=AE_TRAIN_STEPS,
-                        help="training steps per toy generator (fewer = faster, blurrier, less realistic)")
-    args = parser.parse_args(argv)
-    summary = {"corpus": write_genimage_corpus(
-        args.out / "corpus", n_train_per_class=args.train, n_val_per_class=args.val, n_test_per_class=args.test,
-        image_size=args.image_size, seed=args.seed, train_generators=args.train_generators,
-        test_generators=args.test_generators, generator_steps=args.generator_steps)}
-    if not args.no_new_generator:
-        summary["new_generator"] = write_new_generator_drop(
-            args.out / "new_generator", args.new_generator, args.train, image_size=args.image_size, seed=args.seed,
-            generator_steps=args.generator_steps)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

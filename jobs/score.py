@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines import storage
-from pipelines.scoring import (DetectorScorer, ModelInfo, ScoreJob, ScoreSummary, bundle_image_size, decode_settings,
-                               list_part_files, make_model_bundle, read_output_record, run_scoring)
+from pipelines.scoring import (
+    DetectorScorer,
+    ScoreJob,
+    ScoreSummary,
+    actor_pool_size,
+    bundle_image_size,
+    decode_settings,
+    list_part_files,
+    make_model_bundle,
+    read_output_record,
+    run_scoring,
+)
+from pipelines.scoring_spec import ResolvedModel
 from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -24,22 +36,8 @@ log = logging.getLogger(__name__)
 SCORING_EXPERIMENT = "mpft-scoring"
 
 
-def resolve_model_info(ref: str, storage_cfg: Optional[StorageConfig] = None) -> ModelInfo:
-    """``models:/name@alias`` | ``models:/name/version`` | ``runs:/id/model`` | checkpoint dir (local or s3://).
-
-    The result's ``uri`` is the version the reference names now (``models:/name/3`` for ``models:/name@champion``).
-    """
-    if _is_local_checkpoint(ref):
-        # A plain local checkpoint needs no MLflow at all (works without a tracking server).
-        return ModelInfo(checkpoint_dir=str(Path(ref).resolve()), uri=str(Path(ref).resolve()))
-    from jobs import tracking
-
-    resolved = tracking.resolve_model(ref, storage_cfg)
-    return ModelInfo(checkpoint_dir=resolved.checkpoint_dir, uri=resolved.pinned_uri, name=resolved.name,
-                     version=None if resolved.version is None else str(resolved.version))
-
-
-def resolve_model_for_output(ref: str, output_uri: str, storage_cfg: Optional[StorageConfig] = None) -> ModelInfo:
+def resolve_model_for_output(ref: str, output_uri: str,
+                             storage_cfg: Optional[StorageConfig] = None) -> ResolvedModel:
     """The model to score ``output_uri`` with: ``ref`` resolved, except that a rerun with the alias reference
     (``models:/name@alias``) the output was started with continues with the version recorded then, wherever the
     alias points now, once the output holds parts (before, another model may take the output over anyway).
@@ -52,9 +50,9 @@ def resolve_model_for_output(ref: str, output_uri: str, storage_cfg: Optional[St
     record = read_output_record(output_uri, storage_cfg)
     if (record is None or record.model_ref != ref or not tracking.is_alias_reference(ref)
             or not list_part_files(output_uri, storage_cfg)):
-        return resolve_model_info(ref, storage_cfg)
+        return tracking.resolve_model(ref, storage_cfg)
     _warn_if_alias_moved(ref, record.model_uri, output_uri)
-    return resolve_model_info(record.model_uri, storage_cfg)
+    return tracking.resolve_model(record.model_uri, storage_cfg)
 
 
 def _warn_if_alias_moved(ref: str, recorded_uri: str, output_uri: str) -> None:
@@ -72,10 +70,6 @@ def _version_label(uri: str) -> str:
     return f"version {version}" if head.startswith("models:/") and version.isdigit() else uri
 
 
-def _is_local_checkpoint(ref: str) -> bool:
-    return "://" not in ref and ":/" not in ref and Path(ref).is_dir()
-
-
 # ------------------------------------------------------------------------------------------- a few files, no Ray
 
 
@@ -91,7 +85,7 @@ def local_inputs(input_uri: str) -> Optional[list[str]]:
     return None
 
 
-def score_in_process(model: ModelInfo, paths: Sequence[str], *, max_pixels: int,
+def score_in_process(model: ResolvedModel, paths: Sequence[str], *, max_pixels: int,
                      storage_cfg: Optional[StorageConfig] = None, batch_size: int = 16) -> pa.Table:
     """Score ``paths`` in this process with the same decode and scorer code as the Ray job (no Ray started)."""
     import os
@@ -121,7 +115,7 @@ def format_table(table: pa.Table, base: Optional[str] = None) -> str:
         rows.append((path, score, row["verdict"] or "error", row["error"] or ""))
     header = ("path", "score", "verdict", "error")
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(4)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
     for r in rows:
         lines.append("  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]), r[3]]).rstrip())
@@ -131,12 +125,13 @@ def format_table(table: pa.Table, base: Optional[str] = None) -> str:
 # ------------------------------------------------------------------------------------------------- the Ray job
 
 
-def run_score_job(job: ScoreJob, model: ModelInfo, *, tracking_uri: Optional[str],
-                  ray_address: Optional[str] = None) -> ScoreSummary:
-    """Run the streaming scoring job and log its summary as an MLflow run (when a tracking URI is given)."""
+def run_score_job(job: ScoreJob, model: ResolvedModel, *, tracking_uri: Optional[str],
+                  ray_address: Optional[str] = None, verbose: bool = False) -> ScoreSummary:
+    """Run the streaming scoring job and log its summary as an MLflow run (when a tracking URI is given);
+    ``verbose``: Ray's own progress on the console too."""
     from pipelines.runtime import init_ray
 
-    init_ray(ray_address)
+    init_ray(ray_address, verbose=verbose)
     summary = run_scoring(job, model)
     log.info("scored %d files (%d errors, %d skipped as already scored) in %.1f s: %.1f images/s -> %s",
              summary.n_written, summary.n_errors, summary.n_skipped_already_scored, summary.seconds,
@@ -151,14 +146,15 @@ def log_summary(job: ScoreJob, summary: ScoreSummary) -> str:
     from jobs import tracking
 
     scored_now = summary.n_inputs - summary.n_skipped_already_scored
-    num_actors = job.pool_size(scored_now) if scored_now else 0  # as scored_dataset sized the pool
+    num_actors = actor_pool_size(job.resources, scored_now) if scored_now else 0  # as scored_dataset sized it
     with tracking.start_run(SCORING_EXPERIMENT, f"score-{job.run_id}") as run:
         tracking.log_params({
             # The rows' identity: on a resumed output, the model version the output was started with.
             "model_ref": job.model_ref, "model_uri": summary.model.uri, "model_name": summary.model.name or "",
             "model_version": summary.model.version or "", "input": job.input_uri, "output": job.output_uri,
-            "layout": job.layout, "batch_size": job.batch_size, "num_actors": num_actors,
-            "actor_cpus": job.actor_cpus, "torch_threads": job.torch_threads, "use_gpu": job.use_gpu,
+            "layout": job.layout, "batch_size": job.resources.batch_size, "num_actors": num_actors,
+            "actor_cpus": job.resources.actor_cpus, "torch_threads": job.resources.torch_threads,
+            "use_gpu": job.resources.use_gpu,
             "scoring_run_id": job.run_id,
         })
         tracking.log_metrics({

@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from jobs.common import add_stack_arguments, connect_tracking, storage_from_args
-from pipelines.scoring import DEFAULT_MAX_PIXELS, ScoreJob, ScoreSummary
+from jobs.common import (
+    add_resource_arguments,
+    add_stack_arguments,
+    connect_tracking,
+    resources_from_args,
+    storage_from_args,
+)
+
+if TYPE_CHECKING:
+    from pipelines.scoring import ScoreSummary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,31 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="s3://bucket/prefix or folder for the Parquet parts (omit for a table)")
     parser.add_argument("--layout", default="unlabelled", choices=["unlabelled", "genimage", "ufd", "manifest"],
                         help="how to list --input (default: every image file under it)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model call")
-    parser.add_argument("--num-actors", type=int, default=0,
-                        help="scoring actors (model replicas); 0: fill the cluster, one per GPU with --gpu, else "
-                             "one per --torch-threads CPU cores")
-    parser.add_argument("--actor-cpus", type=float, default=0.5,
-                        help="CPUs Ray reserves per scoring actor (a scheduling figure: leave some for decoding)")
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per actor")
-    parser.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per read/decode task")
-    parser.add_argument("--rows-per-block", type=int, default=128,
-                        help="files per read/decode task (fewer, larger tasks cost Ray less per image)")
-    parser.add_argument("--buffer-mib", type=int, default=512,
-                        help="object-store memory the job may hold (decoded images waiting for the model); 0: Ray's "
-                             "default share of the node's object store")
+    add_resource_arguments(parser)
     parser.add_argument("--decode-in-actor", action="store_true",
                         help="read and decode inside the scoring actors (one stage; for CPU-only nodes)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per scoring actor")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="refuse larger images (decompression bombs)")
     parser.add_argument("--table-max", type=int, default=50,
                         help="without --output, print a table for at most this many local files")
     add_stack_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobs.score import format_table, local_inputs, resolve_model_info, score_in_process
+    from jobs.score import format_table, local_inputs, score_in_process
     from pipelines.scoring import OutputRefused
 
     storage_cfg = storage_from_args(args)
@@ -55,11 +49,11 @@ def main(args: argparse.Namespace) -> int:
             found = "a remote input" if paths is None else f"{len(paths)} files"
             raise SystemExit(f"{found}: pass --output for a scoring job (a table is printed only for a local file "
                              f"or folder of at most --table-max={args.table_max} files)")
-        if args.tracking_uri:  # only needed to resolve a registry reference; nothing is logged for a table
-            from jobs import tracking
+        from jobs import tracking
 
+        if args.tracking_uri:  # only needed to resolve a registry reference; nothing is logged for a table
             tracking.set_tracking(args.tracking_uri)
-        model = resolve_model_info(args.model, storage_cfg)
+        model = tracking.resolve_model(args.model, storage_cfg)
         table = score_in_process(model, paths, max_pixels=args.max_pixels, storage_cfg=storage_cfg)
         print(format_table(table, base=args.input))
         return 0
@@ -75,12 +69,11 @@ def main(args: argparse.Namespace) -> int:
 def score_to_output(args: argparse.Namespace, storage_cfg) -> ScoreSummary:
     """The Ray job on ``--output``, continuing with the model version the output was started with."""
     from jobs.score import resolve_model_for_output, run_score_job
+    from pipelines.scoring import ScoreJob
 
     tracking_uri = connect_tracking(args, required=False)
     model = resolve_model_for_output(args.model, args.output, storage_cfg)
     job = ScoreJob(model_ref=args.model, input_uri=args.input, output_uri=args.output, layout=args.layout,
-                   storage=storage_cfg, batch_size=args.batch_size, num_actors=args.num_actors or None,
-                   actor_cpus=args.actor_cpus, torch_threads=args.torch_threads, use_gpu=args.gpu,
-                   decode_cpus=args.decode_cpus, max_pixels=args.max_pixels, rows_per_block=args.rows_per_block,
-                   buffer_mib=args.buffer_mib or None, decode_in_actor=args.decode_in_actor)
-    return run_score_job(job, model, tracking_uri=tracking_uri, ray_address=args.ray_address)
+                   storage=storage_cfg, resources=resources_from_args(args), decode_in_actor=args.decode_in_actor)
+    return run_score_job(job, model, tracking_uri=tracking_uri, ray_address=args.ray_address,
+                         verbose=args.verbose)

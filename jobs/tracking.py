@@ -35,10 +35,10 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Optional
 
 import mlflow
 import pandas as pd
@@ -55,6 +55,7 @@ from mlflow.protos.databricks_pb2 import (
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
+from pipelines.scoring_spec import ResolvedModel
 from pipelines.storage import SECRET_MASK
 
 log = logging.getLogger(__name__)
@@ -430,47 +431,35 @@ def set_version_tags(name: str, version, tags: dict) -> None:
 # ---------------------------------------------------------------------------------------------- model resolution
 
 
-@dataclass
-class ResolvedModel:
-    checkpoint_dir: str  # local folder holding model.safetensors + mpft.json
-    uri: str  # the reference as given
-    name: Optional[str] = None
-    version: Optional[str] = None
-
-    @property
-    def pinned_uri(self) -> str:
-        """A reference that keeps naming these weights: ``models:/name/<version>`` for a registry reference (an
-        alias can move), else the reference as given."""
-        return f"models:/{self.name}/{self.version}" if self.name and self.version else self.uri
-
-
 _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
 _MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
 
 
 def resolve_model(ref: str, storage_cfg=None, *, dst_dir: Optional[str] = None) -> ResolvedModel:
-    """Turn a model reference into a local checkpoint folder.
+    """Turn any model reference into a local checkpoint folder, named for good (``ResolvedModel.uri``).
 
-    ``models:/name@alias`` and ``models:/name/version`` (registry), ``runs:/<id>/model`` and other MLflow model URIs
-    are downloaded; a local checkpoint folder (or a downloaded MLflow model folder) is used in place; an ``s3://``
-    checkpoint prefix has its two files fetched through ``pipelines.storage``. Downloads go to ``dst_dir``; without
-    one, MLflow downloads go to a new temporary folder the caller owns and S3 files to storage's reusable cache.
+    ``models:/name@alias`` (named ``models:/name/<the version it points to now>``) and ``models:/name/version``
+    (registry), ``runs:/<id>/model`` and other MLflow model URIs are downloaded; a local checkpoint folder (or a
+    downloaded MLflow model folder; ``file://`` optional) is used in place, named by its absolute path, and needs no
+    tracking server; an ``s3://`` checkpoint prefix has its two files fetched through ``pipelines.storage``.
+    Downloads go to ``dst_dir``; without one, MLflow downloads go to a new temporary folder the caller owns and S3
+    files to storage's reusable cache. ValueError when the reference names no MPFT checkpoint.
     """
     if m := _MODELS_ALIAS.match(ref):
-        version = MlflowClient().get_model_version_by_alias(m["name"], m["alias"]).version
-        return _download_model(f"models:/{m['name']}/{version}", ref, dst_dir, m["name"], str(version))
+        version = str(MlflowClient().get_model_version_by_alias(m["name"], m["alias"]).version)
+        return _download_model(f"models:/{m['name']}/{version}", dst_dir, m["name"], version)
     if m := _MODELS_VERSION.match(ref):
         MlflowClient().get_model_version(m["name"], m["version"])  # fail with MLflow's message if it is missing
-        return _download_model(ref, ref, dst_dir, m["name"], m["version"])
+        return _download_model(f"models:/{m['name']}/{m['version']}", dst_dir, m["name"], m["version"])
     if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        return _download_model(ref, ref, dst_dir, None, None)
+        return _download_model(ref, dst_dir, None, None)
     if ref.startswith("s3://"):
         cache = _new_dir(dst_dir) if dst_dir is not None else None  # None: storage's shared download cache
         return ResolvedModel(_fetch_s3_checkpoint(ref, storage_cfg, cache), ref)
-    local = Path(ref[len("file://"):] if ref.startswith("file://") else ref)
+    local = Path(ref.removeprefix("file://")).resolve()
     if not local.is_dir():
         raise ValueError(f"cannot resolve model {ref!r}: not a registry/run URI, s3:// prefix or local folder")
-    return ResolvedModel(str(_find_checkpoint(local, ref)), ref)
+    return ResolvedModel(str(_find_checkpoint(local, ref)), str(local))
 
 
 def is_alias_reference(ref: str) -> bool:
@@ -486,9 +475,9 @@ def alias_target(ref: str) -> Optional[str]:
     return None if version is None else f"models:/{m['name']}/{version}"
 
 
-def _download_model(uri: str, ref: str, dst_dir: Optional[str], name, version) -> ResolvedModel:
+def _download_model(uri: str, dst_dir: Optional[str], name: Optional[str], version: Optional[str]) -> ResolvedModel:
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(_new_dir(dst_dir)))
-    return ResolvedModel(str(_find_checkpoint(Path(local), ref)), ref, name, version)
+    return ResolvedModel(str(_find_checkpoint(Path(local), uri)), uri, name, version)
 
 
 def _new_dir(dst_dir: Optional[str]) -> Path:

@@ -73,14 +73,18 @@ class ValidationNotHeldOutError(RefusedToStart):
     """Validation images that are also training images: checkpoint choice and threshold would be biased."""
 
 
-def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[str] = None) -> TrainOutcome:
+def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[str] = None, *,
+              verbose: bool = False) -> TrainOutcome:
+    """Train, log to MLflow under ``parent_run_id`` if given, register the best checkpoint as ``challenger``.
+    RefusedToStart, before Ray or MLflow start, for a job that cannot be right. ``verbose``: Ray's own progress and
+    INFO lines on the console too (else one line per epoch)."""
     # Manifests first: a leaky validation set is refused before Ray or MLflow start.
     train_manifest = labelled_manifest(cfg.train, cfg.storage)
     val_manifest = labelled_manifest(cfg.val, cfg.storage)
     check_validation_is_held_out(train_manifest, val_manifest)
     val_pairs = validation_pairs(cfg.val, val_manifest)
     check_backbone_weights(cfg.method.detector.backbone, cfg.storage)
-    init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address, verbose=verbose)
     tracking.set_tracking(tracking_uri)
     size = input_size(cfg.method.detector.backbone)
     # Undecodable files are reported by ingest as error rows; training and validation skip them.
@@ -115,6 +119,7 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
             torch_threads=cfg.scaling.torch_threads,
             inject_failure_at_step=cfg.inject_failure_at_step,
             real_pairs=val_pairs,
+            verbose=verbose,
         )
         trainer = training.build_trainer(
             name=cfg.name, loop_config=loop_config, logger=MlflowRankZeroLogger(tracking_uri, run.info.run_id),

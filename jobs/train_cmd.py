@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from jobs.config import load_train_config
+from jobs.common import configured_tracking_uri
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,16 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from jobs.config import load_train_config
     from jobs.train import RefusedToStart, run_train
 
     cfg = load_train_config(args.config)
     if args.name:
         cfg.name = args.name
-    tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not tracking_uri:
-        raise SystemExit("no MLflow tracking URI: set tracking.uri in the config or MLFLOW_TRACKING_URI")
+    tracking_uri = configured_tracking_uri(cfg.tracking.uri, "tracking.uri")
     try:
-        outcome = run_train(cfg, tracking_uri)
+        outcome = run_train(cfg, tracking_uri, verbose=args.verbose)
     except RefusedToStart as err:
         raise SystemExit(f"mpft train: refused: {err}") from None
     print(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri, "version": outcome.model_version,

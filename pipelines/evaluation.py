@@ -5,7 +5,7 @@
 
 Scores go through the same actor as ``mpft score`` (pipelines/scoring.py), so an evaluation measures exactly what
 production scoring produces. Only the score rows (no pixels) are collected on the driver: metrics need every score
-of a subset at once (METHOD.md: no per-batch averaging).
+of a subset at once (docs/METHOD.md: no per-batch averaging).
 
 Degraded copies (``--perturb``): the degradation is applied to the whole decoded image, before the usual tile +
 center crop, through the decode stage's per-row ``degrade`` hook (pipelines/decode.py knows nothing about
@@ -25,9 +25,10 @@ import logging
 import math
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -38,8 +39,8 @@ import ray
 from mpft_core.metrics import TABLE_COLUMNS, per_subset_metrics, table_from_results
 from mpft_core.perturb import Perturbation
 from pipelines import storage
-from pipelines.scoring import (DetectorScorer, ModelInfo, ScoreJob, ScoringResources, bundle_image_size,
-                               bundle_threshold, make_model_bundle, scored_dataset)
+from pipelines.scoring import DetectorScorer, bundle_image_size, bundle_threshold, make_model_bundle, scored_dataset
+from pipelines.scoring_spec import ResolvedModel, ScoringResources
 from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,10 @@ EVAL_COLUMNS = ("condition",) + TABLE_COLUMNS + ("n_errors",)
 
 
 @dataclass(kw_only=True)
-class EvalOptions(ScoringResources):
+class EvalOptions:
+    """How an evaluation runs: its scoring pass (``resources``) and the feature-space plots."""
+
+    resources: ScoringResources = field(default_factory=ScoringResources)
     feature_space: bool = True
     max_feature_points: int = 1000  # PCA of a few hundred points per subset is as readable as of all of them
     seed: int = 0
@@ -75,7 +79,7 @@ class FeatureSpace:
 
 @dataclass
 class EvalResult:
-    model: ModelInfo
+    model: ResolvedModel
     threshold: float
     conditions: list[ConditionResult]
     feature_spaces: list[FeatureSpace] = field(default_factory=list)
@@ -140,7 +144,7 @@ def _check_one_benchmark_per_subset(sources: Sequence, tables: Sequence[pa.Table
     """The same generator in two benchmarks (GenImage's BigGAN and UFD's biggan are both ``biggan``) means two test
     sets: pooled into one row, the numbers would describe neither."""
     layout_of: dict[str, str] = {}
-    for source, table in zip(sources, tables):
+    for source, table in zip(sources, tables, strict=True):
         for subset in pc.unique(table.column("subset")).to_pylist():
             first = layout_of.setdefault(subset, source.layout)
             if first != source.layout:
@@ -199,24 +203,20 @@ def conditions_manifest(manifest: pa.Table, names: Sequence[str]) -> pa.Table:
                              for name in names])
 
 
-def _decoded_conditions(tagged: pa.Table, perturbations: dict, image_size: int, options: EvalOptions,
+def _decoded_conditions(tagged: pa.Table, perturbations: dict, image_size: int, resources: ScoringResources,
                         storage_cfg: Optional[StorageConfig]):
     from pipelines.ingest import manifest_blocks
 
-    return ray.data.from_arrow(manifest_blocks(tagged, options.rows_per_block, extra_columns=("condition",))).map_batches(
+    blocks = manifest_blocks(tagged, resources.rows_per_block, extra_columns=("condition",))
+    return ray.data.from_arrow(blocks).map_batches(
         _decode_conditions_arrow,
-        fn_kwargs={"perturbations": perturbations, "image_size": image_size, "max_pixels": options.max_pixels,
+        fn_kwargs={"perturbations": perturbations, "image_size": image_size, "max_pixels": resources.max_pixels,
                    "storage_cfg": storage.for_workers(storage_cfg)},
-        batch_size=options.rows_per_block, batch_format="numpy", num_cpus=options.decode_cpus,
+        batch_size=resources.rows_per_block, batch_format="numpy", num_cpus=resources.decode_cpus,
     )
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
-
-
-def _score_job(options: EvalOptions, storage_cfg: Optional[StorageConfig], carry: tuple[str, ...]) -> ScoreJob:
-    return ScoreJob(model_ref="", input_uri="", output_uri="", storage=storage_cfg, carry_columns=carry,
-                    **options.resources())
 
 
 class ModelsScorer:
@@ -236,7 +236,7 @@ class ModelsScorer:
 
 
 def score_conditions(manifest: pa.Table, perturbations: dict, bundle_refs: list, image_size: int,
-                     options: EvalOptions, storage_cfg: Optional[StorageConfig] = None,
+                     resources: ScoringResources, storage_cfg: Optional[StorageConfig] = None,
                      embed: bool = False) -> list[dict[str, pa.Table]]:
     """Every manifest row scored under every condition (``{name: Perturbation or None}``) by every model, in one
     pipeline run; returns, per model, ``{condition: rows sorted by path}``.
@@ -245,10 +245,9 @@ def score_conditions(manifest: pa.Table, perturbations: dict, bundle_refs: list,
     image is read and decoded once per condition, and decode of the next blocks overlaps with scoring.
     """
     tagged = conditions_manifest(manifest, list(perturbations))
-    job = _score_job(options, storage_cfg, carry=("label", "subset", "condition"))
-    decoded = _decoded_conditions(tagged, perturbations, image_size, options, storage_cfg)
-    ds = scored_dataset(tagged, list(bundle_refs), image_size, job, scorer_cls=ModelsScorer, decoded=decoded,
-                        embed=embed)
+    decoded = _decoded_conditions(tagged, perturbations, image_size, resources, storage_cfg)
+    ds = scored_dataset(decoded, list(bundle_refs), resources, n_inputs=tagged.num_rows,
+                        carry_columns=("label", "subset", "condition"), embed=embed, scorer_cls=ModelsScorer)
     batches = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     table = pa.concat_tables(batches, promote_options="permissive") if batches else None
     expected = tagged.num_rows * len(bundle_refs)
@@ -282,14 +281,14 @@ def condition_metrics(scores: pa.Table, threshold: float,
     return results, scores.num_rows - ok.num_rows
 
 
-def evaluate(model: ModelInfo, sources: Sequence, storage_cfg: Optional[StorageConfig] = None,
+def evaluate(model: ResolvedModel, sources: Sequence, storage_cfg: Optional[StorageConfig] = None,
              perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
              manifest: Optional[pa.Table] = None) -> EvalResult:
     """Score the labelled ``sources`` (or a ready ``manifest``) clean and under each perturbation; Ray must be up."""
     return evaluate_many([model], sources, storage_cfg, perturbations, options, manifest)[0]
 
 
-def evaluate_many(models: Sequence[ModelInfo], sources: Sequence, storage_cfg: Optional[StorageConfig] = None,
+def evaluate_many(models: Sequence[ResolvedModel], sources: Sequence, storage_cfg: Optional[StorageConfig] = None,
                   perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
                   manifest: Optional[pa.Table] = None) -> list[EvalResult]:
     """``evaluate`` for several models of the same input size on the same images, in one pass over them.
@@ -313,10 +312,10 @@ def evaluate_many(models: Sequence[ModelInfo], sources: Sequence, storage_cfg: O
     log.info("evaluating %s on %d images under %d conditions (%s)", ", ".join(m.uri for m in models),
              manifest.num_rows, len(named), ", ".join(named))
     refs = [ray.put(b) for b in bundles]
-    scored = score_conditions(manifest, named, refs, image_size, options, storage_cfg)
+    scored = score_conditions(manifest, named, refs, image_size, options.resources, storage_cfg)
 
     results = []
-    for model, bundle, ref, per_condition in zip(models, bundles, refs, scored):
+    for model, bundle, ref, per_condition in zip(models, bundles, refs, scored, strict=True):
         threshold = bundle_threshold(bundle)
         conditions = []
         for name, scores in per_condition.items():
@@ -370,7 +369,7 @@ def frozen_backbone_bundle(bundle: dict, storage_cfg: Optional[StorageConfig] = 
     tmp = Path(tempfile.mkdtemp(prefix="mpft-frozen-"))
     try:
         save_checkpoint(detector, tmp)
-        frozen = make_model_bundle(ModelInfo(checkpoint_dir=str(tmp), uri=f"frozen:{name}"))
+        frozen = make_model_bundle(ResolvedModel(checkpoint_dir=str(tmp), uri=f"frozen:{name}"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return frozen, description
@@ -383,10 +382,10 @@ def feature_spaces(bundle: dict, bundle_ref, manifest: pa.Table, image_size: int
     sample = sample_for_plot(manifest, options.max_feature_points, options.seed)
     frozen, frozen_title = frozen_backbone_bundle(bundle, storage_cfg)
     titles = (frozen_title, f"fine-tuned ({bundle['uri']})")
-    scored = score_conditions(sample, {CLEAN: None}, [ray.put(frozen), bundle_ref], image_size, options,
+    scored = score_conditions(sample, {CLEAN: None}, [ray.put(frozen), bundle_ref], image_size, options.resources,
                               storage_cfg, embed=True)
     out = []
-    for title, per_condition in zip(titles, scored):
+    for title, per_condition in zip(titles, scored, strict=True):
         rows = per_condition[CLEAN]
         rows = rows.filter(pc.is_null(rows.column("error")))
         if rows.num_rows < 3:

@@ -15,9 +15,9 @@ Shape of the graph: the manifest (small: paths and labels) is cut into blocks of
 driver; one Ray task per block reads those files' bytes through ``pipelines.storage`` and decodes them
 (``pipelines.decode``). Reading inside the decode task, rather than with ``read_binary_files``, means a missing or
 unreadable object becomes an error row like a corrupt one instead of failing the job, and a task holds at most one
-block of files. The output has one row per manifest row (``DECODED_COLUMNS``); ``drop_errors`` removes the rows
-that did not decode, ``for_training`` also the unlabelled ones and every column but ``image`` and ``label``
-(``iter_torch_batches`` cannot turn strings into tensors).
+block of files. The output has one row per manifest row (``pipelines.decode.DECODED_COLUMNS``); ``drop_errors``
+removes the rows that did not decode, ``for_training`` also the unlabelled ones and every column but
+``TRAINING_COLUMNS`` (``iter_torch_batches`` cannot turn strings into tensors).
 
 The storage settings travel to the tasks as a plain dict with the keys revealed (workers on other nodes lack the
 driver's environment); they are never logged or written to the output.
@@ -30,11 +30,9 @@ import ray.data
 from ray.data.expressions import col
 
 from mpft_core.imageio import DEFAULT_MAX_PIXELS
-from pipelines.decode import DECODED_COLUMNS, decode_batch_arrow
+from pipelines.decode import decode_batch_arrow
 from pipelines.sources import MANIFEST_SCHEMA
 from pipelines.storage import StorageConfig, for_workers
-
-__all__ = ["DECODED_COLUMNS", "read_images", "drop_errors", "for_training"]
 
 
 def manifest_blocks(manifest: pa.Table, rows_per_block: int, extra_columns: tuple[str, ...] = ()) -> list[pa.Table]:

@@ -43,7 +43,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -56,14 +56,13 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FilenameProvider
 
-from mpft_core.imageio import DEFAULT_MAX_PIXELS
+from mpft_core.scoring import score_rows, scored_mask, verdicts
 from pipelines import storage
+from pipelines.scoring_spec import ResolvedModel, ScoringResources
 from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
-VERDICT_GENERATED = "generated"
-VERDICT_REAL = "real"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 # "_" keeps Arrow, Spark and Hive readers of the output folder from taking the record for data.
@@ -90,20 +89,7 @@ LABEL_FIELDS = {"label": pa.int8(), "subset": pa.string(), "split": pa.string()}
 # ------------------------------------------------------------------------------------------------ the model bundle
 
 
-@dataclass
-class ModelInfo:
-    """A resolved model: a local checkpoint directory plus how it is known (what the output rows name it by).
-
-    ``uri`` names these weights for good where it can: ``models:/name/<version>``, not the alias it came through.
-    """
-
-    checkpoint_dir: str
-    uri: str
-    name: Optional[str] = None
-    version: Optional[str] = None
-
-
-def make_model_bundle(model: ModelInfo) -> dict:
+def make_model_bundle(model: ResolvedModel) -> dict:
     """The checkpoint as plain data (weights bytes + parsed mpft.json + identity) for shipping to actors.
 
     Actors on other nodes then need neither the driver's disk nor MLflow access.
@@ -160,7 +146,7 @@ class DetectorScorer:
     """Ray Data callable class: decoded rows in, score rows out (the ``image`` column is dropped).
 
     Rows whose ``error`` is set (undecodable, too large, unreadable) keep that error and get a null score and verdict;
-    the others are scored in one forward pass under inference mode.
+    the others are scored together by ``mpft_core.scoring`` (the kernel of the registered MLflow model too).
 
     Args:
         model_bundle: ``make_model_bundle(...)`` or an ObjectRef to it (``ray.put`` once on the driver).
@@ -197,37 +183,34 @@ class DetectorScorer:
         n = len(batch["path"])
         errors = [None if e is None or (isinstance(e, float) and math.isnan(e)) else str(e)
                   for e in batch.get("error", [None] * n)]
-        ok = np.array([e is None for e in errors], dtype=bool)
-        scores = np.zeros(n, dtype=np.float32)
-        embeddings = None
-        if ok.any():
-            scores[ok], emb = self._forward(np.asarray(batch["image"])[ok])
-            if self.embed:
-                embeddings = np.zeros((n, emb.shape[1]), dtype=np.float32)
-                embeddings[ok] = emb
+        images = np.asarray(batch["image"])
+        scores = score_rows(self.detector, images, errors)
+        ok = scored_mask(errors)
+        embeddings = self._embeddings(images, ok) if self.embed else None
         return self._rows(batch, n, errors, ok, scores, embeddings)
 
-    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    def _embeddings(self, images: np.ndarray, ok: np.ndarray) -> Optional[np.ndarray]:
+        """The tower's image embedding of each row (zeros on error rows); None when no row was scored."""
         import torch
 
         from mpft_core.transforms import normalize
 
-        pixels = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
-        scores = self.detector.score_uint8(pixels).numpy().astype(np.float32)
-        if not self.embed:
-            return scores, None
+        if not ok.any():
+            return None
+        pixels = torch.from_numpy(np.ascontiguousarray(images[ok], dtype=np.uint8))
         with torch.inference_mode():
             prep = self.detector.preprocess
-            x = normalize(pixels.to(self.detector.device), prep.mean, prep.std)
-            return scores, self.detector.embed(x).float().cpu().numpy()
+            embedded = self.detector.embed(normalize(pixels.to(self.detector.device), prep.mean, prep.std))
+        out = np.zeros((len(images), embedded.shape[1]), dtype=np.float32)
+        out[ok] = embedded.float().cpu().numpy()
+        return out
 
     def _rows(self, batch, n, errors, ok, scores, embeddings) -> pa.Table:
-        verdicts = np.where(scores >= self.threshold, VERDICT_GENERATED, VERDICT_REAL)
         scored_at = datetime.now(timezone.utc)
         columns = {
             "path": pa.array([str(p) for p in batch["path"]], pa.string()),
             "score": pa.array(scores, pa.float32(), mask=~ok),
-            "verdict": pa.array(verdicts, pa.string(), mask=~ok),
+            "verdict": pa.array(verdicts(scores, errors, self.threshold), pa.string()),
             "threshold": pa.array(np.full(n, self.threshold), pa.float64()),
             "model_name": pa.array([self.model_name] * n, pa.string()),
             "model_version": pa.array([self.model_version] * n, pa.string()),
@@ -422,8 +405,8 @@ def write_output_record(output_uri: str, record: OutputRecord, cfg: Optional[Sto
         raise OutputRefused(f"cannot write {uri} ({reason}): --output must be writable") from err
 
 
-def claim_output(job: ScoreJob, model: ModelInfo, fingerprint: dict[str, str], part_models: set[tuple], *,
-                 scored_any: bool, write: bool) -> ModelInfo:
+def claim_output(job: ScoreJob, model: ResolvedModel, fingerprint: dict[str, str], part_models: set[tuple], *,
+                 scored_any: bool, write: bool) -> ResolvedModel:
     """``model`` as this run's rows must name it; raises ``OutputModelMismatch`` for a model the output is not of.
 
     The first run records its model (``write``: only a run that will add rows writes); once the output holds scores
@@ -451,7 +434,7 @@ def claim_output(job: ScoreJob, model: ModelInfo, fingerprint: dict[str, str], p
     return model
 
 
-def _part_of(part: tuple, model: ModelInfo, started_with: str) -> bool:
+def _part_of(part: tuple, model: ResolvedModel, started_with: str) -> bool:
     """Whether rows naming ``part`` (model_uri, model_name, model_version) come from ``model``. A registry version
     is known by name and number; other rows by the URI or the reference the output was started with."""
     uri, name, version = part
@@ -474,7 +457,7 @@ def _how_to_continue(part_models: set[tuple]) -> str:
     return f"rerun with --model {f'models:/{name}/{version}' if name and version else uri} to continue it, or "
 
 
-def _new_record(job: ScoreJob, model: ModelInfo, fingerprint: dict[str, str]) -> OutputRecord:
+def _new_record(job: ScoreJob, model: ResolvedModel, fingerprint: dict[str, str]) -> OutputRecord:
     return OutputRecord(model_ref=job.model_ref, model_uri=model.uri, model_name=model.name,
                         model_version=model.version, checkpoint_sha256=fingerprint, run_id=job.run_id,
                         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -499,60 +482,13 @@ def _changed_model_message(job: ScoreJob, record: OutputRecord, fingerprint: dic
 
 
 @dataclass(kw_only=True)
-class ScoringResources:
-    """How a scoring pass runs (shared by ``mpft score`` and ``mpft evaluate``): batch and block sizes, the actor
-    pool and what each actor gets, CPUs per decode task, the pixel limit, and how much decoded data may wait.
-
-    ``buffer_mib`` caps the object-store memory the pass holds at once (decoded crops queued for the model, scored
-    rows queued for the writer). Decoding is far faster than the model on a CPU, so without a cap the decode stage
-    runs ahead until Ray Data's default budget (a share of the node's object store) is full: memory would then
-    depend on the input's size up to that budget. With the cap, memory is the same for 2k or 20M inputs; a few
-    hundred MiB keeps the model fed (one 224 px crop is 147 KiB, so 512 MiB is ~3,500 images). None: Ray's default.
-    """
-
-    batch_size: int = 64
-    num_actors: Optional[int] = 1     # None: fill the cluster (see pool_size)
-    actor_cpus: float = 0.5
-    torch_threads: int = 1
-    use_gpu: bool = False
-    decode_cpus: float = 0.5
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    rows_per_block: int = 64
-    max_tasks_in_flight_per_actor: int = 2
-    buffer_mib: Optional[int] = 512
-
-    def pool_size(self, n_rows: Optional[int] = None) -> int:
-        """Scoring actors to start: ``num_actors``, or when it is None, enough to fill the cluster (Ray must be up):
-        one per GPU with ``use_gpu``, else one per ``torch_threads`` CPU cores, and no more than ``n_rows`` inputs
-        make blocks of ``rows_per_block`` (an actor without a block of input would only cost its start-up).
-
-        On CPUs, single-threaded replicas, one per core: alone, they score about as fast as one replica using every
-        core, but next to the decode work and Ray's own processes they keep the cores busier. A multi-threaded
-        replica waits for its slowest thread at every operation, so any preempted thread stalls all of it, while a
-        preempted single-threaded replica stalls only itself (bench/score_throughput.py measures both layouts).
-        """
-        if self.num_actors:
-            return self.num_actors
-        cluster = ray.cluster_resources()
-        if self.use_gpu:
-            fill = int(cluster.get("GPU", 0))
-        else:
-            fill = int(cluster.get("CPU", 1)) // max(1, self.torch_threads)
-        n_blocks = math.ceil(n_rows / self.rows_per_block) if n_rows else fill
-        return max(1, min(fill, n_blocks))
-
-    def resources(self) -> dict:
-        """Just the ``ScoringResources`` fields, e.g. to build a ``ScoreJob`` from evaluation options."""
-        return {f.name: getattr(self, f.name) for f in fields(ScoringResources)}
-
-
-@dataclass(kw_only=True)
-class ScoreJob(ScoringResources):
+class ScoreJob:
     """A batch scoring job; plain data (the CLI builds it, tests and the benchmark tune it)."""
 
     model_ref: str
     input_uri: str
     output_uri: str
+    resources: ScoringResources = field(default_factory=ScoringResources)
     layout: str = "unlabelled"
     storage: Optional[StorageConfig] = None
     rows_per_output_file: int = 4096
@@ -574,7 +510,7 @@ class ScoreSummary:
     n_errors: int
     n_torn_parts_removed: int
     seconds: float
-    model: ModelInfo   # as the rows name it: on a resumed output, the model it was started with
+    model: ResolvedModel   # as the rows name it: on a resumed output, the model it was started with
 
     @property
     def n_written(self) -> int:
@@ -598,47 +534,75 @@ def input_manifest(input_uri: str, layout: str, cfg: Optional[StorageConfig]) ->
     return sources.build_manifest(sources.SourceConfig(uri=input_uri, layout=layout), cfg)
 
 
-def scored_dataset(manifest: pa.Table, bundle_ref: Any, image_size: int, job: ScoreJob, scorer_cls=None,
-                   decoded=None, embed: bool = False):
-    """The lazy Ray Dataset decode -> score (no write); ``decoded`` replaces the default read/decode stage, and
-    ``job.decode_in_actor`` folds decoding into the scoring actors."""
+def input_stage(manifest: pa.Table, image_size: int, job: ScoreJob) -> tuple[Any, Optional[dict]]:
+    """(the rows the scoring actors get, the ``decode_settings`` they decode them with or None): crops decoded by
+    read/decode tasks, or with ``job.decode_in_actor`` the manifest rows themselves."""
     from pipelines import ingest
 
-    decode = None  # set when the actors decode: the settings they need
-    if decoded is None and job.decode_in_actor:
-        decoded = ray.data.from_arrow(ingest.manifest_blocks(manifest, job.rows_per_block))
-        decode = decode_settings(image_size, job.max_pixels, job.storage)
-    elif decoded is None:
-        decoded = ingest.read_images(manifest, job.storage, image_size=image_size, train=False,
-                                     max_pixels=job.max_pixels, rows_per_block=job.rows_per_block,
-                                     num_cpus=job.decode_cpus)
-    size = job.pool_size(manifest.num_rows)
-    warn_if_decode_starves(job, size, decodes_in_tasks=decode is None)
-    scored = decoded.map_batches(
+    resources = job.resources
+    if job.decode_in_actor:
+        rows = ray.data.from_arrow(ingest.manifest_blocks(manifest, resources.rows_per_block))
+        return rows, decode_settings(image_size, resources.max_pixels, job.storage)
+    return ingest.read_images(manifest, job.storage, image_size=image_size, train=False,
+                              max_pixels=resources.max_pixels, rows_per_block=resources.rows_per_block,
+                              num_cpus=resources.decode_cpus), None
+
+
+def scored_dataset(rows, bundle_ref: Any, resources: ScoringResources, *, n_inputs: int,
+                   decode: Optional[dict] = None, carry_columns: tuple[str, ...] = (), embed: bool = False,
+                   scorer_cls=None):
+    """The lazy Ray Dataset that scores ``rows`` (decoded rows, or manifest rows the actors decode with ``decode``)
+    of ``n_inputs`` inputs on an actor pool sized by ``resources`` (no write). ``bundle_ref`` and ``carry_columns``,
+    ``embed``, ``decode`` go to each ``scorer_cls`` (default ``DetectorScorer``) actor."""
+    size = actor_pool_size(resources, n_inputs)
+    warn_if_decode_starves(resources, size, decodes_in_tasks=decode is None)
+    scored = rows.map_batches(
         scorer_cls or DetectorScorer,
-        fn_constructor_kwargs={"model_bundle": bundle_ref, "torch_threads": job.torch_threads,
-                               "use_gpu": job.use_gpu, "carry_columns": tuple(job.carry_columns), "embed": embed,
+        fn_constructor_kwargs={"model_bundle": bundle_ref, "torch_threads": resources.torch_threads,
+                               "use_gpu": resources.use_gpu, "carry_columns": tuple(carry_columns), "embed": embed,
                                "decode": decode},
-        batch_size=job.batch_size,
+        batch_size=resources.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=size,
-                                           max_tasks_in_flight_per_actor=job.max_tasks_in_flight_per_actor),
-        num_cpus=job.actor_cpus,
-        num_gpus=1 if job.use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(
+            size=size, max_tasks_in_flight_per_actor=resources.max_tasks_in_flight_per_actor),
+        num_cpus=resources.actor_cpus,
+        num_gpus=1 if resources.use_gpu else 0,
     )
-    if job.buffer_mib is not None:
-        limit_object_store(scored, job.buffer_mib)
+    if resources.buffer_mib:
+        limit_object_store(scored, resources.buffer_mib)
     return scored
 
 
-def warn_if_decode_starves(job: ScoringResources, size: int, decodes_in_tasks: bool) -> None:
+def actor_pool_size(resources: ScoringResources, n_rows: Optional[int] = None) -> int:
+    """Scoring actors to start: ``num_actors``, or when it is 0, enough to fill the cluster (Ray must be up): one per
+    GPU with ``use_gpu``, else one per ``torch_threads`` CPU cores, and no more than ``n_rows`` inputs make blocks of
+    ``rows_per_block`` (an actor without a block of input would only cost its start-up).
+
+    On CPUs, single-threaded replicas, one per core: alone, they score about as fast as one replica using every core,
+    but next to the decode work and Ray's own processes they keep the cores busier. A multi-threaded replica waits
+    for its slowest thread at every operation, so any preempted thread stalls all of it, while a preempted
+    single-threaded replica stalls only itself (bench/score_throughput.py measures both layouts).
+    """
+    if resources.num_actors:
+        return resources.num_actors
+    cluster = ray.cluster_resources()
+    if resources.use_gpu:
+        fill = int(cluster.get("GPU", 0))
+    else:
+        fill = int(cluster.get("CPU", 1)) // max(1, resources.torch_threads)
+    n_blocks = math.ceil(n_rows / resources.rows_per_block) if n_rows else fill
+    return max(1, min(fill, n_blocks))
+
+
+def warn_if_decode_starves(resources: ScoringResources, size: int, decodes_in_tasks: bool) -> None:
     """Warn when the actor pool reserves so many CPUs that no decode task can be scheduled (the job would stall)."""
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    needed = size * job.actor_cpus + (job.decode_cpus if decodes_in_tasks else 0.0)
+    needed = size * resources.actor_cpus + (resources.decode_cpus if decodes_in_tasks else 0.0)
     if needed > cpus:
         log.warning("%d scoring actors x %.2f CPUs%s need %.2f CPUs but the cluster has %.2f now: unless it scales "
-                    "up, the job waits for CPUs forever; lower --actor-cpus or --num-actors", size, job.actor_cpus,
-                    f" + {job.decode_cpus} per decode task" if decodes_in_tasks else "", needed, cpus)
+                    "up, the job waits for CPUs forever; lower --actor-cpus or --num-actors", size,
+                    resources.actor_cpus, f" + {resources.decode_cpus} per decode task" if decodes_in_tasks else "",
+                    needed, cpus)
 
 
 def decode_settings(image_size: int, max_pixels: int, storage_cfg: Optional[StorageConfig]) -> dict:
@@ -652,7 +616,7 @@ def limit_object_store(ds, mib: int) -> None:
     options.resource_limits = options.resource_limits.copy(object_store_memory=mib * 1024 * 1024)
 
 
-def run_scoring(job: ScoreJob, model: ModelInfo, *, scorer_cls=None) -> ScoreSummary:
+def run_scoring(job: ScoreJob, model: ResolvedModel, *, scorer_cls=None) -> ScoreSummary:
     """Score every input of ``job`` not yet in its output; returns counts for this run (Ray must be initialised).
 
     Raises, before the output changes: ``OutputModelMismatch`` when the output belongs to another model
@@ -675,7 +639,9 @@ def run_scoring(job: ScoreJob, model: ModelInfo, *, scorer_cls=None) -> ScoreSum
              manifest.num_rows, skipped, job.output_uri, len(torn))
     if todo.num_rows:
         bundle = {**bundle, "uri": model.uri, "name": model.name, "version": model.version}
-        ds = scored_dataset(todo, ray.put(bundle), bundle_image_size(bundle), job, scorer_cls)
+        rows, decode = input_stage(todo, bundle_image_size(bundle), job)
+        ds = scored_dataset(rows, ray.put(bundle), job.resources, n_inputs=todo.num_rows, decode=decode,
+                            carry_columns=job.carry_columns, scorer_cls=scorer_cls)
         fs, root = _output_location(job.output_uri, job.storage)
         ds.select_columns(list(OUTPUT_COLUMNS) + list(job.carry_columns)).write_parquet(
             root, filesystem=fs, filename_provider=PartNames(job.run_id),

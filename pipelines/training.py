@@ -7,9 +7,9 @@ Design notes
 - Every epoch ends with a checkpoint (weights as safetensors + optimiser state) and a report carrying `val_loss`;
   Ray keeps the best N by that. A crashed worker group restarts from the latest checkpoint (FailureConfig), and a
   re-run with the same run name finds Ray's run snapshot in storage and resumes the same way.
-- Validation runs on rank 0 over the whole validation set, so the metrics are exact full-subset numbers (METHOD.md);
-  the other workers wait at the report. The validation predictions are stored in the checkpoint so the driver can
-  draw plots and calibrate from the best epoch without another pass.
+- Validation runs on rank 0 over the whole validation set, so the metrics are exact full-subset numbers
+  (docs/METHOD.md); the other workers wait at the report. The validation predictions are stored in the checkpoint
+  so the driver can draw plots and calibrate from the best epoch without another pass.
 - Training rows may be larger windows than the model input (``AugmentConfig.crop_jitter``): each worker cuts a
   fresh random crop + flip of the input size every epoch (``mpft_core.transforms.crop_generator``), so augmentation
   varies per epoch even when the decoded set is cached, and a restarted epoch repeats its crops exactly.
@@ -17,11 +17,15 @@ Design notes
   torch.distributed), which ``make gpu-check`` drives on a GPU without Ray; this loop only adds Ray's data shards,
   Ray Train's per-worker device and the reports.
 - MLflow never appears here: the driver hands in a `logger` object (see jobs/train.py) that rank 0 calls.
+- What a person sees: rank 0 logs one line per epoch (loss, validation accuracy, images/s, time left). Unless
+  ``LoopConfig.verbose``, that is all the workers say below warnings: Ray Train's own INFO lines stay in its log
+  files (``RunConfig.logging_config``), other libraries' are not logged (``quiet_worker_console``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,18 +38,28 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from mpft_core.config import MethodConfig
 from mpft_core.detector import MPFTDetector
 from mpft_core.distributed import TrainingSetup, broadcast_from_rank0, save_training_checkpoint, setup_training
-from mpft_core.metrics import calibrate_threshold, per_subset_metrics
+from mpft_core.metrics import MEAN_KEY, calibrate_threshold, per_subset_metrics
 from mpft_core.optim import train_step
 from mpft_core.tam import compute_mask
 from mpft_core.transforms import crop_generator, normalize, random_crops
 from pipelines import storage
 from pipelines.ingest import TRAINING_COLUMNS
+
+log = logging.getLogger(__name__)
 
 VAL_PREDICTIONS_FILE = "val_predictions.parquet"
 
@@ -69,6 +83,7 @@ class LoopConfig:
     torch_threads: int = 1
     inject_failure_at_step: Optional[int] = None
     real_pairs: dict = field(default_factory=dict)  # {fake-only subset: real subset} of the validation sources
+    verbose: bool = False  # every library's INFO lines on the workers' console too, not only the epoch lines
 
 
 # --------------------------------------------------------------------------------------------------- worker side
@@ -79,6 +94,8 @@ def train_loop_per_worker(config: dict) -> None:
     logger: Optional[RankZeroLogger] = config.get("logger")
     method = MethodConfig.from_dict(loop.method)
     torch.set_num_threads(loop.torch_threads)
+    if not loop.verbose:
+        quiet_worker_console()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(method.optim.seed + rank)
@@ -90,10 +107,11 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_iter = ray.train.get_dataset_shard("val")
     batch_size = method.optim.batch_size
+    attempt_start = time.perf_counter()
     for epoch in range(setup.start_epoch, method.optim.epochs):
         setup.model.train()
         crops = crop_generator(method.optim.seed, epoch, rank)
-        epoch_start, epoch_samples = time.perf_counter(), 0
+        epoch_start, epoch_samples, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
         for batch in epoch_batches(train_shard, batch_size, device, shuffle_seed=method.optim.seed + epoch):
             images = training_crops(batch, detector.preprocess.image_size, crops)
             if rank == 0 and logger is not None and setup.global_step == 0:
@@ -102,6 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
                               scaler=setup.scaler)
             setup.global_step += 1
             epoch_samples += len(batch["label"])
+            loss_sum, steps = loss_sum + loss, steps + 1
             if (not setup.resumed and loop.inject_failure_at_step is not None
                     and setup.global_step == loop.inject_failure_at_step):
                 raise RuntimeError(f"injected failure at step {setup.global_step} (resilience drill)")
@@ -122,10 +141,37 @@ def train_loop_per_worker(config: dict) -> None:
                 summary.update(throughput)
                 if logger is not None:
                     logger.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)}, setup.global_step)
+                seconds_per_epoch = (time.perf_counter() - attempt_start) / (epoch + 1 - setup.start_epoch)
+                log.info(epoch_line(epoch, method.optim.epochs, loss_sum / max(steps, 1), summary,
+                                    seconds_left=seconds_per_epoch * (method.optim.epochs - epoch - 1)))
                 checkpoint = Checkpoint.from_directory(tmp)
             summary = broadcast_from_rank0(summary)
             ray.train.report({**summary, "epoch": epoch, "global_step": setup.global_step,
                               "resumed_from_step": resumed_from_step}, checkpoint=checkpoint)
+
+
+def quiet_worker_console() -> None:
+    """Warnings only on this worker's console, besides this module's epoch lines. Ray Train sets the root logger to
+    INFO, where open_clip narrates every model build and Ray Train logs every report (that logger is named after its
+    file path, so ``RunConfig.logging_config`` does not reach it)."""
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+
+
+def epoch_line(epoch: int, epochs: int, train_loss: float, summary: dict, seconds_left: float) -> str:
+    """What a person reads after each epoch: ``epoch 3/40: train loss 0.512, val acc 0.703, 412 images/s, 1 min 40 s
+    left`` (``epoch`` counts from 0; ``summary`` holds ``val_mean_acc`` and ``train_samples_per_s``)."""
+    return (f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.3f}, val acc {summary[f'val_{MEAN_KEY}_acc']:.3f}, "
+            f"{summary['train_samples_per_s']:.0f} images/s, {duration_text(seconds_left)} left")
+
+
+def duration_text(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s`` or ``2 h 07 min``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def _setup_or_resume(method: MethodConfig, loop: LoopConfig, storage_cfg) -> TrainingSetup:
@@ -230,6 +276,7 @@ def build_trainer(*, name: str, loop_config: LoopConfig, logger: Optional[RankZe
         checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute="val_loss",
                                            checkpoint_score_order="min"),
         failure_config=FailureConfig(max_failures=max_failures),
+        logging_config=LoggingConfig(log_level="INFO" if loop_config.verbose else "WARNING"),
     )
     config: dict[str, Any] = {**loop_config.__dict__, "logger": logger}
     return TorchTrainer(

@@ -30,7 +30,8 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A private Ray instance for the whole session (starting Ray costs seconds; tests share it)."""
+    """A private Ray instance for the whole session (starting Ray costs seconds; tests share it); its users are
+    marked ``ray`` by ``pytest_collection_modifyitems``."""
     from pipelines.runtime import init_ray, shutdown_ray
 
     init_ray(num_cpus=2)
@@ -38,11 +39,16 @@ def ray_local():
     shutdown_ray()
 
 
+@pytest.hookimpl(tryfirst=True)  # the marks must be in place before `-m` deselects by them
 def pytest_collection_modifyitems(items):
-    """Files holding end-to-end (``slow``) tests first, in a stable order.
+    """Every test using ``ray_local`` (directly or through another fixture) is marked ``ray``; then the files holding
+    end-to-end (``slow``) tests go first, in a stable order.
 
     ``make test`` runs two pytest workers that take whole files (``-n 2 --dist loadfile``); they hand out files in
     collection order, so the long files start early and the short ones fill in at the end.
     """
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)

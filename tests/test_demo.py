@@ -41,6 +41,13 @@ def test_demo_runs_every_stage_and_stops_the_stack(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(report_path.read_text())
 
+    # What a person reads: one line per stage and per epoch; Ray Data's per-dataset lines stay in its log file.
+    console = done.stdout + done.stderr
+    stages = ("corpus", "train", "evaluate", "promote", "score")
+    assert all(f"[demo] {stage} done in" in done.stdout for stage in stages)
+    assert "epoch 1/2: train loss" in console and "epoch 2/2: train loss" in console
+    assert "execution finished" not in console
+
     assert "MPFT demo finished" in done.stdout and "infra.local_stack.mlflow_server --root" in done.stdout
     assert processes_mentioning(str(workdir)) == []  # the MLflow server (rooted in workdir) is gone
     # No Ray worker outlived the demo's Ray. (Another pytest worker's instance stopping right now may orphan its

@@ -13,13 +13,20 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 
 from mpft_core.perturb import Perturbation
 from pipelines.evaluation import EvalOptions, build_eval_manifest, decode_perturbed_batch, evaluate, evaluate_many
-from pipelines.scoring import ModelInfo
+from pipelines.scoring_spec import ResolvedModel, ScoringResources
 from pipelines.sources import SourceConfig
-from tests.helpers.images import (BAD_CORPUS_MAX_PIXELS, write_bad_corpus, write_genimage_tree,
-                                  write_ufd_single_class, write_ufd_tree)
+from tests.helpers.images import (
+    BAD_CORPUS_MAX_PIXELS,
+    write_bad_corpus,
+    write_genimage_tree,
+    write_ufd_single_class,
+    write_ufd_tree,
+)
 from tests.helpers.models import tiny_checkpoint
 
 THRESHOLD = 0.5002
+# Small batches and blocks and one actor: a few dozen images on a 2-CPU Ray.
+SMALL_PASS = ScoringResources(batch_size=8, rows_per_block=8, num_actors=1, actor_cpus=0.5, decode_cpus=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +76,11 @@ def test_perturbed_decode_degrades_the_whole_image_before_the_crop(genimage):
 def test_metrics_equal_sklearn_on_the_output_scores(ray_local, checkpoint, genimage, tmp_path):
     from jobs.evaluate import SCORES_FILE, write_outputs
 
-    model = ModelInfo(checkpoint_dir=str(checkpoint), uri=str(checkpoint))
+    model = ResolvedModel(checkpoint_dir=str(checkpoint), uri=str(checkpoint))
     perturbations = [Perturbation("downscale", 16)]
     result = evaluate(model, [SourceConfig(uri=str(genimage), layout="genimage", split="val")],
                       perturbations=perturbations,
-                      options=EvalOptions(batch_size=8, rows_per_block=8, actor_cpus=0.5, decode_cpus=0.25,
-                                          feature_space=False))
+                      options=EvalOptions(resources=SMALL_PASS, feature_space=False))
     write_outputs(result, str(tmp_path))
     scores = pq.read_table(tmp_path / SCORES_FILE).to_pylist()
     table = result.table
@@ -100,20 +106,19 @@ def test_metrics_equal_sklearn_on_the_output_scores(ray_local, checkpoint, genim
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cli_evaluate_logs_table_and_plots_to_mlflow(ray_local, mlflow_server, checkpoint, genimage, tmp_path):
+
+    import matplotlib.pyplot as plt
     from mlflow.tracking import MlflowClient
 
-    import argparse
-
-    from jobs import evaluate_cmd
+    from jobs import cli
     from jobs.evaluate import EVALUATION_EXPERIMENT
 
-    parser = argparse.ArgumentParser(prog="mpft evaluate")
-    evaluate_cmd.add_arguments(parser)
-    code = evaluate_cmd.main(parser.parse_args(["--model", str(checkpoint), "--source", str(genimage), "--split", "val",
-                 "--perturb", "blur=3", "--tracking-uri", mlflow_server.tracking_uri, "--output", str(tmp_path),
-                 "--run-name", "eval-cli-test", "--actor-cpus", "0.5", "--batch-size", "8",
-                 "--max-feature-points", "12"]))
+    code = cli.main(["evaluate", "--model", str(checkpoint), "--source", str(genimage), "--split", "val",
+                     "--perturb", "blur=3", "--tracking-uri", mlflow_server.tracking_uri, "--output", str(tmp_path),
+                     "--run-name", "eval-cli-test", "--actor-cpus", "0.5", "--batch-size", "8",
+                     "--max-feature-points", "12"])
     assert code == 0
+    assert not plt.get_fignums(), "a logged figure was left open"
 
     client = MlflowClient(mlflow_server.tracking_uri)
     experiment = client.get_experiment_by_name(EVALUATION_EXPERIMENT)
@@ -137,13 +142,12 @@ def test_ufd_fake_only_generators_are_evaluated_with_their_paired_real_images(ra
     write_ufd_single_class(tmp_path, "imagenet", label=0, n=3, size=32, seed=20)
     write_ufd_single_class(tmp_path, "laion", label=0, n=4, size=32, seed=21)
     sources = [SourceConfig(uri=str(tmp_path), layout="ufd")]
-    model = ModelInfo(checkpoint_dir=str(checkpoint), uri=str(checkpoint))
+    model = ResolvedModel(checkpoint_dir=str(checkpoint), uri=str(checkpoint))
 
     # As the promotion gate calls it: the holdout manifest built once, the sources alongside.
     manifest = build_eval_manifest(sources)
     [result] = evaluate_many([model], sources, manifest=manifest,
-                             options=EvalOptions(batch_size=8, rows_per_block=8, actor_cpus=0.5, decode_cpus=0.25,
-                                                 feature_space=False))
+                             options=EvalOptions(resources=SMALL_PASS, feature_space=False))
     table = result.table.set_index("subset")
     scores = result.condition("clean").scores
 
@@ -211,7 +215,7 @@ def test_an_evaluation_refuses_pairs_it_cannot_score_before_any_work(tmp_path, s
     # A manifest built elsewhere is checked against the sources' pairs too, before any model is loaded.
     loose = build_eval_manifest([s.model_copy(update={"real_pairs": {}}) for s in sources])
     with pytest.raises(ValueError, match=message):
-        evaluate_many([ModelInfo(checkpoint_dir=str(tmp_path / "unused"), uri="unused")], sources, manifest=loose)
+        evaluate_many([ResolvedModel(checkpoint_dir=str(tmp_path / "unused"), uri="unused")], sources, manifest=loose)
 
 
 def test_sources_that_list_the_same_images_are_merged_and_a_conflict_is_refused(tmp_path):

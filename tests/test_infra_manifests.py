@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from infra.render import RenderError, placeholders, render, render_text
-from infra.render import main as render_main
+from jobs import cli
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 RAYJOB = INFRA / "k8s" / "rayjob.yaml"
@@ -91,9 +91,9 @@ def test_empty_value_counts_as_missing_and_dollar_escapes_survive():
 def test_cli_renders_and_exits_nonzero_on_missing_values(tmp_path, capsys):
     out = tmp_path / "rayjob.yaml"
     args = [str(RAYJOB), *(f"{k}={v}" for k, v in VALUES.items()), "-o", str(out)]
-    assert render_main(args) == 0
+    assert cli.main(["render", *args]) == 0
     assert yaml.safe_load(out.read_text())["kind"] == "RayJob"
-    assert render_main([str(RAYJOB), "IMAGE=x"]) == 2
+    assert cli.main(["render", str(RAYJOB), "IMAGE=x"]) == 2
     assert "no value for" in capsys.readouterr().err
 
 

@@ -19,7 +19,7 @@ from mpft_core.optim import make_optimizer, train_step
 from mpft_core.transforms import eval_view
 from tests.helpers.images import fake_images, real_photo_crops, write_genimage_tree
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)  # tests using ray_local are marked `ray` by conftest
 
 MODEL = "promote-test"
 

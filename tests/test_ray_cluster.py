@@ -1,7 +1,7 @@
 """The local two-node Ray cluster: jobs submitted through the dashboard run on both nodes (a probe job, then the
 real `mpft train` and `mpft score`), and stopping the cluster leaves nothing behind.
 
-The ``ray_cluster`` fixture is module-scoped: the job tests share one cluster start (~15 s).
+The ``ray_cluster`` fixture is module-scoped: the job tests share one cluster start, which takes a while.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import yaml
 from mlflow import MlflowClient
 
 from infra.local_stack.ray_cluster import LocalRayCluster
+from pipelines.processes import command_line
 from pipelines.scoring import read_scores
 from tests.helpers.images import BAD_CORPUS_MAX_PIXELS, write_bad_corpus, write_genimage_tree
 
@@ -78,13 +79,6 @@ def _job_result(logs: str) -> dict:
     return json.loads(lines[-1][len(RESULT_MARKER):])
 
 
-def _command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def _accepts_connections(address: str) -> bool:
     host, port = address.rsplit(":", 1)
     try:
@@ -94,7 +88,7 @@ def _accepts_connections(address: str) -> bool:
         return False
 
 
-# First in the module, before the shared `ray_cluster` starts: one cluster at a time on this small machine.
+# First in the module, before the shared `ray_cluster` starts: one cluster at a time leaves the cores to the jobs.
 @pytest.mark.timeout(300)
 def test_stop_leaves_no_process_of_the_cluster(tmp_path):
     cluster = LocalRayCluster().start()
@@ -110,7 +104,7 @@ def test_stop_leaves_no_process_of_the_cluster(tmp_path):
         # the two `ray start` parents, gcs_server, two raylets, ... and Ray workers, which rename themselves
         # ("ray::IDLE"): found through the marker in their environment, not their command line
         assert len(running) >= 5
-        assert any(_command_line(pid).startswith("ray::") for pid in running)
+        assert any(" ".join(command_line(pid)).startswith("ray::") for pid in running)
     finally:
         cluster.stop()
     assert cluster.leftover_processes() == []
@@ -234,6 +228,6 @@ def test_train_and_score_jobs_submitted_to_a_two_node_cluster(ray_cluster, tmp_p
     scores = read_scores("s3://cluster/scores", s3_server.storage_config())
     paths = scores.column("path").to_pylist()
     assert sorted(Path(p).name for p in paths) == sorted(expected)  # every crawled file, exactly once
-    failed = {Path(p).name for p, e in zip(paths, scores.column("error").to_pylist()) if e is not None}
+    failed = {Path(p).name for p, e in zip(paths, scores.column("error").to_pylist(), strict=True) if e is not None}
     assert failed == {name for name, ok in expected.items() if not ok}
     assert set(pc.unique(scores["model_version"]).to_pylist()) == {version.version}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.runtime import Process, _read_process, end_survivors
+from pipelines.processes import read_process
+from pipelines.runtime import end_survivors
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
@@ -21,9 +22,9 @@ def test_a_process_alive_after_the_grace_period_is_killed_and_others_are_left_al
     quick = subprocess.Popen(["sleep", "0.3"])
     bystander = subprocess.Popen(["sleep", "60"])
     try:
-        noted = [_read_process(p.pid) for p in (stuck, quick)]
+        noted = [read_process(p.pid) for p in (stuck, quick)]
         # The bystander's pid as if it had been reused since it was noted: a different start time.
-        reused = _read_process(bystander.pid)._replace(started=_read_process(bystander.pid).started - 1)
+        reused = read_process(bystander.pid)._replace(started=read_process(bystander.pid).started - 1)
 
         start = time.monotonic()
         killed = end_survivors(noted + [reused], grace_s=1.5)
@@ -40,7 +41,8 @@ def test_a_process_alive_after_the_grace_period_is_killed_and_others_are_left_al
 
 PRIVATE_INSTANCE = """
 import os, ray
-from pipelines.runtime import _read_process, init_ray, local_ray_worker_processes, shutdown_ray
+from pipelines.processes import read_process
+from pipelines.runtime import init_ray, local_ray_worker_processes, shutdown_ray
 
 init_ray(num_cpus=1)
 
@@ -52,11 +54,12 @@ class Actor:
 actor_pid = ray.get(Actor.remote().pid.remote())
 noted = {p.pid for p in local_ray_worker_processes()}
 shutdown_ray(grace_s=10)
-print("NOTED", actor_pid in noted, "ALIVE", _read_process(actor_pid) is not None, "LEFT", len([
-    p for p in noted if _read_process(p) is not None]))
+print("NOTED", actor_pid in noted, "ALIVE", read_process(actor_pid) is not None, "LEFT", len([
+    p for p in noted if read_process(p) is not None]))
 """
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_a_private_instance_notes_its_workers_and_none_survives_its_shutdown():
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(PRIVATE_INSTANCE)], cwd=REPO, capture_output=True,

@@ -14,6 +14,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from jobs import cli
 from jobs import sample_corpus as sc
 
 IMAGE_SIZE = 32
@@ -197,9 +198,15 @@ def test_unknown_generator_is_rejected_before_any_work(tmp_path):
 
 
 def test_cli_writes_corpus_and_new_generator_drop(tmp_path, capsys):
-    assert sc.main(["--out", str(tmp_path), "--train", "2", "--val", "1", "--test", "1", "--generator-steps", "2",
-                    "--train-generators", "ae_up", "--test-generators", "ae_shuffle"]) == 0
+    assert cli.main(["sample-corpus", "--out", str(tmp_path), "--train", "2", "--val", "1", "--test", "1",
+                     "--generator-steps", "2", "--train-generators", "ae_up", "--test-generators", "ae_shuffle"]) == 0
     assert "total_files" in capsys.readouterr().out
     assert len(pngs(tmp_path / "corpus" / "ae_up" / "train" / "ai")) == 2
     assert len(pngs(tmp_path / "corpus" / "ae_shuffle" / "val" / "nature")) == 1
     assert len(pngs(tmp_path / "new_generator" / sc.NEW_GENERATOR / "train" / "ai")) == 2
+
+
+def test_cli_refuses_an_unknown_generator_in_one_line_naming_the_known_ones(tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown generators \['stylegan'\]; choose from .*ae_up"):
+        cli.main(["sample-corpus", "--out", str(tmp_path), "--train-generators", "stylegan"])
+    assert not (tmp_path / "corpus").exists()

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,9 +21,15 @@ import pytest
 import torch
 
 from pipelines import scoring
-from pipelines.scoring import DetectorScorer, ModelInfo, ScoreJob, ScoringResources, read_scores, run_scoring
-from tests.helpers.images import (BAD_CORPUS_FAILURES, BAD_CORPUS_MAX_PIXELS, fake_images, real_photo_crops,
-                                  write_bad_corpus)
+from pipelines.scoring import DetectorScorer, ScoreJob, read_scores, run_scoring
+from pipelines.scoring_spec import ResolvedModel, ScoringResources
+from tests.helpers.images import (
+    BAD_CORPUS_FAILURES,
+    BAD_CORPUS_MAX_PIXELS,
+    fake_images,
+    real_photo_crops,
+    write_bad_corpus,
+)
 from tests.helpers.models import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,8 +46,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint) -> ModelInfo:
-    return ModelInfo(checkpoint_dir=str(checkpoint), uri=str(checkpoint), name="tiny", version="3")
+def model(checkpoint) -> ResolvedModel:
+    return ResolvedModel(checkpoint_dir=str(checkpoint), uri=str(checkpoint), name="tiny", version="3")
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +65,14 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, bool]]:
     return root, expected
 
 
+def _resources(**overrides) -> ScoringResources:
+    """Small batches and blocks and one actor: the test corpus is a few dozen files on a 2-CPU Ray."""
+    return ScoringResources(**{"batch_size": 8, "rows_per_block": 8, "max_pixels": BAD_CORPUS_MAX_PIXELS,
+                               "num_actors": 1, "actor_cpus": 0.5, "decode_cpus": 0.25, **overrides})
+
+
 def _job(input_uri, output_uri, **kw) -> ScoreJob:
-    defaults = dict(model_ref="tiny", input_uri=str(input_uri), output_uri=str(output_uri), batch_size=8,
-                    rows_per_block=8, max_pixels=BAD_CORPUS_MAX_PIXELS, num_actors=1, actor_cpus=0.5,
-                    decode_cpus=0.25)
+    defaults = dict(model_ref="tiny", input_uri=str(input_uri), output_uri=str(output_uri), resources=_resources())
     defaults.update(kw)
     return ScoreJob(**defaults)
 
@@ -167,14 +176,10 @@ def test_read_scores_keeps_one_row_per_path_the_latest(tmp_path):
 
 
 def score_cli(argv: list[str]) -> int:
-    """`mpft score ...` through its own argument parser (the full CLI needs every other subcommand's module)."""
-    import argparse
+    """`mpft score ...` as a user runs it."""
+    from jobs import cli
 
-    from jobs import score_cmd
-
-    parser = argparse.ArgumentParser(prog="mpft score")
-    score_cmd.add_arguments(parser)
-    return score_cmd.main(parser.parse_args(argv))
+    return cli.main(["score", *argv])
 
 
 def test_cli_prints_a_table_for_a_local_folder_without_ray(checkpoint, corpus, capsys, monkeypatch):
@@ -206,6 +211,35 @@ def test_cli_refuses_a_large_folder_without_output(checkpoint, corpus):
         score_cli(["--model", str(checkpoint), "--input", str(corpus[0]), "--table-max", "3"])
 
 
+def test_score_and_evaluate_take_the_same_resource_flags_with_the_dataclass_defaults():
+    import argparse
+    from dataclasses import fields
+
+    from jobs import common, evaluate_cmd, score_cmd
+
+    chosen = ScoringResources(batch_size=8, num_actors=3, actor_cpus=0.25, torch_threads=2, use_gpu=True,
+                              decode_cpus=0.75, max_pixels=1000, rows_per_block=16, max_tasks_in_flight_per_actor=4,
+                              buffer_mib=0)
+    assert all(getattr(chosen, f.name) != getattr(ScoringResources(), f.name) for f in fields(ScoringResources))
+    flags = ["--batch-size", "8", "--num-actors", "3", "--actor-cpus", "0.25", "--torch-threads", "2", "--gpu",
+             "--decode-cpus", "0.75", "--max-pixels", "1000", "--rows-per-block", "16",
+             "--max-tasks-in-flight-per-actor", "4", "--buffer-mib", "0"]
+    for module, required in ((score_cmd, ["--model", "m", "--input", "i"]),
+                             (evaluate_cmd, ["--model", "m", "--source", "s"])):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        assert common.resources_from_args(parser.parse_args(required)) == ScoringResources()
+        assert common.resources_from_args(parser.parse_args(required + flags)) == chosen
+
+
+def test_the_score_and_evaluate_commands_load_without_ray_mlflow_or_torch():
+    """`mpft --help` imports every command module: these two must not pay for the heavy stack."""
+    probe = subprocess.run([sys.executable, "-c", "import sys, jobs.score_cmd, jobs.evaluate_cmd; "
+                            "print(sorted(m for m in ('ray', 'mlflow', 'torch') if m in sys.modules))"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "[]", probe.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- the Ray job
 
 
@@ -215,7 +249,7 @@ def test_every_input_appears_exactly_once_and_a_rerun_adds_nothing(ray_local, mo
     root, expected = corpus
     out = tmp_path / "scores"
     # A tight object-store cap (a few blocks of crops): the pipeline must still drain, not stall on backpressure.
-    tight = _job(root, out, buffer_mib=1)
+    tight = _job(root, out, resources=_resources(buffer_mib=1))
 
     first = run_scoring(tight, model)
     rows = _assert_exactly_once(out, expected)
@@ -250,7 +284,8 @@ def test_the_buffer_cap_applies_to_that_scoring_pass_only(ray_local, model, corp
     import ray.data
 
     manifest = scoring.input_manifest(str(corpus[0]), "unlabelled", None)
-    ds = scoring.scored_dataset(manifest, {}, 32, _job(corpus[0], "unused", buffer_mib=3))
+    ds = scoring.scored_dataset(ray.data.from_arrow(manifest), {}, _resources(buffer_mib=3),
+                                n_inputs=manifest.num_rows)
 
     assert ds.context.execution_options.resource_limits.object_store_memory == 3 * 1024 * 1024
     assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == float("inf")
@@ -261,11 +296,11 @@ def test_an_unset_actor_count_starts_one_replica_per_core_or_thread_group(ray_lo
     import ray
 
     cpus = int(ray.cluster_resources()["CPU"])
-    assert ScoringResources(num_actors=None).pool_size() == cpus
-    assert ScoringResources(num_actors=None, torch_threads=2).pool_size() == max(1, cpus // 2)
-    assert ScoringResources(num_actors=3).pool_size() == 3
-    assert ScoringResources(num_actors=None).pool_size(n_rows=1) == 1  # a small input starts one actor
-    assert ScoringResources(num_actors=3).pool_size(n_rows=1) == 3    # an explicit count is kept
+    assert scoring.actor_pool_size(ScoringResources(num_actors=0)) == cpus
+    assert scoring.actor_pool_size(ScoringResources(num_actors=0, torch_threads=2)) == max(1, cpus // 2)
+    assert scoring.actor_pool_size(ScoringResources(num_actors=3)) == 3
+    assert scoring.actor_pool_size(ScoringResources(num_actors=0), n_rows=1) == 1  # a small input starts one actor
+    assert scoring.actor_pool_size(ScoringResources(num_actors=3), n_rows=1) == 3  # an explicit count is kept
 
 
 @pytest.mark.timeout(60)
@@ -286,7 +321,8 @@ def test_an_actor_pool_that_leaves_no_cpu_for_decoding_is_warned_about(ray_local
 SLOW_RUN = """
 import sys, time
 import ray
-from pipelines.scoring import DetectorScorer, ModelInfo, ScoreJob, run_scoring
+from pipelines.scoring import DetectorScorer, ScoreJob, run_scoring
+from pipelines.scoring_spec import ResolvedModel, ScoringResources
 
 class SlowScorer(DetectorScorer):
     def __call__(self, batch):
@@ -295,9 +331,11 @@ class SlowScorer(DetectorScorer):
 
 address, checkpoint, input_uri, output_uri, max_pixels = sys.argv[1:]
 ray.init(address=address)
-job = ScoreJob(model_ref=checkpoint, input_uri=input_uri, output_uri=output_uri, batch_size=2, rows_per_block=2,
-               rows_per_output_file=1, max_pixels=int(max_pixels), actor_cpus=0.5, decode_cpus=0.25)
-run_scoring(job, ModelInfo(checkpoint_dir=checkpoint, uri=checkpoint), scorer_cls=SlowScorer)
+resources = ScoringResources(batch_size=2, rows_per_block=2, max_pixels=int(max_pixels), num_actors=1, actor_cpus=0.5,
+                             decode_cpus=0.25)
+job = ScoreJob(model_ref=checkpoint, input_uri=input_uri, output_uri=output_uri, resources=resources,
+               rows_per_output_file=1)
+run_scoring(job, ResolvedModel(checkpoint_dir=checkpoint, uri=checkpoint), scorer_cls=SlowScorer)
 print("FINISHED", flush=True)
 """
 
@@ -411,7 +449,8 @@ def test_killing_a_scoring_actor_mid_run_loses_no_rows(ray_local, model, corpus,
 
     killer = threading.Thread(target=kill_after_first_batches, daemon=True)
     killer.start()
-    summary = run_scoring(_job(root, out, batch_size=2, rows_per_block=2), model, scorer_cls=ReportingScorer)
+    summary = run_scoring(_job(root, out, resources=_resources(batch_size=2, rows_per_block=2)), model,
+                          scorer_cls=ReportingScorer)
     killer.join(timeout=5)
 
     handles, started, done = ray.get(registry.state.remote())
@@ -430,7 +469,7 @@ def test_scoring_from_s3_to_s3_with_a_registered_model_logs_a_summary(ray_local,
     import mlflow
 
     from jobs import tracking
-    from jobs.score import SCORING_EXPERIMENT, resolve_model_info, run_score_job
+    from jobs.score import SCORING_EXPERIMENT, run_score_job
 
     root, expected = corpus
     s3_server.create_bucket("score-in")
@@ -444,7 +483,7 @@ def test_scoring_from_s3_to_s3_with_a_registered_model_logs_a_summary(ray_local,
         version = tracking.register_model(tracking.log_detector_model(str(checkpoint)), "tiny-scorer")
     tracking.set_alias("tiny-scorer", "challenger", version)
 
-    model = resolve_model_info("models:/tiny-scorer@challenger", cfg)
+    model = tracking.resolve_model("models:/tiny-scorer@challenger", cfg)
     job = _job("s3://score-in/corpus", "s3://score-out/run1", storage=cfg, model_ref="models:/tiny-scorer@challenger")
     summary = run_score_job(job, model, tracking_uri=mlflow_server.tracking_uri)
 
@@ -534,7 +573,8 @@ def test_a_malformed_checkpoint_is_refused_before_the_output_is_claimed(checkpoi
     out = tmp_path / "scores"
 
     with pytest.raises(ValueError, match="not valid JSON"):
-        run_scoring(_job(corpus[0], out, model_ref=str(broken)), ModelInfo(checkpoint_dir=str(broken), uri=str(broken)))
+        run_scoring(_job(corpus[0], out, model_ref=str(broken)),
+                    ResolvedModel(checkpoint_dir=str(broken), uri=str(broken)))
 
     assert not out.exists() or not any(out.iterdir())
 
@@ -590,9 +630,10 @@ def test_a_resumed_output_is_summarised_and_logged_under_its_recorded_identity(m
     _legacy_part(tmp_path, sorted(expected), "models:/tiny/3", "tiny", "3")
     job = _job(root, tmp_path, model_ref=str(checkpoint))  # the same weights, as a local folder
 
-    summary = run_scoring(job, ModelInfo(checkpoint_dir=str(checkpoint), uri=str(checkpoint)))  # all done: no Ray
+    summary = run_scoring(job, ResolvedModel(checkpoint_dir=str(checkpoint), uri=str(checkpoint)))  # all done: no Ray
 
-    assert summary.model == ModelInfo(checkpoint_dir=str(checkpoint), uri="models:/tiny/3", name="tiny", version="3")
+    assert summary.model == ResolvedModel(checkpoint_dir=str(checkpoint), uri="models:/tiny/3", name="tiny",
+                                          version="3")
     tracking.set_tracking(mlflow_server.tracking_uri)
     params = mlflow.get_run(log_summary(job, summary)).data.params
     assert (params["model_uri"], params["model_name"], params["model_version"]) == ("models:/tiny/3", "tiny", "3")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import open_clip
 import pandas as pd
 import pytest
 import torch
@@ -16,16 +17,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-import open_clip
-
 from jobs import plots, tracking
 from mpft_core.backbone import register_shipped_configs, save_clip_weights, tower_activation
-from pipelines.storage import SECRET_MASK
 from mpft_core.checkpoint import load_checkpoint, save_checkpoint
 from mpft_core.config import BackboneConfig, DetectorConfig
 from mpft_core.detector import build_detector
 from mpft_core.metrics import to_markdown
 from mpft_core.transforms import eval_view, normalize
+from pipelines.storage import SECRET_MASK
 
 THRESHOLD = 0.37
 
@@ -304,7 +303,8 @@ def test_registered_pyfunc_scores_raw_image_bytes_like_the_detector(registered, 
 
 @pytest.mark.timeout(180)
 def test_every_loading_path_runs_the_trained_quick_gelu_function(registered, images, tmp_path):
-    from pipelines.scoring import DetectorScorer, ModelInfo, decode_settings, make_model_bundle
+    from pipelines.scoring import DetectorScorer, decode_settings, make_model_bundle
+    from pipelines.scoring_spec import ResolvedModel
 
     expected = reference_scores(registered["detector"], images).numpy()
     assert tower_activation(registered["detector"].visual) == "quick_gelu"
@@ -324,7 +324,7 @@ def test_every_loading_path_runs_the_trained_quick_gelu_function(registered, ima
     for i, data in enumerate(images):
         paths.append(str(tmp_path / f"{i}.img"))
         Path(paths[-1]).write_bytes(data)
-    bundle = make_model_bundle(ModelInfo(checkpoint_dir=str(registered["checkpoint_dir"]), uri="test"))
+    bundle = make_model_bundle(ResolvedModel(checkpoint_dir=str(registered["checkpoint_dir"]), uri="test"))
     actor = DetectorScorer(bundle, decode=decode_settings(32, 10**8, None))
     none = np.array([None] * len(paths), dtype=object)
     rows = actor({"path": np.array(paths, dtype=object), "label": none, "subset": none, "split": none})
@@ -354,6 +354,7 @@ def test_logged_model_holds_only_the_checkpoint_and_a_small_pickle(registered, t
     requirements = (local / "requirements.txt").read_text()
     assert "open_clip_torch==" in requirements and "torch==" in requirements
     assert (local / "code" / "mpft_core" / "checkpoint.py").is_file()
+    assert (local / "code" / "mpft_core" / "scoring.py").is_file()  # the scoring kernel the pyfunc imports
     assert (local / "code" / "jobs" / "mlflow_model.py").is_file()
 
 
@@ -365,23 +366,31 @@ def logits_of(checkpoint_dir: str) -> torch.Tensor:
 
 
 @pytest.mark.timeout(180)
-def test_resolve_model_gives_a_loadable_checkpoint_for_every_kind_of_reference(registered, tmp_path):
+def test_resolve_model_gives_a_loadable_checkpoint_for_every_kind_of_reference(registered, tmp_path, monkeypatch):
     name, version = registered["name"], registered["version"]
     expected = logits_of(str(registered["checkpoint_dir"]))
-    refs = {
-        f"models:/{name}@challenger": (name, version),
-        f"models:/{name}/{version}": (name, version),
-        f"runs:/{registered['run_id']}/model": (None, None),
-        str(registered["checkpoint_dir"]): (None, None),
+    local = str(Path(registered["checkpoint_dir"]).resolve())
+    model_folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered["model_uri"],
+                                                            dst_path=str(tmp_path / "downloaded")))
+    run_ref = f"runs:/{registered['run_id']}/model"
+    refs = {  # reference -> the name its scores carry: registry versions pinned, local folders absolute
+        f"models:/{name}@challenger": (f"models:/{name}/{version}", name, version),
+        f"models:/{name}/{version}": (f"models:/{name}/{version}", name, version),
+        run_ref: (run_ref, None, None),
+        str(registered["checkpoint_dir"]): (local, None, None),
+        f"file://{registered['checkpoint_dir']}": (local, None, None),
+        str(model_folder): (str(model_folder.resolve()), None, None),
     }
-    for i, (ref, (want_name, want_version)) in enumerate(refs.items()):
+    for i, (ref, identity) in enumerate(refs.items()):
         resolved = tracking.resolve_model(ref, dst_dir=str(tmp_path / str(i)))
-        assert (resolved.uri, resolved.name, resolved.version) == (ref, want_name, want_version)
+        assert (resolved.uri, resolved.name, resolved.version) == identity, ref
         assert sorted(p.name for p in Path(resolved.checkpoint_dir).iterdir())[:2] == ["model.safetensors",
                                                                                        "mpft.json"]
         assert torch.equal(logits_of(resolved.checkpoint_dir), expected), ref
-    assert tracking.resolve_model(str(registered["checkpoint_dir"])).checkpoint_dir == str(
-        registered["checkpoint_dir"])  # a local checkpoint is used in place
+    assert tracking.resolve_model(local).checkpoint_dir == local  # a local checkpoint is used in place
+
+    monkeypatch.chdir(Path(local).parent)  # a relative path is named by where it points from here
+    assert tracking.resolve_model(Path(local).name).uri == local
 
 
 @pytest.mark.timeout(120)
@@ -409,10 +418,11 @@ def test_aliases_and_version_tags(registered, tracking_uri):
     assert tracking.get_alias_version(name, "champion") is None
     assert tracking.get_alias_version(unique("no-such-model"), "champion") is None
 
-    tracking.set_version_tags(name, version, {"holdout_acc": 0.91, "gate": "passed"})
+    tracking.set_version_tags(name, version, {"holdout_acc": 0.91, "gate": "passed", "long": "x" * 6000})
     tracking.set_alias(name, "champion", version)
 
     mv = MlflowClient(tracking_uri).get_model_version(name, version)
     assert mv.tags["holdout_acc"] == "0.91" and mv.tags["gate"] == "passed"
+    assert len(mv.tags["long"]) == tracking.MAX_TAG_VALUE_CHARS and mv.tags["long"].endswith("...[truncated]")
     assert mv.tags["train_run_id"] == registered["run_id"]
     assert tracking.get_alias_version(name, "champion") == version

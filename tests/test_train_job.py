@@ -20,7 +20,7 @@ from mpft_core.checkpoint import load_checkpoint
 from mpft_core.transforms import eval_view
 from tests.helpers.images import write_genimage_tree, write_ufd_single_class, write_ufd_tree
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)  # tests using ray_local are marked `ray` by conftest
 
 MODEL_NAME = "train-job-test"
 
@@ -76,6 +76,7 @@ def trained(s3_server, mlflow_server, ray_local, corpus_uri, tmp_path_factory):
     return config_path, run, last_step
 
 
+@pytest.mark.slow
 def test_train_job_learns_logs_registers_and_the_registered_model_scores_like_the_trained_one(
         tmp_path, s3_server, mlflow_server, trained):
     _, run, _ = trained
@@ -119,6 +120,7 @@ def test_train_job_learns_logs_registers_and_the_registered_model_scores_like_th
     assert (out["threshold"] == detector.threshold).all()
 
 
+@pytest.mark.slow
 def test_rerunning_the_same_name_resumes_instead_of_starting_over(mlflow_server, trained):
     config_path, first, steps_two_epochs = trained
     cfg = load_train_config(config_path)

@@ -18,7 +18,7 @@ from mpft_core.config import BackboneConfig, DetectorConfig, MaskConfig, MethodC
 from pipelines import training
 from pipelines.storage import StorageConfig
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+pytestmark = pytest.mark.timeout(420)  # tests using ray_local are marked `ray` by conftest
 
 SIZE = 32
 
@@ -109,6 +109,13 @@ def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint_and_continues_the_st
     # The restarted workers started from the epoch-0 checkpoint's step count, not from zero.
     assert result.metrics["resumed_from_step"] == steps
     assert result.metrics["global_step"] == 2 * steps
+
+
+def test_the_epoch_line_says_where_training_stands_in_words():
+    summary = {"val_mean_acc": 0.70312, "train_samples_per_s": 411.6}
+    assert (training.epoch_line(2, 40, 0.5123, summary, seconds_left=100)
+            == "epoch 3/40: train loss 0.512, val acc 0.703, 412 images/s, 1 min 40 s left")
+    assert [training.duration_text(s) for s in (0.4, 42.4, 3599.6, 7620)] == ["0 s", "42 s", "1 h 00 min", "2 h 07 min"]
 
 
 class InMemoryShard:

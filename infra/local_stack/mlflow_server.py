@@ -9,11 +9,12 @@ Runs runs/params/metrics/registry in ``<root>/mlflow.db`` (sqlite; the ``./mlrun
 unless explicitly allowed) and proxies artifacts to ``<root>/artifacts`` or to a given destination such as
 ``s3://bucket/mlflow`` (pass the AWS credentials/endpoint in ``env``).
 
-Why it is shaped this way (PLATFORM.md, measured here):
-* ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` and one worker: 2 processes (~0.5 GB) instead of ~10 (~2.3 GB).
+Why it is shaped this way:
+* ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` and one worker: a local server needs neither job runners nor a pool of
+  workers, which would multiply its processes and memory.
 * The server spawns children, so it gets its own process group and ``stop`` signals the whole group, then checks
   that nothing of it is left (killing only the parent leaves the workers serving).
-* It takes 10-17 s to come up; ``/health`` is polled instead of sleeping, and a server that dies while starting is
+* Its start-up time varies; ``/health`` is polled instead of sleeping, and a server that dies while starting is
   reported with the tail of its log.
 """
 
@@ -37,7 +38,7 @@ ARTIFACTS_DIR = "artifacts"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (asked from the OS, so parallel sessions don't collide)."""
+    """A port nothing listens on right now (asked from the OS, so servers started side by side never collide)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -108,7 +109,7 @@ class LocalMlflowServer:
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         return env
 
-    def start(self) -> "LocalMlflowServer":
+    def start(self) -> LocalMlflowServer:
         """Launch the server and block until ``/health`` answers; raises RuntimeError (with log tail) otherwise."""
         if self._process is not None:
             raise RuntimeError("server already started")
@@ -194,7 +195,7 @@ class LocalMlflowServer:
     def pid(self) -> Optional[int]:
         return self._process.pid if self._process is not None else None
 
-    def __enter__(self) -> "LocalMlflowServer":
+    def __enter__(self) -> LocalMlflowServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -11,16 +11,17 @@ Unlike ``ray.init(address="local")`` this exercises what a production cluster do
 dashboard's job server, the working directory is uploaded as a package, and tasks cross node boundaries. The worker
 node carries a custom resource ``worker_node`` so a task can be pinned to it.
 
-Why it is shaped this way (PLATFORM.md, measured here):
-* Other sessions run private Ray instances on the same machine, so every port Ray would otherwise take from a fixed
-  default (GCS 6379, dashboard 8265, client server 10001, agent 52365, worker ports 10002-19999) is either asked from
-  the OS or set to 0 (Ray then binds a random port), and each node has its own ``--temp-dir``. ``ray stop`` is never
-  used: it kills every Ray process on the machine.
+Why it is shaped this way:
+* Other Ray instances may run on the same machine (a test's private one, another user's), so every port Ray would
+  otherwise take from a fixed default (GCS 6379, dashboard 8265, client server 10001, agent 52365, worker ports
+  10002-19999) is either asked from the OS or set to 0 (Ray then binds a random port), and each node has its own
+  ``--temp-dir``. ``ray stop`` is never used: it kills every Ray process on the machine.
 * ``--node-ip-address=127.0.0.1`` on both nodes: otherwise they pick a non-loopback address and cannot reach each other.
 * SIGTERM to a ``ray start --block`` process leaves gcs_server, raylet, dashboard and agents running. Each node gets its
-  own session (process group); ``stop`` signals both groups, then scans /proc for any process of this cluster and
-  verifies that none is left. Workers and agents rename themselves ("ray::IDLE"), so a process is recognised by a
-  marker variable inherited from the node's environment (or its command line naming the cluster's temp dir).
+  own session (process group); ``stop`` signals both groups, then scans /proc (``pipelines.processes``) for any
+  process of this cluster and verifies that none is left. Workers and agents rename themselves ("ray::IDLE"), so a
+  process is recognised by a marker variable inherited from the node's environment (or its command line naming the
+  cluster's temp dir).
 * Ray 2.60 turns on token authentication whenever ``~/.ray/auth_token`` exists (which any ``ray.init`` writes). Rather
   than depending on that shared file, the cluster runs with ``RAY_AUTH_MODE=token`` and a private random
   ``RAY_AUTH_TOKEN`` in its environment; the job client here sends it as a bearer header. The calling process's own
@@ -50,6 +51,8 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
+
+from pipelines.processes import command_line, environment, running_processes
 
 HOST = "127.0.0.1"
 WORKER_RESOURCE = "worker_node"
@@ -89,15 +92,6 @@ def _reserve_free_ports(count: int) -> list[int]:
         return ports
 
 
-def _proc_strings(pid: int, name: str) -> Optional[list[str]]:
-    """NUL-separated strings of /proc/<pid>/<name> (cmdline, environ); None if gone or not ours to read."""
-    try:
-        raw = Path(f"/proc/{pid}/{name}").read_bytes()
-    except OSError:
-        return None
-    return [item for item in raw.decode(errors="replace").split("\0") if item]
-
-
 def _names_dir(args: list[str], directory: str) -> bool:
     """True if an argument is ``directory`` or a path inside it (also as ``--flag=<path>``), not a sibling prefix."""
     for arg in args:
@@ -110,34 +104,16 @@ def _names_dir(args: list[str], directory: str) -> bool:
 def _belongs_to(pid: int, temp_root: str) -> bool:
     # Workers and agents rename themselves (setproctitle: "ray::IDLE", "ray::RuntimeEnvAgent"), so their command
     # line no longer names the temp dir; the marker variable inherited from the node's environment still does.
-    environ = _proc_strings(pid, "environ")
-    if environ and f"{CLUSTER_MARKER_VAR}={temp_root}" in environ:
+    if f"{CLUSTER_MARKER_VAR}={temp_root}" in environment(pid):
         return True
-    args = _proc_strings(pid, "cmdline")
-    return bool(args) and _names_dir(args, temp_root)
-
-
-def processes_of(temp_root: str) -> list[int]:
-    """Pids of the cluster rooted at ``temp_root``: raylet, gcs_server, dashboard, agents, workers, job drivers."""
-    own = os.getpid()
-    return sorted(
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and int(entry.name) != own and _belongs_to(int(entry.name), temp_root)
-    )
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+    return _names_dir(command_line(pid), temp_root)
 
 
 def live_processes_of(temp_root: str) -> list[int]:
-    """Like ``processes_of`` without zombies (exited, waiting for a parent to reap them: nothing left to stop)."""
-    return [pid for pid in processes_of(temp_root) if not _is_zombie(pid)]
+    """Sorted pids of the running processes (zombies have nothing left to stop) of the cluster rooted at
+    ``temp_root``: raylet, gcs_server, dashboard, agents, workers, job drivers; this process never counts."""
+    own = os.getpid()
+    return sorted(p.pid for p in running_processes() if p.pid != own and _belongs_to(p.pid, temp_root))
 
 
 def kill_processes_of(temp_root: str, timeout: float = 10.0) -> list[int]:
@@ -230,7 +206,7 @@ class LocalRayCluster:
                              "Unix socket paths below it would exceed 107 bytes. Pass a shorter temp_parent.")
         names = ["gcs", "dashboard", "client_server",
                  *(f"{role}_{port}" for role in ("head", "worker") for port in _PER_NODE_PORTS)]
-        self._ports = dict(zip(names, _reserve_free_ports(len(names))))
+        self._ports = dict(zip(names, _reserve_free_ports(len(names)), strict=True))
         self.address = f"{HOST}:{self._ports['gcs']}"
         self.dashboard_url = f"http://{HOST}:{self._ports['dashboard']}"
         self._nodes: list[_Node] = []
@@ -308,7 +284,7 @@ class LocalRayCluster:
         return shlex.join([str(venv_bin_dir() / script), *args])
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
-    def start(self) -> "LocalRayCluster":
+    def start(self) -> LocalRayCluster:
         """Start head then worker; block until both nodes are alive and the job server answers."""
         if self._nodes:
             raise RuntimeError("cluster already started")
@@ -346,8 +322,8 @@ class LocalRayCluster:
     def stop(self, grace_seconds: float = 5.0) -> None:
         """Stop both nodes (whole process groups), kill any stray process of this cluster, verify none is left.
 
-        SIGTERM first; what is still running after ``grace_seconds`` gets SIGKILL (measured here: gcs_server and the
-        ``ray start`` parent take over 10 s to honour SIGTERM, and a throwaway cluster has nothing worth draining).
+        SIGTERM first; what is still running after ``grace_seconds`` gets SIGKILL (gcs_server and the ``ray start``
+        parent are slow to honour SIGTERM, and a throwaway cluster has nothing worth draining).
         Raises RuntimeError if a process of this cluster survives SIGKILL.
         """
         for node in self._nodes:
@@ -374,7 +350,7 @@ class LocalRayCluster:
     def is_running(self) -> bool:
         return len(self._nodes) == 2 and all(node.exited() is None for node in self._nodes)
 
-    def __enter__(self) -> "LocalRayCluster":
+    def __enter__(self) -> LocalRayCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

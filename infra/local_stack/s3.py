@@ -9,7 +9,7 @@
     python -m infra.local_stack.s3 --bucket data --upload ./genimage --prefix genimage   # foreground, Ctrl-C stops
 
 Why a subprocess and not moto's in-process mock: Ray workers are other processes and PyArrow's S3 client is C++, so
-neither sees an in-process mock; a real HTTP endpoint works for all of them (PLATFORM.md).
+neither sees an in-process mock; a real HTTP endpoint works for all of them.
 
 Credentials: moto accepts any key. The access key is a fixed dummy; the secret key is a fresh random string per
 server, so a test that looks for the secret in logs and outputs cannot pass by accident.
@@ -73,7 +73,7 @@ class LocalS3Server:
         # This interpreter's moto, so the server matches the installed client libraries.
         return [sys.executable, "-m", "moto.server", "-H", self.HOST, "-p", str(self.port)]
 
-    def start(self) -> "LocalS3Server":
+    def start(self) -> LocalS3Server:
         """Launch the server and block until it answers HTTP; raises RuntimeError (with the log tail) otherwise."""
         if self._process is not None:
             raise RuntimeError("server already started")
@@ -151,7 +151,7 @@ class LocalS3Server:
         except OSError:
             return "<no log>"
 
-    def __enter__(self) -> "LocalS3Server":
+    def __enter__(self) -> LocalS3Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:
