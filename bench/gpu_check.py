@@ -236,15 +236,17 @@ def step_checkpoint_reload(opts: dict, work: Path) -> dict:
 
 
 def step_scoring_kernel(opts: dict, work: Path) -> dict:
-    from mpft_core.imageio import decode_rgb
-    from mpft_core.transforms import eval_view
+    from mpft_core.scoring import decode_views
 
     directory = work / "uninterrupted" / f"epoch-{EPOCHS - 1}"
     on_device = load_checkpoint(directory, map_location=target_device(opts))
     on_cpu = load_checkpoint(directory, map_location="cpu")
     size = on_device.preprocess.image_size
     files = encoded_images(16, size)
-    crops = torch.from_numpy(np.stack([eval_view(decode_rgb(data), size) for data in files]))
+    views, errors = decode_views(files, size)
+    if any(errors):
+        raise RuntimeError(f"the scoring kernel could not decode its own test images: {errors}")
+    crops = torch.from_numpy(views)
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
     try:

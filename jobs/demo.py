@@ -29,7 +29,7 @@ from jobs import sample_corpus
 from jobs.config import TrainJobConfig
 from jobs.evaluate import run_evaluate
 from jobs.gate import GateConfig
-from jobs.promote import PromotionOutcome, promote, render_decision
+from jobs.promote import ONE_REPLICA, PromotionOutcome, promote, render_decision
 from jobs.score import run_score_job
 from jobs.tracking import resolve_model
 from jobs.train import TrainOutcome, run_train
@@ -186,7 +186,7 @@ def evaluate_challenger(storage: StorageConfig, tracking_uri: str) -> tuple[Eval
     """The challenger on the holdout, clean and degraded, logged to MLflow; the result and its run id."""
     return run_evaluate(f"models:/{MODEL_NAME}@challenger", holdout(), storage_cfg=storage,
                         perturbations=parse_perturb_specs(["jpeg=65", "blur=1", "downscale=24"]),
-                        options=EvalOptions(), tracking_uri=tracking_uri, run_name="demo-evaluate")
+                        options=EvalOptions(resources=ONE_REPLICA), tracking_uri=tracking_uri, run_name="demo-evaluate")
 
 
 def promote_challenger(storage: StorageConfig) -> PromotionOutcome:
@@ -200,7 +200,8 @@ def score_crawl(scores_dir: Path, promoted: bool, storage: StorageConfig, tracki
     """The crawl scored into Parquet under ``scores_dir`` with the champion (the challenger if promotion was
     refused: the demo still shows scoring); the score rows."""
     model_ref = f"models:/{MODEL_NAME}@{'champion' if promoted else 'challenger'}"
-    job = ScoreJob(model_ref=model_ref, input_uri=CRAWL, output_uri=str(scores_dir), storage=storage)
+    job = ScoreJob(model_ref=model_ref, input_uri=CRAWL, output_uri=str(scores_dir), storage=storage,
+                   resources=ONE_REPLICA)
     run_score_job(job, resolve_model(model_ref, storage), tracking_uri=tracking_uri)
     return read_scores(str(scores_dir))
 

@@ -19,12 +19,15 @@ from typing import Optional
 from jobs import tracking
 from jobs.gate import GateConfig, GateDecision, decide
 from mpft_core.metrics import MEAN_KEY, to_markdown
+from pipelines.scoring_spec import ScoringResources
 from pipelines.sources import SourceConfig
 from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+# The gate scores both models on CPU beside whatever else the cluster runs: one model replica, not one per core.
+ONE_REPLICA = ScoringResources(num_actors=1)
 
 # model refs, holdout sources, storage -> (per-subset results of each model, holdout manifest hash)
 Evaluator = Callable[[list[str], list[SourceConfig], Optional[StorageConfig]], tuple[list[dict], str]]
@@ -48,7 +51,7 @@ def default_evaluator(model_refs: list[str], holdout: list[SourceConfig], storag
 
     manifest = build_eval_manifest(holdout, storage_cfg)
     results = evaluate_many([tracking.resolve_model(ref, storage_cfg) for ref in model_refs], holdout, storage_cfg,
-                            options=EvalOptions(feature_space=False), manifest=manifest)
+                            options=EvalOptions(feature_space=False, resources=ONE_REPLICA), manifest=manifest)
     return [result.condition(CLEAN).results for result in results], manifest_hash(manifest)
 
 

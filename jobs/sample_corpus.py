@@ -71,8 +71,7 @@ HELDOUT_PHOTOS = ("coffee", "motorcycle", "flower", "coins", "gravel")
 AE_TRAIN_STEPS = 200
 AE_BATCH = 16
 AE_PATCH = 32
-# One thread: these convolutions are too small to gain from two, and on a shared 2-core machine two threads were
-# 3-10x slower under load (150 steps: 51 s with 2 threads vs 4 s with 1, at load average 6).
+# One thread: these convolutions are too small to gain from two, and extra threads stall on a busy machine.
 TORCH_THREADS = 1
 
 

@@ -1,7 +1,7 @@
 """`mpft score`: driver side of batch scoring, and the quick in-process path for a person checking a few files.
 
-The Ray job itself is pipelines/scoring.py; this module resolves the model reference (registry alias, run URI or
-checkpoint path), starts Ray, and logs the run summary to MLflow.
+The Ray job itself is pipelines/scoring.py; this module picks the model an output continues with (through
+``jobs.tracking.resolve_model``), starts Ray, and logs the run summary to MLflow.
 """
 
 from __future__ import annotations

@@ -57,11 +57,6 @@ def _checked_pair(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --- one set of images --------------------------------------------------------------------------------------------
-def predict_generated(scores, threshold: float = 0.5) -> np.ndarray:
-    """Boolean verdicts: True (generated) iff ``score >= threshold``."""
-    return _as_scores(scores) >= threshold
-
-
 def _fraction_correct(correct: np.ndarray) -> float:
     return float(correct.mean()) if correct.size else math.nan
 
@@ -240,9 +235,3 @@ def calibrate_threshold(real_scores, target_fpr: float) -> float:
     return _just_above(float(highest_passing), float32_exact)
 
 
-def false_positive_rate(real_scores, threshold: float) -> float:
-    """Fraction of real images flagged as generated at ``threshold`` (same >= rule)."""
-    scores = _as_scores(real_scores)
-    if scores.size == 0:
-        raise ValueError("no real scores")
-    return float((scores >= threshold).mean())

@@ -35,6 +35,7 @@ import pyarrow as pa
 from ray.data.extensions import ArrowTensorArray, ArrowTensorTypeV2
 
 from mpft_core.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
+from mpft_core.scoring import describe_failure
 from mpft_core.transforms import eval_view, train_window
 from pipelines.storage import BytesReader
 
@@ -69,10 +70,9 @@ def crop_view(pixels: np.ndarray, image_size: int, *, train: bool, seed: int, pa
 
 
 def describe_error(err: BaseException) -> str:
-    # ImageDecodeError messages are already written for people; other errors (read failures) get their type.
-    if isinstance(err, ImageDecodeError):
-        return str(err)
-    return f"cannot read file: {type(err).__name__}: {err}"
+    """The kernel's text for a file that cannot be scored; a failure outside decoding is a read failure."""
+    text = describe_failure(err)
+    return text if isinstance(err, ImageDecodeError) else f"cannot read file: {text}"
 
 
 Degrade = Optional[Callable[[np.ndarray], np.ndarray]]

@@ -167,18 +167,6 @@ def _each_image_once(manifest: pa.Table) -> pa.Table:
 # ------------------------------------------------------------------------------------------ degraded decode stage
 
 
-def decode_perturbed_batch(batch: dict, *, perturbation: Optional[Perturbation], image_size: int, max_pixels: int,
-                           storage_cfg: dict) -> dict:
-    """Manifest rows -> decoded rows (DECODED_COLUMNS) of degraded images: read, decode, degrade, tile + crop.
-
-    Like ``pipelines.decode.decode_batch`` but with the degradation between decode and crop (``None``: no
-    degradation, the clean view); width/height are the original file's. Never raises for a bad file: the row gets
-    ``error``, zero pixels and width = height = -1.
-    """
-    n = len(batch["path"])
-    return _decode_rows(batch, [perturbation] * n, image_size, max_pixels, storage_cfg)
-
-
 def _decode_rows(batch: dict, perturbations: list, image_size: int, max_pixels: int, storage_cfg: dict) -> dict:
     """Decode row ``i`` of ``batch`` degraded by ``perturbations[i]`` (``None``: clean), centre-cropped."""
     from pipelines.decode import decode_batch

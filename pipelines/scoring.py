@@ -257,15 +257,6 @@ def list_part_files(output_uri: str, cfg: Optional[StorageConfig] = None) -> lis
     return sorted(p for p in names if Path(p).name.startswith(PART_PREFIX) and p.endswith(PART_SUFFIX))
 
 
-def committed_paths(output_uri: str, cfg: Optional[StorageConfig] = None,
-                    delete_torn: bool = True) -> tuple[set[str], list[str]]:
-    """(paths already scored in readable parts, parts found unreadable). Unreadable parts are deleted if asked."""
-    done, torn, _ = _scan_parts(output_uri, cfg)
-    if delete_torn:
-        delete_parts(output_uri, cfg, torn)
-    return done, torn
-
-
 def delete_parts(output_uri: str, cfg: Optional[StorageConfig], parts: list[str]) -> None:
     fs, _ = _output_location(output_uri, cfg)
     for part in parts:
@@ -275,8 +266,9 @@ def delete_parts(output_uri: str, cfg: Optional[StorageConfig], parts: list[str]
 MODEL_COLUMNS = ("model_uri", "model_name", "model_version")
 
 
-def _scan_parts(output_uri: str, cfg: Optional[StorageConfig]) -> tuple[set, list, set]:
-    """(scored paths, torn parts, distinct (model_uri, model_name, model_version) rows) of the parts."""
+def scan_parts(output_uri: str, cfg: Optional[StorageConfig] = None) -> tuple[set, list, set]:
+    """(scored paths, torn parts, distinct (model_uri, model_name, model_version) rows) of the parts; torn parts
+    are only listed (``delete_parts`` removes them)."""
     fs, _ = _output_location(output_uri, cfg)
     done: set[str] = set()
     torn: list[str] = []
@@ -625,7 +617,7 @@ def run_scoring(job: ScoreJob, model: ResolvedModel, *, scorer_cls=None) -> Scor
     """
     started = time.perf_counter()
     manifest = input_manifest(job.input_uri, job.layout, job.storage)
-    done, torn, part_models = _scan_parts(job.output_uri, job.storage)
+    done, torn, part_models = scan_parts(job.output_uri, job.storage)
     todo = remaining_inputs(manifest, done)
     # Read (and mpft.json checked) before the output is claimed: a checkpoint that cannot score claims nothing.
     bundle = make_model_bundle(model)

@@ -289,20 +289,6 @@ def _absolute(path: Optional[str], folder: str, uri: str) -> str:
     return posixpath.normpath(posixpath.join(folder, path))
 
 
-def write_manifest(table: pa.Table, uri: str, storage_cfg: StorageConfig | None = None) -> None:
-    """Write a manifest as ``.parquet`` or ``.csv`` (by the extension of ``uri``)."""
-    table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
-    buf = io.BytesIO()
-    ext = posixpath.splitext(uri)[1].lower()
-    if ext == ".parquet":
-        pq.write_table(table, buf)
-    elif ext == ".csv":
-        pacsv.write_csv(table, buf)
-    else:
-        raise ValueError(f"{uri}: a manifest is written as .parquet or .csv")
-    storage.write_bytes(uri, buf.getvalue(), storage_cfg)
-
-
 def manifest_hash(table: pa.Table) -> str:
     """sha256 (hex) of the manifest's content: same rows in any order -> same hash; any changed value -> new hash."""
     canonical = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)

@@ -11,7 +11,6 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from mpft_core.metrics import (
     binary_metrics,
     calibrate_threshold,
-    false_positive_rate,
     metrics_table,
     per_subset_metrics,
     to_markdown,
@@ -181,12 +180,12 @@ def test_calibrated_threshold_is_the_tightest_meeting_the_target(target_fpr):
     real = rng.uniform(0, 1, size=100).astype(np.float32)  # detector outputs are float32
     threshold = calibrate_threshold(real, target_fpr)
 
-    assert false_positive_rate(real, threshold) <= target_fpr
+    assert _false_positive_rate(real, threshold) <= target_fpr
     # Any lower threshold, down to the next score below, breaks the target: nothing tighter exists.
     just_below = np.nextafter(np.float32(threshold), np.float32(-np.inf))
-    assert false_positive_rate(real, float(just_below)) > target_fpr
+    assert _false_positive_rate(real, float(just_below)) > target_fpr
     # Distinct scores: the target is met exactly where it is reachable.
-    assert false_positive_rate(real, threshold) == pytest.approx(math.floor(target_fpr * 100 + 1e-9) / 100)
+    assert _false_positive_rate(real, threshold) == pytest.approx(math.floor(target_fpr * 100 + 1e-9) / 100)
     # Same answer when compared in float32, as a torch scorer would.
     assert int((real >= np.float32(threshold)).sum()) == int((real >= threshold).sum())
 
@@ -194,7 +193,7 @@ def test_calibrated_threshold_is_the_tightest_meeting_the_target(target_fpr):
 def test_calibration_with_tied_scores_stays_under_the_target():
     real = np.array([0.9, 0.9, 0.9, 0.2, 0.1, 0.1, 0.05, 0.05, 0.01, 0.0])
     threshold = calibrate_threshold(real, 0.2)  # 2 allowed, but the top 3 tie: none can be flagged
-    assert false_positive_rate(real, threshold) == 0.0
+    assert _false_positive_rate(real, threshold) == 0.0
     assert threshold == pytest.approx(0.9) and threshold > 0.9
 
 
@@ -212,3 +211,8 @@ def test_mismatched_or_invalid_inputs_raise():
         binary_metrics([0, 1], [0.3])
     with pytest.raises(ValueError):
         binary_metrics([0, 2], [0.3, 0.4])
+
+
+def _false_positive_rate(real_scores, threshold: float) -> float:
+    """Fraction of real images flagged as generated at ``threshold`` (the verdict rule: score >= threshold)."""
+    return float((np.asarray(real_scores, dtype=np.float64) >= threshold).mean())

@@ -12,7 +12,8 @@ import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from mpft_core.perturb import Perturbation
-from pipelines.evaluation import EvalOptions, build_eval_manifest, decode_perturbed_batch, evaluate, evaluate_many
+from pipelines.decode import decode_batch
+from pipelines.evaluation import EvalOptions, build_eval_manifest, evaluate, evaluate_many
 from pipelines.scoring_spec import ResolvedModel, ScoringResources
 from pipelines.sources import SourceConfig
 from tests.helpers.images import (
@@ -61,8 +62,8 @@ def test_perturbed_decode_degrades_the_whole_image_before_the_crop(genimage):
              "label": np.array([1, 0]), "subset": np.array(["adm", "adm"], dtype=object)}
     jpeg30 = Perturbation("jpeg", 30)
 
-    out = decode_perturbed_batch(batch, perturbation=jpeg30, image_size=32, max_pixels=BAD_CORPUS_MAX_PIXELS,
-                                 storage_cfg={})
+    out = decode_batch(batch, image_size=32, train=False, max_pixels=BAD_CORPUS_MAX_PIXELS, storage={},
+                       degrade=[jpeg30.apply] * 2)
 
     whole = decode_rgb(Path(path).read_bytes())
     np.testing.assert_array_equal(out["image"][0], eval_view(jpeg30.apply(whole), 32))

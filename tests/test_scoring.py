@@ -148,7 +148,8 @@ def test_torn_part_is_removed_and_its_rows_count_as_not_scored(tmp_path):
     (tmp_path / "part-b-1.parquet").write_bytes(good[: len(good) // 2])  # a crash mid-write
     (tmp_path / "notes.txt").write_text("not a part")
 
-    done, torn = scoring.committed_paths(str(tmp_path))
+    done, torn, _ = scoring.scan_parts(str(tmp_path))
+    scoring.delete_parts(str(tmp_path), None, torn)
 
     assert done == {"/in/1.png", "/in/2.png"}
     assert [Path(p).name for p in torn] == ["part-b-1.parquet"]
@@ -381,7 +382,7 @@ def test_rerun_after_a_killed_driver_completes_without_duplicates(ray_local, mod
     _wait_until_parts_stop_changing(out)  # Ray kills the dead driver's write tasks a moment after the driver
     # The kill may have torn a part itself (on local disk pyarrow writes in place); make sure there is one.
     (out / "part-crashed-0-0.parquet").write_bytes(b"PAR1 half a file")
-    done_before, torn_before = scoring.committed_paths(str(out), delete_torn=False)
+    done_before, torn_before, _ = scoring.scan_parts(str(out))
     assert 0 < len(done_before) < len(expected)
 
     summary = run_scoring(_job(root, out), model)

@@ -261,6 +261,8 @@ class LocalRayCluster:
         env["VIRTUAL_ENV"] = str(venv_bin_dir().parent)
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # The head waits this long for its dashboard (Ray's default 60 s), which a loaded machine can exceed.
+        env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(self.startup_timeout)))
         if self.auth_token:
             env["RAY_AUTH_MODE"] = "token"
             env["RAY_AUTH_TOKEN"] = self.auth_token
