@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from infra.render import RenderError, placeholders, render, render_text
-from jobs import cli
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 RAYJOB = INFRA / "k8s" / "rayjob.yaml"
@@ -86,15 +85,6 @@ def test_empty_value_counts_as_missing_and_dollar_escapes_survive():
     assert render_text("echo $$HOME ${A}", {"A": "1"}) == "echo $HOME 1"
     with pytest.raises(RenderError, match="line 2"):
         placeholders("ok: 1\nbad: $(date)\n")
-
-
-def test_cli_renders_and_exits_nonzero_on_missing_values(tmp_path, capsys):
-    out = tmp_path / "rayjob.yaml"
-    args = [str(RAYJOB), *(f"{k}={v}" for k, v in VALUES.items()), "-o", str(out)]
-    assert cli.main(["render", *args]) == 0
-    assert yaml.safe_load(out.read_text())["kind"] == "RayJob"
-    assert cli.main(["render", str(RAYJOB), "IMAGE=x"]) == 2
-    assert "no value for" in capsys.readouterr().err
 
 
 # --- RayJob -------------------------------------------------------------------------------------------------------

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from infra.local_stack.ray_cluster import CLUSTER_MARKER_VAR, kill_processes_of, live_processes_of
+from infra.local_stack.ray_cluster import (
+    CLUSTER_MARKER_VAR,
+    LocalRayCluster,
+    NodeExitedDuringStartup,
+    kill_processes_of,
+    live_processes_of,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 
@@ -40,3 +46,25 @@ def test_processes_are_found_by_marker_or_temp_dir_argument_and_killed_and_a_sib
         for process in started:
             process.kill()
             process.wait()
+
+
+class _HeadThatDiesOnStart(LocalRayCluster):
+    """A cluster whose head node exits at once, noting the GCS port of each attempt."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gcs_ports: list[int] = []
+
+    def head_command(self) -> list[str]:
+        self.gcs_ports.append(self._ports["gcs"])
+        return [sys.executable, "-c", "import sys; print('raylet did not register'); sys.exit(1)"]
+
+
+def test_a_node_that_dies_while_starting_gets_one_more_try_on_fresh_ports_then_the_error():
+    cluster = _HeadThatDiesOnStart(startup_timeout=30)
+
+    with pytest.raises(NodeExitedDuringStartup, match="head node exited with code 1"):
+        cluster.start()
+
+    assert len(cluster.gcs_ports) == 2 and cluster.gcs_ports[0] != cluster.gcs_ports[1]
+    assert not Path(cluster.temp_root).exists() and cluster.leftover_processes() == []

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -53,6 +54,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines.processes import command_line, environment, running_processes
+
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 WORKER_RESOURCE = "worker_node"
@@ -79,6 +82,10 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "<no log>"
+
+
+class NodeExitedDuringStartup(RuntimeError):
+    """A node's ``ray start`` exited before the cluster was up."""
 
 
 def _reserve_free_ports(count: int) -> list[int]:
@@ -204,13 +211,16 @@ class LocalRayCluster:
             shutil.rmtree(self.temp_root, ignore_errors=True)
             raise ValueError(f"temp dir {self.temp_root!r} is longer than {MAX_TEMP_ROOT_CHARS} characters; Ray's "
                              "Unix socket paths below it would exceed 107 bytes. Pass a shorter temp_parent.")
+        self._assign_ports()
+        self._nodes: list[_Node] = []
+        self._client = None
+
+    def _assign_ports(self) -> None:
         names = ["gcs", "dashboard", "client_server",
                  *(f"{role}_{port}" for role in ("head", "worker") for port in _PER_NODE_PORTS)]
         self._ports = dict(zip(names, _reserve_free_ports(len(names)), strict=True))
         self.address = f"{HOST}:{self._ports['gcs']}"
         self.dashboard_url = f"http://{HOST}:{self._ports['dashboard']}"
-        self._nodes: list[_Node] = []
-        self._client = None
 
     # --- commands and environment -------------------------------------------------------------------------------
     def _node_args(self, role: str) -> list[str]:
@@ -287,9 +297,21 @@ class LocalRayCluster:
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> LocalRayCluster:
-        """Start head then worker; block until both nodes are alive and the job server answers."""
+        """Start head then worker; block until both nodes are alive and the job server answers. A node that exits
+        while starting gets one more try on fresh ports: Ray gives a raylet a fixed 30 s to register, which a loaded
+        machine can miss."""
         if self._nodes:
             raise RuntimeError("cluster already started")
+        try:
+            return self._start_nodes()
+        except NodeExitedDuringStartup as err:
+            log.warning("Ray cluster %s did not start (%s); trying once more on fresh ports", self.temp_root,
+                        str(err).splitlines()[0])
+            self._assign_ports()
+            return self._start_nodes()
+
+    def _start_nodes(self) -> LocalRayCluster:
+        Path(self.temp_root).mkdir(exist_ok=True)  # a failed attempt's stop() removed it
         env = self.node_environment()
         try:
             head = _Node("head", self.head_command(), env, Path(self.temp_root) / "head.log")
@@ -308,7 +330,7 @@ class LocalRayCluster:
         while time.monotonic() < deadline:
             for node in self._nodes:
                 if node.exited() is not None:
-                    raise RuntimeError(f"while waiting for the {what}: {node.failure()}")
+                    raise NodeExitedDuringStartup(f"while waiting for the {what}: {node.failure()}")
             if condition():
                 return
             time.sleep(0.5)
