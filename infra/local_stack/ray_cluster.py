@@ -272,7 +272,7 @@ class LocalRayCluster:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         # The head waits this long for its dashboard (Ray's default 60 s), which a loaded machine can exceed.
-        env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(self.startup_timeout)))
+        env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(max(60, int(self.startup_timeout))))
         if self.auth_token:
             env["RAY_AUTH_MODE"] = "token"
             env["RAY_AUTH_TOKEN"] = self.auth_token
@@ -305,13 +305,12 @@ class LocalRayCluster:
         try:
             return self._start_nodes()
         except NodeExitedDuringStartup as err:
-            log.warning("Ray cluster %s did not start (%s); trying once more on fresh ports", self.temp_root,
-                        str(err).splitlines()[0])
+            log.warning("Ray cluster %s did not start; trying once more on fresh ports:\n%s", self.temp_root, err)
             self._assign_ports()
             return self._start_nodes()
 
     def _start_nodes(self) -> LocalRayCluster:
-        Path(self.temp_root).mkdir(exist_ok=True)  # a failed attempt's stop() removed it
+        Path(self.temp_root).mkdir(mode=0o700, exist_ok=True)  # a failed attempt's stop() removed it
         env = self.node_environment()
         try:
             head = _Node("head", self.head_command(), env, Path(self.temp_root) / "head.log")
