@@ -57,7 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     configure_console(args.verbose)
-    return int(args._main(args) or 0)
+    try:
+        return int(args._main(args) or 0)
+    except Exception as err:
+        from pipelines.storage import store_failure  # only now: pyarrow is no part of building the parser
+
+        failure = store_failure(err)
+        if failure is None:
+            raise
+        print(f"mpft {args.command}: {failure}", file=sys.stderr)  # credentials or network: one line, no traceback
+        return 1
 
 
 def configure_console(verbose: bool) -> None:

