@@ -1,6 +1,6 @@
 """`mpft demo`: the whole flow on the embedded local stack, with a tiny model, in a few minutes on a laptop CPU.
 
-    start   moto S3 server · MLflow server (sqlite) · private Ray
+    start   S3 server (SeaweedFS) · MLflow server (sqlite; artefacts on that S3) · private Ray
     corpus  real photo crops + images from toy generators the demo trains itself → s3://mpft-demo/genimage
     train   2 Ray Train workers, TAM on                  → MLflow run, registered version, alias `challenger`
     eval    challenger on a seen and an unseen generator, clean and degraded → table + plots in MLflow
@@ -8,7 +8,8 @@
     score   an unlabelled "crawl" (with broken files) with models:/…@champion → Parquet, one row per file
     stop    everything the demo started
 
-Everything the demo keeps (MLflow database and artefacts, score Parquet, corpus) lives under ``--workdir``.
+Everything the demo keeps (the object store's data with the corpus and the MLflow artefacts, the MLflow database,
+the score Parquet) lives under ``--workdir``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from infra.local_stack.mlflow_server import LocalMlflowServer
+from infra.local_stack.mlflow_server import LocalMlflowServer, s3_artifact_settings
 from infra.local_stack.s3 import LocalS3Server
 from jobs import sample_corpus
 from jobs.config import TrainJobConfig
@@ -83,7 +84,8 @@ def run_demo(workdir: Path, sizes: DemoSizes, *, verbose: bool = False) -> dict:
     Ray's own progress output on the console too."""
     workdir = fresh_workdir(workdir)
     started, timings = time.perf_counter(), {}
-    with LocalS3Server() as s3, LocalMlflowServer(root=workdir / "mlflow") as mlflow_server:
+    with (LocalS3Server(root=workdir / "s3") as s3,
+          LocalMlflowServer(root=workdir / "mlflow", **s3_artifact_settings(s3)) as mlflow_server):
         storage, tracking_uri = s3.storage_config(), mlflow_server.tracking_uri
         print(f"[demo] S3 server {s3.endpoint_url} · MLflow {tracking_uri}", flush=True)
         init_ray(num_cpus=2, verbose=verbose)
@@ -103,6 +105,7 @@ def run_demo(workdir: Path, sizes: DemoSizes, *, verbose: bool = False) -> dict:
     report = {
         "workdir": str(workdir),
         "mlflow_root": str(workdir / "mlflow"),
+        "s3_root": str(workdir / "s3"),
         "scores": str(workdir / "scores"),
         "train_run_id": trained.run_id,
         "model_version": trained.model_version,
@@ -218,8 +221,10 @@ def print_report(report: dict) -> None:
         "  open them:  .venv/bin/python -c \"import pyarrow.parquet as pq; "
         f"print(pq.read_table('{report['scores']}').to_pandas())\"",
         "  MLflow runs, plots and the registered model (champion alias) are kept under "
-        f"{report['mlflow_root']}; browse them with",
-        f"      .venv/bin/python -m infra.local_stack.mlflow_server --root {report['mlflow_root']} --port 5000",
+        f"{report['mlflow_root']} (database) and {report['s3_root']} (the object store holding the artefacts); "
+        "browse them with",
+        f"      .venv/bin/python -m infra.local_stack.mlflow_server --root {report['mlflow_root']} "
+        f"--s3-root {report['s3_root']} --port 5000",
         "  then open http://127.0.0.1:5000 (experiments mpft-demo, mpft-evaluation, mpft-scoring; model "
         f"{MODEL_NAME}).",
     ]

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from infra.local_stack.mlflow_server import ARTIFACTS_BUCKET
+from infra.local_stack.s3 import LocalS3Server
 from jobs.demo import MODEL_NAME
+from pipelines import storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -62,3 +65,11 @@ def test_demo_runs_every_stage_and_stops_the_stack(tmp_path):
     tags = client.get_model_version(MODEL_NAME, report["model_version"]).tags
     assert tags["gate.decision"] == ("promoted" if report["promoted"] else "refused")
     assert {"mpft-demo", "mpft-evaluation", "mpft-scoring"} <= {e.name for e in client.search_experiments()}
+
+    # MLflow's artefacts went to the object store, as in production, and outlive it: started again on the demo's
+    # data folder, it serves the registered model.
+    assert not (workdir / "mlflow" / "artifacts").exists()
+    with LocalS3Server(root=workdir / "s3") as s3:
+        artefacts = storage.list_files(f"s3://{ARTIFACTS_BUCKET}/artifacts", s3.storage_config(), extensions=None)
+    assert any(path.endswith("/MLmodel") for path in artefacts)
+    assert any(path.endswith(".safetensors") for path in artefacts)

@@ -3,17 +3,22 @@
     with LocalMlflowServer(root=Path("/tmp/mlflow")) as server:
         mlflow.set_tracking_uri(server.tracking_uri)
 
+    with LocalS3Server() as s3, LocalMlflowServer(root, **s3_artifact_settings(s3)) as server:   # artifacts on S3
+        ...
+
     python -m infra.local_stack.mlflow_server --root ./mlflow-local --port 5000      # foreground, Ctrl-C stops
+    python -m infra.local_stack.mlflow_server --root demo-output/mlflow --s3-root demo-output/s3   # the demo's
 
 Runs runs/params/metrics/registry in ``<root>/mlflow.db`` (sqlite; the ``./mlruns`` file store is refused by MLflow 3
 unless explicitly allowed) and proxies artifacts to ``<root>/artifacts`` or to a given destination such as
-``s3://bucket/mlflow`` (pass the AWS credentials/endpoint in ``env``).
+``s3://bucket/mlflow`` (pass the AWS credentials/endpoint in ``env``), as a production server does: clients upload
+and download through the server and need no S3 credentials of their own.
 
 Why it is shaped this way:
 * ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` and one worker: a local server needs neither job runners nor a pool of
   workers, which would multiply its processes and memory.
-* The server spawns children, so it gets its own process group and ``stop`` signals the whole group, then checks
-  that nothing of it is left (killing only the parent leaves the workers serving).
+* The server spawns children, so it runs as a ``GroupProcess``: ``stop`` signals the whole group and checks that
+  nothing of it is left.
 * Its start-up time varies; ``/health`` is polled instead of sleeping, and a server that dies while starting is
   reported with the tail of its log.
 """
@@ -23,42 +28,29 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
+from infra.local_stack.process_group import HOST, GroupProcess, free_port, log_tail
+
+ARTIFACTS_BUCKET = "mlflow"
 LOG_FILE = "mlflow_server.log"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (asked from the OS, so servers started side by side never collide)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a process of another user reused the id: not ours any more
-        return False
-    return True
+def s3_artifact_settings(s3, bucket: str = ARTIFACTS_BUCKET) -> dict:
+    """``LocalMlflowServer`` keyword arguments that keep its artifacts in ``s3://<bucket>/artifacts`` on the local S3
+    server ``s3`` (a ``LocalS3Server``; the bucket is created). The MLflow server writes there with boto3, which
+    reads the endpoint from ``MLFLOW_S3_ENDPOINT_URL``; clients upload and download through the server."""
+    s3.create_bucket(bucket)
+    env = {**s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url}
+    return {"artifacts_destination": f"s3://{bucket}/artifacts", "env": env}
 
 
 class LocalMlflowServer:
@@ -71,7 +63,7 @@ class LocalMlflowServer:
         log_path: the server's combined stdout/stderr.
     """
 
-    HOST = "127.0.0.1"
+    HOST = HOST
 
     def __init__(
         self,
@@ -90,7 +82,7 @@ class LocalMlflowServer:
         self.startup_timeout = startup_timeout
         self.tracking_uri = f"http://{self.HOST}:{self.port}"
         self.log_path = self.root / LOG_FILE
-        self._process: Optional[subprocess.Popen] = None
+        self._process: Optional[GroupProcess] = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -116,38 +108,15 @@ class LocalMlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         if "://" not in self.artifacts_destination:
             Path(self.artifacts_destination).mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self._environment(),
-                cwd=self.root,  # anything the server writes relative to its cwd lands under root
-                start_new_session=True,  # own process group: stop() can signal every worker at once
-            )
+        # cwd: anything the server writes relative to its working directory lands under root
+        self._process = GroupProcess("mlflow server", self.command(), self.log_path, env=self._environment(),
+                                     cwd=self.root)
         try:
-            self._wait_until_healthy()
+            self._process.wait_until(self.is_healthy, self.startup_timeout, poll_seconds=0.5)
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _wait_until_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with code {self._process.returncode} while starting; "
-                    f"log tail ({self.log_path}):\n{_tail(self.log_path)}"
-                )
-            if self.is_healthy():
-                return
-            time.sleep(0.5)
-        raise RuntimeError(
-            f"mlflow server not healthy after {self.startup_timeout:.0f} s on {self.tracking_uri}; "
-            f"log tail ({self.log_path}):\n{_tail(self.log_path)}"
-        )
 
     def is_healthy(self) -> bool:
         try:
@@ -157,39 +126,14 @@ class LocalMlflowServer:
             return False
 
     def stop(self, grace_seconds: float = 10.0) -> None:
-        """SIGTERM the whole process group, SIGKILL whatever is left after ``grace_seconds``, and verify it is gone.
-
-        Raises RuntimeError if a process of the group still exists afterwards.
-        """
-        if self._process is None:
-            return
-        pgid = self._process.pid  # start_new_session made the server its group's leader
-        self._signal_group(pgid, signal.SIGTERM)
-        if not self._wait_group_gone(pgid, grace_seconds):
-            self._signal_group(pgid, signal.SIGKILL)
-            if not self._wait_group_gone(pgid, 5.0):
-                raise RuntimeError(f"processes of mlflow server group {pgid} survived SIGKILL")
-        self._process = None
-
-    def _signal_group(self, pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
-
-    def _wait_group_gone(self, pgid: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            # Reap our direct child; otherwise it lingers as a zombie that still counts as a group member.
-            self._process.poll()
-            if not _group_alive(pgid):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
+        """SIGTERM the whole process group, SIGKILL whatever is left after ``grace_seconds``, and verify it is gone
+        (RuntimeError if a process of the group still exists afterwards)."""
+        if self._process is not None:
+            self._process.stop(grace_seconds)
+            self._process = None
 
     def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._process is not None and self._process.is_running()
 
     @property
     def pid(self) -> Optional[int]:
@@ -207,7 +151,13 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run a local MLflow tracking server in the foreground.")
     parser.add_argument("--root", type=Path, default=Path("./mlflow-local"), help="database, artifacts and log")
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
-    parser.add_argument("--artifacts-destination", default=None, help="default: <root>/artifacts; or s3://...")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--artifacts-destination", default=None,
+                       help="default: <root>/artifacts; or s3://bucket/prefix (AWS_* and MLFLOW_S3_ENDPOINT_URL from "
+                            "the environment)")
+    where.add_argument("--s3-root", type=Path, default=None,
+                       help="also start the local S3 server on this folder (e.g. the demo's <workdir>/s3) and keep "
+                            f"the artifacts there, in s3://{ARTIFACTS_BUCKET}/artifacts")
     return parser.parse_args(argv)
 
 
@@ -217,16 +167,23 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse_args(argv)
-    server = LocalMlflowServer(args.root, port=args.port, artifacts_destination=args.artifacts_destination)
-    # SIGTERM (e.g. from a supervisor) should stop the server group as cleanly as Ctrl-C does.
+    # SIGTERM (e.g. from a supervisor) should stop the servers as cleanly as Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    with server:
+    with ExitStack() as stack:
+        settings = {"artifacts_destination": args.artifacts_destination}
+        if args.s3_root is not None:
+            from infra.local_stack.s3 import LocalS3Server
+
+            s3 = stack.enter_context(LocalS3Server(root=args.s3_root))
+            settings = s3_artifact_settings(s3)
+            print(f"S3 server for the artifacts: {s3.endpoint_url} (data: {args.s3_root})", flush=True)
+        server = stack.enter_context(LocalMlflowServer(args.root, port=args.port, **settings))
         print(f"MLflow tracking server ready: {server.tracking_uri}  (log: {server.log_path})", flush=True)
         print(f"export MLFLOW_TRACKING_URI={server.tracking_uri}", flush=True)
         try:
             while server.is_running():
                 time.sleep(1.0)
-            print(f"server exited; log tail:\n{_tail(server.log_path)}", file=sys.stderr)
+            print(f"server exited; log tail:\n{log_tail(server.log_path)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("stopping", flush=True)

@@ -70,7 +70,7 @@ class GroupProcess:
 
     def failure(self, what: str = "exited") -> str:
         code = self.process.poll()
-        status = f"{what} (exit code {code})" if code is not None else what
+        status = f"{what} with code {code}" if code is not None else what
         return f"{self.name} {status}; log tail ({self.log_path}):\n{log_tail(self.log_path)}"
 
     def wait_until(self, ready: Callable[[], bool], timeout: float, poll_seconds: float = 0.2) -> None:

@@ -42,22 +42,19 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
+from infra.local_stack.process_group import HOST, GroupProcess, log_tail, reserve_free_ports
 from pipelines.processes import command_line, environment, running_processes
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
 WORKER_RESOURCE = "worker_node"
 TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Socket files end up ~65 bytes below the node's temp dir (session_<date>_<time>_<usec>_<pid>/sockets/plasma_store).
@@ -77,26 +74,8 @@ def venv_bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no log>"
-
-
 class NodeExitedDuringStartup(RuntimeError):
     """A node's ``ray start`` exited before the cluster was up."""
-
-
-def _reserve_free_ports(count: int) -> list[int]:
-    """``count`` distinct ports nothing listens on now; all sockets stay open until all are picked (no duplicates)."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((HOST, 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
 
 
 def _names_dir(args: list[str], directory: str) -> bool:
@@ -138,45 +117,6 @@ def kill_processes_of(temp_root: str, timeout: float = 10.0) -> list[int]:
         time.sleep(0.2)
 
 
-class _Node:
-    """One ``ray start --block`` process in its own session, with its log file."""
-
-    def __init__(self, name: str, command: list[str], env: dict, log_path: Path):
-        self.name = name
-        self.command = command
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,  # own process group: stop() reaches gcs_server, raylet, agents at once
-            )  # fmt: skip
-
-    def exited(self) -> Optional[int]:
-        return self.process.poll()
-
-    def failure(self) -> str:
-        return (f"{self.name} node exited with code {self.process.returncode}; log tail ({self.log_path}):\n"
-                f"{_tail(self.log_path)}")
-
-    def signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def wait_group_gone(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.process.poll()  # reap our direct child, or it stays a zombie member of the group
-            try:
-                os.killpg(self.process.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-
-
 class LocalRayCluster:
     """Head + one worker node on 127.0.0.1; context manager or explicit ``start()``/``stop()``.
 
@@ -212,13 +152,13 @@ class LocalRayCluster:
             raise ValueError(f"temp dir {self.temp_root!r} is longer than {MAX_TEMP_ROOT_CHARS} characters; Ray's "
                              "Unix socket paths below it would exceed 107 bytes. Pass a shorter temp_parent.")
         self._assign_ports()
-        self._nodes: list[_Node] = []
+        self._nodes: list[GroupProcess] = []
         self._client = None
 
     def _assign_ports(self) -> None:
         names = ["gcs", "dashboard", "client_server",
                  *(f"{role}_{port}" for role in ("head", "worker") for port in _PER_NODE_PORTS)]
-        self._ports = dict(zip(names, _reserve_free_ports(len(names)), strict=True))
+        self._ports = dict(zip(names, reserve_free_ports(len(names)), strict=True))
         self.address = f"{HOST}:{self._ports['gcs']}"
         self.dashboard_url = f"http://{HOST}:{self._ports['dashboard']}"
 
@@ -313,10 +253,10 @@ class LocalRayCluster:
         Path(self.temp_root).mkdir(mode=0o700, exist_ok=True)  # a failed attempt's stop() removed it
         env = self.node_environment()
         try:
-            head = _Node("head", self.head_command(), env, Path(self.temp_root) / "head.log")
+            head = GroupProcess("head node", self.head_command(), Path(self.temp_root) / "head.log", env=env)
             self._nodes.append(head)
             self._wait_for(lambda: self._alive_node_count() >= 1, "head node")
-            worker = _Node("worker", self.worker_command(), env, Path(self.temp_root) / "worker.log")
+            worker = GroupProcess("worker node", self.worker_command(), Path(self.temp_root) / "worker.log", env=env)
             self._nodes.append(worker)
             self._wait_for(lambda: self._alive_node_count() >= 2, "worker node")
         except BaseException:
@@ -333,7 +273,7 @@ class LocalRayCluster:
             if condition():
                 return
             time.sleep(0.5)
-        logs = "\n".join(f"--- {n.name} ---\n{_tail(n.log_path)}" for n in self._nodes)
+        logs = "\n".join(f"--- {n.name} ---\n{log_tail(n.log_path)}" for n in self._nodes)
         raise RuntimeError(f"{what} not up after {self.startup_timeout:.0f} s ({self.dashboard_url}):\n{logs}")
 
     def _alive_node_count(self) -> int:
