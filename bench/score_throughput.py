@@ -19,8 +19,8 @@ machine only ever slows a run down):
        Default layout, as ``mpft score`` fills a CPU node: one single-threaded scoring actor per core. Also measured
        with c's layout (one actor, torch threads = cores), to show what the layout is worth;
   (b1) with --with-b1: the same with ``decode_in_actor`` (the scoring actors read and decode their own batches);
-  (b') the same as (b) reading from the local S3 server (moto, on the same cores: its CPU time is reported), writing the
-       Parquet locally;
+  (b') the same as (b) reading from the local S3 server (SeaweedFS, on the same cores: its CPU time is reported),
+       writing the Parquet locally;
   memory: peak RSS summed over the driver and every process under it (Ray's GCS, raylet, workers; not the S3
        server), sampled every 0.2 s during (b) on N_large files and once on N_small. RSS counts pages shared
        between processes (torch libraries, object store) once per process.

@@ -32,6 +32,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -52,10 +53,32 @@ REGION = "us-east-1"
 IDENTITIES_FILE = "s3-identities.json"
 LOG_FILE = "weed.log"
 DATA_DIR = "data"
-# The port options of every listener `weed mini` opens besides S3's own; the gRPC ports also name the Unix sockets
-# it creates in /tmp.
+# The port options of every listener `weed mini` opens besides S3's own and the admin server's; the gRPC ports also
+# name the Unix sockets it creates in /tmp.
 _OTHER_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-                "s3.port.grpc", "admin.port", "admin.port.grpc")
+                "s3.port.grpc")
+# Its built-in maintenance worker dials the admin server's gRPC port at the admin port + 10000, whatever
+# -admin.port.grpc says: the two are chosen together.
+_GRPC_OFFSET = 10000
+
+
+def _admin_ports(attempts: int = 100) -> dict[str, int]:
+    """A free admin port whose + 10000 partner is free too (and a valid port)."""
+    for _ in range(attempts):
+        port = reserve_free_ports(1)[0]
+        partner = port + _GRPC_OFFSET
+        if partner <= 65535 and _is_free(partner):
+            return {"admin.port": port, "admin.port.grpc": partner}
+    raise RuntimeError(f"found no free port pair (p, p + {_GRPC_OFFSET}) for the SeaweedFS admin server")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def weed_binary() -> Path:
@@ -120,7 +143,8 @@ class LocalS3Server:
         (self.root / DATA_DIR).mkdir(exist_ok=True)
         self._write_identities()
         for attempt in (1, 2):
-            self._ports = dict(zip(_OTHER_PORTS, reserve_free_ports(len(_OTHER_PORTS)), strict=True))
+            self._ports = {**dict(zip(_OTHER_PORTS, reserve_free_ports(len(_OTHER_PORTS)), strict=True)),
+                           **_admin_ports()}
             self._process = GroupProcess("SeaweedFS S3 server", self.command(), self.log_path,
                                          env=self._environment(), cwd=self.root)
             try:
