@@ -60,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._main(args) or 0)
     except Exception as err:
-        from pipelines.storage import store_failure  # only now: pyarrow is no part of building the parser
+        from pipelines.store_errors import store_failure
 
         failure = store_failure(err)
         if failure is None:
             raise
-        print(f"mpft {args.command}: {failure}", file=sys.stderr)  # credentials or network: one line, no traceback
+        logging.getLogger(__name__).debug("the store failed", exc_info=True)  # the traceback, with -v
+        print(f"mpft {args.command}: {failure}", file=sys.stderr)  # credentials or network: one line
         return 1
 
 

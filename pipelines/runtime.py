@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 # Offline hub: a mistaken pretrained download must fail at once instead of retrying for ~45 s per worker.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SHUTDOWN_GRACE_S = 10.0
-# Re-runs of a map task that met a transient object-store error, with Ray Data's backoff (1, 2, 4, 8 s, ...).
+# Re-runs of a map task that met a transient object-store error, each after Ray Data's randomised exponential
+# backoff (up to 2, 4, 8, 16 s).
 STORE_RETRIES = 4
 # Ray Data reads its logging configuration from the file this variable names, in every process that runs datasets.
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
@@ -83,10 +84,10 @@ def retry_transient_store_errors() -> None:
     ``STORE_RETRIES`` times) before the dataset fails; credential errors fail at once."""
     from ray.data import DataContext
 
-    from pipelines.storage import transient_store_error_patterns
+    from pipelines.store_errors import transient_error_patterns
 
     context = DataContext.get_current()
-    context.retried_map_errors = transient_store_error_patterns()
+    context.retried_map_errors = transient_error_patterns()
     context.max_map_retries = STORE_RETRIES
 
 

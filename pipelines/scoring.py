@@ -60,6 +60,7 @@ from mpft_core.scoring import score_rows, scored_mask, verdicts
 from pipelines import storage
 from pipelines.scoring_spec import ResolvedModel, ScoringResources
 from pipelines.storage import StorageConfig
+from pipelines.store_errors import StoreUnavailable, aws_error, describe, is_store_wide
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,9 @@ def scan_parts(output_uri: str, cfg: Optional[StorageConfig] = None) -> tuple[se
         try:
             table = _read_part_keys(fs, part)
         except (pa.ArrowInvalid, OSError) as err:
+            found = aws_error(err)
+            if found is not None:  # the store failing, not the part: deleting it would lose its rows
+                raise StoreUnavailable(describe(found)) from err
             log.warning("output part %s is unreadable (%s): its rows will be scored again", part, err)
             torn.append(part)
             continue
@@ -393,6 +397,9 @@ def write_output_record(output_uri: str, record: OutputRecord, cfg: Optional[Sto
     try:
         storage.write_atomic(uri, record.to_json().encode("utf-8"), cfg)
     except OSError as err:
+        found = aws_error(err)
+        if found is not None and is_store_wide(found):
+            raise StoreUnavailable(describe(found)) from err
         reason = " ".join(str(err).split())  # S3 errors can span lines; the refusal is one
         raise OutputRefused(f"cannot write {uri} ({reason}): --output must be writable") from err
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import re
 import tempfile
 import uuid
 from collections import deque
@@ -33,6 +32,7 @@ import pyarrow.fs as pafs
 from pydantic import SecretStr, field_validator
 
 from mpft_core.config import StrictModel
+from pipelines.store_errors import StoreUnavailable, aws_error, describe, is_refusal, is_store_wide
 
 log = logging.getLogger(__name__)
 
@@ -44,59 +44,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp",
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "mpft-cache"
 STAMP_DIR = ".mpft-stamps"
 _SECRET_FIELDS = ("access_key", "secret_key", "session_token")
-_AWS_ERROR = re.compile(r"AWS Error ([A-Z_]+(?: \(HTTP status \d+\))?)")
-# Codes that say "try again later": a store restarting, throttling or briefly failing.
-TRANSIENT_STORE_CODES = ("NETWORK_CONNECTION", "SLOW_DOWN", "INTERNAL_FAILURE", "SERVICE_UNAVAILABLE",
-                         "UNKNOWN (HTTP status 503)")
-# What a person should check for the error codes PyArrow's S3 client reports most.
-_STORE_HINTS = {
-    "ACCESS_DENIED": "the store refused these credentials or their permissions; check the access key and secret",
-    "SIGNATURE_DOES_NOT_MATCH": "the secret key is wrong for this access key",
-    "INVALID_ACCESS_KEY_ID": "the store does not know this access key",
-    "NETWORK_CONNECTION": "cannot connect; check the endpoint and that the store is up",
-    "SLOW_DOWN": "the store is throttling requests; retry later or with fewer workers",
-}
-
-
-STORE_ERROR_PREFIX = "object store error"
-
-
-def transient_store_error_patterns() -> list[str]:
-    """Substrings of the ``StoreUnavailable`` messages worth retrying (Ray Data's ``retried_map_errors``)."""
-    return [f"{STORE_ERROR_PREFIX} {code}" for code in TRANSIENT_STORE_CODES]
-
-
-class StoreUnavailable(OSError):
-    """The object store refused a request or could not be reached (credentials, network, server), so no single file
-    is at fault: a job stops with this instead of writing error rows for files it never saw."""
-
-
-def store_failure(err: Optional[BaseException]) -> Optional[str]:
-    """One line naming the failure if ``err``, or an exception it wraps, is the object store refusing or failing a
-    request rather than one object being absent; None otherwise. Errors raised in Ray tasks arrive without their
-    chain, as text holding the worker's traceback, so the text is searched too."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, StoreUnavailable):
-            return str(err)
-        text = str(err)
-        raised_remotely = re.search(r"StoreUnavailable: (.+)", text)
-        if raised_remotely:
-            return raised_remotely.group(1).strip()
-        if not isinstance(err, FileNotFoundError):
-            for line in text.splitlines():
-                if match := _AWS_ERROR.search(line):
-                    return _describe_store_error(match.group(1), line[: match.start()])
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
-    return None
-
-
-def _describe_store_error(code: str, context: str) -> str:
-    hint = _STORE_HINTS.get(code, "the object store failed the request")
-    where = context.rstrip(": ").strip()  # e.g. "When reading information for key 'x' in bucket 'b'"
-    where = where.split(": ")[-1]  # a Ray traceback line may start with the exception's class name
-    return f"{STORE_ERROR_PREFIX} {code}: {hint} ({where[:1].lower() + where[1:]})"
 
 
 class StorageConfig(StrictModel):
@@ -303,10 +250,19 @@ class BytesReader:
         try:
             return self.read(uri), None
         except Exception as err:
-            failure = store_failure(err)
-            if failure is not None:
-                raise StoreUnavailable(failure) from err
+            found = aws_error(err)
+            if found is not None and (is_store_wide(found) or (is_refusal(found) and not self._bucket_answers(uri))):
+                raise StoreUnavailable(describe(found)) from err
             return None, err
+
+    def _bucket_answers(self, uri: str) -> bool:
+        """Whether the store answers these keys about ``uri``'s bucket: tells a refusal of one object (its policy,
+        its encryption key) from a refusal of the keys themselves."""
+        try:
+            self._s3_client().get_file_info(uri[len(S3_PREFIX):].split("/", 1)[0])
+        except OSError as err:
+            return aws_error(err) is None
+        return True
 
     def read(self, uri: str) -> bytes:
         if is_remote(uri):

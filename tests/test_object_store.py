@@ -28,7 +28,8 @@ from infra.local_stack.s3 import LocalS3Server
 from pipelines import scoring, storage
 from pipelines.scoring import ScoreJob, run_scoring
 from pipelines.scoring_spec import ResolvedModel, ScoringResources
-from pipelines.storage import StorageConfig, store_failure
+from pipelines.storage import StorageConfig
+from pipelines.store_errors import StoreUnavailable, store_failure
 from tests.helpers.images import fake_images, real_photo_crops
 from tests.helpers.models import tiny_checkpoint
 
@@ -234,7 +235,7 @@ def test_wrong_or_unknown_keys_are_refused_for_read_list_and_write(s3_server):
             assert line is not None and "\n" not in line, (what, refused.value)
             # A HEAD (read, list) carries no body, so the store can only say 403 ACCESS_DENIED; a PUT names why.
             codes = (write_code,) if what == "write" else REFUSALS
-            assert any(line.startswith(f"object store error {code}:") for code in codes), (what, line)
+            assert any(line.startswith(f"S3 error {code}:") for code in codes), (what, line)
 
     # An anonymous request is refused too, while the keys of the server read the object.
     with pytest.raises(urllib.error.HTTPError) as unsigned:
@@ -243,6 +244,22 @@ def test_wrong_or_unknown_keys_are_refused_for_read_list_and_write(s3_server):
     cfg = s3_server.storage_config()
     assert storage.read_bytes(key, cfg) == b"private bytes"
     assert not storage.exists(f"s3://{bucket}/secret/new.bin", cfg)  # no refused write got through
+
+
+@pytest.mark.timeout(120)
+def test_the_decode_reader_stops_on_refused_keys_but_gives_a_missing_object_its_own_error(s3_server):
+    bucket = _fresh_bucket(s3_server)
+    present, missing = f"s3://{bucket}/a.png", f"s3://{bucket}/gone.png"
+    storage.write_bytes(present, b"bytes", s3_server.storage_config())
+
+    results = list(storage.BytesReader(s3_server.storage_config()).read_each([present, missing]))
+    assert results[0] == (b"bytes", None)
+    assert isinstance(results[1][1], FileNotFoundError)  # that file's error row; the job goes on
+
+    # Refused keys: the object is refused and so is the bucket, so it is the keys, not the file.
+    refused = storage.BytesReader(_wrong(s3_server, secret_key="wrong-" + uuid.uuid4().hex))
+    with pytest.raises(StoreUnavailable, match="^S3 error ACCESS_DENIED"):
+        list(refused.read_each([present, missing]))
 
 
 @pytest.mark.slow
@@ -274,7 +291,7 @@ def test_mpft_score_with_a_wrong_secret_fails_in_one_line_and_writes_nothing(ray
     refused = mpft_score("wrong-" + uuid.uuid4().hex)
 
     assert refused.returncode != 0
-    said = [line for line in refused.stderr.splitlines() if line.startswith("mpft score: object store error")]
+    said = [line for line in refused.stderr.splitlines() if line.startswith("mpft score: S3 error")]
     assert len(said) == 1, refused.stderr[-3000:]
     assert any(code in said[0] for code in REFUSALS), said[0]
     assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
@@ -383,7 +400,7 @@ def test_a_store_down_until_the_job_ends_fails_it_and_a_rerun_completes_the_set(
         assert outage.stopped_while_running, f"the job ended before the store went down ({err!r}): nothing tested"
         assert err is not None, f"the job finished with the store down: {summary}"
         failure = store_failure(err)
-        assert failure is not None and failure.startswith("object store error NETWORK_CONNECTION"), err
+        assert failure is not None and failure.startswith("S3 error NETWORK_CONNECTION"), err
 
         server.start()
         rerun = run_scoring(_job(server, input_uri, out), model)
