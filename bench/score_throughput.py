@@ -298,7 +298,7 @@ def run(args) -> dict:
     rates: dict[str, list[float]] = {}
     peaks: list[float] = []
     s3_cpu: list[dict] = []
-    with _s3_copy(files, args) as s3:
+    with _s3_copy(files, work / "s3", args) as s3:
         server_pids = {s3[0].pid} if s3 is not None else set()  # the S3 server is our child: not the pipeline's RSS
         for round_ in range(args.repeats):
             rates.setdefault("a_one_copy_all_threads", []).append(
@@ -367,14 +367,15 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def _s3_copy(local_files: Path, args) -> Iterator[Optional[tuple]]:
-    """(server, uri) of a copy of ``local_files`` on a local S3 server, or None with --skip-s3."""
+def _s3_copy(local_files: Path, root: Path, args) -> Iterator[Optional[tuple]]:
+    """(server, uri) of a copy of ``local_files`` on a local S3 server keeping its data in ``root``, or None with
+    --skip-s3."""
     if args.skip_s3:
         yield None
         return
     from infra.local_stack.s3 import LocalS3Server
 
-    with LocalS3Server() as server:
+    with LocalS3Server(root=root) as server:
         server.create_bucket("bench")
         print(f"uploading {args.n_large} files to the local S3 server ...", flush=True)
         server.upload_dir(local_files, "s3://bench/files")

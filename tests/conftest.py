@@ -11,12 +11,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server process on 127.0.0.1 (a real store, never an in-process mock: Ray workers and PyArrow's
     C++ client must reach it)."""
     from infra.local_stack.s3 import LocalS3Server
 
-    with LocalS3Server() as server:
+    with LocalS3Server(root=tmp_path_factory.mktemp("s3")) as server:
         yield server
 
 

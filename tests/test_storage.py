@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -252,19 +253,23 @@ def test_cli_serves_an_uploaded_folder_until_sigterm(tmp_path):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
-        exports = {}
+        printed = []
         for line in proc.stdout:
-            if line.startswith("export "):
-                name, value = line[len("export "):].strip().split("=", 1)
-                exports[name] = value
-            if "AWS_DEFAULT_REGION" in exports:
+            printed.append(line)
+            if line.startswith("source "):
                 break
+        assert printed and printed[-1].startswith("source "), "".join(printed)
+        env_file = Path(shlex.split(printed[-1])[1])
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        exports = dict(shlex.split(line)[1].split("=", 1) for line in env_file.read_text().splitlines())
         cfg = StorageConfig(endpoint_url=exports["AWS_ENDPOINT_URL"], access_key=exports["AWS_ACCESS_KEY_ID"],
                             secret_key=exports["AWS_SECRET_ACCESS_KEY"])
         assert storage.read_bytes("s3://cli-bucket/corpus/sub/x.png", cfg) == b"pixels"
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        printed.append(proc.stdout.read())
+        assert exports["AWS_SECRET_ACCESS_KEY"] not in "".join(printed)  # the secret is only in the owner-only file
         port = int(exports["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
         assert not _port_open(port)  # the server went down with the CLI
     finally:

@@ -97,7 +97,11 @@ class LocalMlflowServer:
         ]  # fmt: skip
 
     def _environment(self) -> dict:
-        env = {**os.environ, **self.extra_env}
+        env = dict(os.environ)
+        if "AWS_ACCESS_KEY_ID" in self.extra_env:
+            # Given keys come alone: a user's own session token, profile or region must not mix with them.
+            env = {name: value for name, value in env.items() if not name.startswith("AWS_")}
+        env.update(self.extra_env)
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         return env
 
@@ -172,8 +176,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     with ExitStack() as stack:
         settings = {"artifacts_destination": args.artifacts_destination}
         if args.s3_root is not None:
-            from infra.local_stack.s3 import LocalS3Server
+            from infra.local_stack.s3 import DATA_DIR, LocalS3Server
 
+            if not (args.s3_root / DATA_DIR).is_dir():
+                print(f"warning: no S3 store data found in {args.s3_root} (no {DATA_DIR} folder): starting an empty "
+                      "store; the demo's store is <workdir>/s3", file=sys.stderr, flush=True)
             s3 = stack.enter_context(LocalS3Server(root=args.s3_root))
             settings = s3_artifact_settings(s3)
             print(f"S3 server for the artifacts: {s3.endpoint_url} (data: {args.s3_root})", flush=True)

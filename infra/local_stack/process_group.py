@@ -20,15 +20,56 @@ from typing import Optional
 HOST = "127.0.0.1"
 
 
+class PortReservation:
+    """Ports held bound until the block ends, so every port picked inside it is distinct and was free at once.
+
+        with PortReservation() as held:
+            web, (admin, partner) = held.any(), held.pair(10000)
+    """
+
+    def __init__(self, host: str = HOST):
+        self.host = host
+        self._stack = ExitStack()
+
+    def __enter__(self) -> PortReservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def hold(self, port: int = 0, *, reuse_address: bool = False) -> Optional[int]:
+        """Bind ``port`` (0: one the OS picks) and keep it; the port, or None if it is taken. ``reuse_address``
+        ignores connections of a stopped server still in TIME_WAIT, as the server's own listener will."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, port))
+        except OSError:
+            sock.close()
+            return None
+        self._stack.enter_context(sock)
+        return int(sock.getsockname()[1])
+
+    def any(self) -> int:
+        port = self.hold()
+        if port is None:
+            raise OSError("the OS found no free port")
+        return port
+
+    def pair(self, offset: int, attempts: int = 100) -> tuple[int, int]:
+        """A free port ``p`` whose partner ``p + offset`` is free too; rejected candidates stay held meanwhile."""
+        for _ in range(attempts):
+            port = self.any()
+            if port + offset <= 65535 and self.hold(port + offset) is not None:
+                return port, port + offset
+        raise RuntimeError(f"found no free port pair (p, p + {offset}) in {attempts} tries")
+
+
 def reserve_free_ports(count: int, host: str = HOST) -> list[int]:
     """``count`` distinct ports nothing listens on now; all sockets stay open until all are picked (no duplicates)."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
+    with PortReservation(host) as held:
+        return [held.any() for _ in range(count)]
 
 
 def free_port(host: str = HOST) -> int:

