@@ -278,9 +278,10 @@ def scan_parts(output_uri: str, cfg: Optional[StorageConfig] = None) -> tuple[se
         try:
             table = _read_part_keys(fs, part)
         except (pa.ArrowInvalid, OSError) as err:
-            found = aws_error(err)
-            if found is not None:  # the store failing, not the part: deleting it would lose its rows
-                raise StoreUnavailable(describe(found)) from err
+            if isinstance(err, OSError) and storage.is_remote(output_uri):
+                # S3 parts are whole or absent, so this is the store failing: deleting the part would lose its rows
+                found = aws_error(err)
+                raise StoreUnavailable(describe(found) if found else f"cannot read {part}: {err}") from err
             log.warning("output part %s is unreadable (%s): its rows will be scored again", part, err)
             torn.append(part)
             continue

@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 from pydantic import SecretStr, field_validator
 
 from mpft_core.config import StrictModel
-from pipelines.store_errors import StoreUnavailable, aws_error, describe, is_refusal, is_store_wide
+from pipelines.store_errors import StoreUnavailable, aws_error, describe, is_store_wide
 
 log = logging.getLogger(__name__)
 
@@ -251,13 +251,13 @@ class BytesReader:
             return self.read(uri), None
         except Exception as err:
             found = aws_error(err)
-            if found is not None and (is_store_wide(found) or (is_refusal(found) and not self._bucket_answers(uri))):
+            if found is not None and (is_store_wide(found) or not self._bucket_answers(uri)):
                 raise StoreUnavailable(describe(found)) from err
             return None, err
 
     def _bucket_answers(self, uri: str) -> bool:
-        """Whether the store answers these keys about ``uri``'s bucket: tells a refusal of one object (its policy,
-        its encryption key) from a refusal of the keys themselves."""
+        """Whether the store answers these keys about ``uri``'s bucket: tells an error of one object (its policy,
+        its encryption key) from one of the keys themselves (refused, expired)."""
         try:
             self._s3_client().get_file_info(uri[len(S3_PREFIX):].split("/", 1)[0])
         except OSError as err:

@@ -15,15 +15,18 @@ import re
 from typing import NamedTuple, Optional
 
 ERROR_PREFIX = "S3 error"
-_AWS_ERROR = re.compile(r"AWS Error ([A-Z_]+(?: \(HTTP status \d+\))?)")
+_AWS_ERROR = re.compile(r"AWS Error ([A-Z_]+(?: \(HTTP status \d+\))?|\[code \d+\])")
+# PyArrow names only some of the AWS SDK's error codes and prints the others as numbers.
+_NUMBERED = {"[code 19]": "SLOW_DOWN", "[code 24]": "REQUEST_TIMEOUT"}
 _SERVER_ERROR = r"UNKNOWN \(HTTP status 5\d\d\)"
 # Worth retrying: the store restarting, throttling or briefly failing.
-_TRANSIENT = ("NETWORK_CONNECTION", "SLOW_DOWN", "THROTTLING", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE")
-# The store as a whole failing: every other request would fail the same way.
-_STORE_WIDE = re.compile(rf"({'|'.join(_TRANSIENT)}|SIGNATURE_DOES_NOT_MATCH|INVALID_ACCESS_KEY_ID|{_SERVER_ERROR})")
-# A refusal may concern one object (its policy, its encryption key) or the keys themselves: asking the store about
-# the bucket tells which.
-_REFUSAL = re.compile(r"(ACCESS_DENIED|UNKNOWN \(HTTP status 403\))")
+_TRANSIENT = ("NETWORK_CONNECTION", "SLOW_DOWN", "THROTTLING", "REQUEST_TIMEOUT", "SERVICE_UNAVAILABLE",
+              "INTERNAL_FAILURE")
+# The store as a whole failing: every other request would fail the same way. Any other S3 error may concern one
+# object (its policy, its encryption key, its storage class) or the keys themselves (an expired token): asking the
+# store about the bucket tells which.
+_STORE_WIDE = re.compile(
+    rf"({'|'.join(_TRANSIENT)}|SIGNATURE_DOES_NOT_MATCH|INVALID_ACCESS_KEY_ID|{_SERVER_ERROR}|\[code \d+\])")
 # What a person should check, for the codes seen most.
 _HINTS = {
     "ACCESS_DENIED": "the store refused these credentials or their permissions; check the access key and secret",
@@ -55,16 +58,12 @@ def aws_error(err: Optional[BaseException]) -> Optional[AwsError]:
         for line in str(exc).splitlines():
             if match := _AWS_ERROR.search(line):
                 context = line[: match.start()].rstrip(": ").strip().split(": ")[-1]
-                return AwsError(match.group(1), context)
+                return AwsError(_NUMBERED.get(match.group(1), match.group(1)), context)
     return None
 
 
 def is_store_wide(error: AwsError) -> bool:
     return _STORE_WIDE.fullmatch(error.code) is not None
-
-
-def is_refusal(error: AwsError) -> bool:
-    return _REFUSAL.fullmatch(error.code) is not None
 
 
 def store_failure(err: Optional[BaseException]) -> Optional[str]:
@@ -102,5 +101,7 @@ def _cause_chain(err: Optional[BaseException]):
 
 
 def _message(err: BaseException) -> str:
-    # A Ray error that is also a StoreUnavailable prints its whole traceback; the first argument is the message.
+    # A Ray task error that is also a StoreUnavailable prints its whole traceback; its first argument is the cause.
+    if err.args and isinstance(err.args[0], BaseException):
+        return _message(err.args[0])
     return str(err.args[0]) if err.args and isinstance(err.args[0], str) else str(err)

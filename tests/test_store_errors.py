@@ -8,7 +8,6 @@ from pipelines.store_errors import (
     StoreUnavailable,
     aws_error,
     describe,
-    is_refusal,
     is_store_wide,
     store_failure,
     transient_error_patterns,
@@ -28,17 +27,22 @@ ARCHIVED = ("When reading information for key 'old.png' in bucket 'b': AWS Error
             "GetObject operation")
 
 
-@pytest.mark.parametrize(("message", "store_wide", "refusal"), [
-    (REFUSED_KEYS, True, False),
-    (DOWN, True, False),
-    (BAD_GATEWAY, True, False),
-    (DENIED, False, True),  # the keys or one object's policy: the reader asks the store about the bucket
-    (ARCHIVED, False, True),
+THROTTLED = ("When reading information for key 'a.png' in bucket 'b': AWS Error [code 19] during HeadObject "
+             "operation: No response body.")  # PyArrow prints the SDK codes it has no name for as numbers
+
+
+@pytest.mark.parametrize(("message", "code", "store_wide"), [
+    (REFUSED_KEYS, "SIGNATURE_DOES_NOT_MATCH", True),
+    (DOWN, "NETWORK_CONNECTION", True),
+    (BAD_GATEWAY, "UNKNOWN (HTTP status 502)", True),
+    (THROTTLED, "SLOW_DOWN", True),
+    (DENIED, "ACCESS_DENIED", False),  # the keys or one object's policy: the reader asks the store about the bucket
+    (ARCHIVED, "UNKNOWN (HTTP status 403)", False),
 ])
-def test_store_wide_failures_and_refusals_are_told_apart(message, store_wide, refusal):
+def test_store_wide_failures_are_told_from_what_may_concern_one_object(message, code, store_wide):
     found = aws_error(OSError(message))
-    assert found is not None
-    assert (is_store_wide(found), is_refusal(found)) == (store_wide, refusal)
+    assert found is not None and found.code == code
+    assert is_store_wide(found) == store_wide
 
 
 def test_a_missing_object_is_no_store_failure():
@@ -78,8 +82,16 @@ def test_a_store_failure_raised_in_a_ray_task_is_read_from_its_traceback_text():
     assert store_failure(StoreUnavailable(line)) == line
 
 
-@pytest.mark.parametrize(("message", "retried"), [(DOWN, True), (BAD_GATEWAY, True), (REFUSED_KEYS, False),
-                                                 (DENIED, False)])
+def test_a_store_failure_from_a_plain_ray_task_is_one_line():
+    from ray.exceptions import RayTaskError
+
+    line = describe(aws_error(OSError(DOWN)))
+    raised = RayTaskError("read", "Traceback (most recent call last):\n  ...", StoreUnavailable(line))
+    assert store_failure(raised.as_instanceof_cause()) == line
+
+
+@pytest.mark.parametrize(("message", "retried"), [(DOWN, True), (BAD_GATEWAY, True), (THROTTLED, True),
+                                                 (REFUSED_KEYS, False), (DENIED, False)])
 def test_ray_data_retries_transient_store_failures_only(message, retried):
     from ray._common.retry import format_exception, matches_error  # what retried_map_errors is matched with
     from ray.exceptions import UserCodeException

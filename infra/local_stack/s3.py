@@ -152,8 +152,9 @@ class LocalS3Server:
             raise RuntimeError("server already started")
         if self._given_root is not None:
             self._check_socket_paths(self._given_root)
+        kept = self.root is not None  # a temporary root kept by stop(remove_root=False): its data must survive
         try:
-            # A temporary root kept by stop(remove_root=False) is started on again, not leaked.
+            # A kept temporary root is started on again, not leaked.
             self.root = self._given_root or self.root or Path(tempfile.mkdtemp(prefix="mpft-s3-"))
             self._check_socket_paths(self.root)
             _private_dir(self.root)
@@ -175,7 +176,7 @@ class LocalS3Server:
             raise AssertionError("unreachable")
         except BaseException:
             try:
-                self.stop()
+                self.stop(remove_root=not kept)
             except Exception as stop_error:  # the start's own error is the one to raise
                 log.warning("stopping the S3 server after its failed start failed too: %s", stop_error)
             raise
