@@ -150,8 +150,6 @@ class LocalS3Server:
         A port taken by someone else between choosing and binding it gets one more try on fresh ports."""
         if self._process is not None:
             raise RuntimeError("server already started")
-        if self._given_root is not None:
-            self._check_socket_paths(self._given_root)
         kept = self.root is not None  # a temporary root kept by stop(remove_root=False): its data must survive
         try:
             # A kept temporary root is started on again, not leaked.
