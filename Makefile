@@ -20,19 +20,22 @@ $(STAMP): pyproject.toml constraints.txt
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Tests and demo run in a network namespace of their own (loopback only): Ray binds its ports on every interface.
+LOOPBACK_ONLY := infra/loopback_only.sh
+
 # Two pytest workers, one test file each at a time: much of an end-to-end test is waiting on process start-up.
 test: $(STAMP)
-	$(PY) -m pytest tests -n 2 --dist loadfile
+	$(LOOPBACK_ONLY) $(PY) -m pytest tests -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -n 2 --dist loadfile -m "not slow"
+	$(LOOPBACK_ONLY) $(PY) -m pytest tests -n 2 --dist loadfile -m "not slow"
 
 demo: $(STAMP)
-	$(VENV)/bin/mpft demo
+	$(LOOPBACK_ONLY) $(VENV)/bin/mpft demo
 
 bench: $(STAMP)
-	$(PY) bench/score_throughput.py
-	$(PY) bench/train_step.py
+	$(LOOPBACK_ONLY) $(PY) bench/score_throughput.py
+	$(LOOPBACK_ONLY) $(PY) bench/train_step.py
 
 # The GPU check needs only PyTorch, open_clip and the project's own code. `make gpu-wheels` (here, with pip's index)
 # downloads the packages a bare GPU image lacks into .whl/ (about 5 MB, CPython 3.12 on x86_64 Linux by default);

@@ -75,13 +75,16 @@ class StorageConfig(StrictModel):
         """A copy with empty fields filled from the AWS variables of *this* process.
 
         Ship ``resolved().to_dict(reveal_secrets=True)`` to Ray workers: on another node the driver's environment
-        does not exist.
+        does not exist. Temporary credentials (``AWS_SESSION_TOKEN`` set) are not copied: frozen, they would expire
+        mid-job, so each worker resolves its own through the AWS SDK's chain (a local worker inherits the same
+        variables; a cluster node refreshes its instance role, IRSA web identity or profile).
         """
         if self.access_key is not None:  # keys from the config: the environment's token belongs to other keys
             access, secret, token = self.access_key, self.secret_key, self.session_token
+        elif os.environ.get("AWS_SESSION_TOKEN"):
+            access = secret = token = None
         else:
-            access, secret, token = (os.environ.get(name) for name in
-                                     ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"))
+            access, secret, token = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"), None
         return StorageConfig(endpoint_url=self.endpoint(), region=self.effective_region(), access_key=access,
                              secret_key=secret, session_token=token)
 

@@ -66,14 +66,27 @@ def test_resolved_fills_empty_fields_from_aws_variables(monkeypatch):
 
     monkeypatch.setenv("AWS_SESSION_TOKEN", "env-token")
 
-    resolved = StorageConfig(region="ap-south-1").resolved().to_dict(reveal_secrets=True)
     own_keys = StorageConfig(access_key="cfg-access", secret_key="cfg-secret").resolved().to_dict(reveal_secrets=True)
-
-    assert resolved == {"endpoint_url": "http://env-endpoint:9000", "region": "ap-south-1",
-                        "access_key": "env-access", "secret_key": "env-secret", "session_token": "env-token"}
     # The environment's session token belongs to the environment's keys, never to keys from the config.
     assert (own_keys["access_key"], own_keys["secret_key"], own_keys["session_token"]) == ("cfg-access",
                                                                                           "cfg-secret", None)
+
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    resolved = StorageConfig(region="ap-south-1").resolved().to_dict(reveal_secrets=True)
+    assert resolved == {"endpoint_url": "http://env-endpoint:9000", "region": "ap-south-1",
+                        "access_key": "env-access", "secret_key": "env-secret", "session_token": None}
+
+
+def test_temporary_credentials_are_not_frozen_into_what_workers_get(monkeypatch):
+    # A session token expires (1 h by default for STS); keys copied at job start would fail every read after it.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIA-temporary")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "temporary-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token")
+
+    shipped = storage.for_workers(StorageConfig(endpoint_url="http://store:9000"))
+
+    assert (shipped["access_key"], shipped["secret_key"], shipped["session_token"]) == (None, None, None)
+    assert shipped["endpoint_url"] == "http://store:9000"
 
 
 def test_half_a_key_pair_is_rejected():
@@ -276,3 +289,44 @@ def test_cli_serves_an_uploaded_folder_until_sigterm(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.timeout(120)
+def test_a_read_after_the_credentials_expired_gets_fresh_ones_from_the_chain(s3_server, tmp_path, monkeypatch):
+    # A worker config without keys (what temporary credentials ship as) leaves credentials to the AWS SDK's chain;
+    # here a profile's credential_process hands out keys valid for 2 s, and reads keep working past their expiry.
+    bucket = _fresh_bucket(s3_server)
+    cfg = s3_server.storage_config()
+    storage.write_bytes(f"{bucket}/blob.bin", b"payload", cfg)
+    calls = tmp_path / "calls"
+    issuer = tmp_path / "issue-credentials.sh"
+    issuer.write_text(
+        "#!/bin/sh\n"
+        f"echo call >> {calls}\n"
+        "expires=$(date -u -d '+2 seconds' +%Y-%m-%dT%H:%M:%SZ)\n"
+        f"printf '{{\"Version\": 1, \"AccessKeyId\": \"{cfg.access_key.get_secret_value()}\", "
+        f"\"SecretAccessKey\": \"{cfg.secret_key.get_secret_value()}\", \"Expiration\": \"%s\"}}' \"$expires\"\n"
+    )
+    issuer.chmod(0o700)
+    (tmp_path / "aws-config").write_text(f"[default]\ncredential_process = {issuer}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "aws-config"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "the driver's own temporary token")
+    worker_cfg = json.dumps(storage.for_workers(StorageConfig(endpoint_url=cfg.endpoint_url)))
+    reader = (
+        "import json, sys, time\n"
+        "from pipelines import storage\n"
+        "cfg = json.loads(sys.argv[1])\n"
+        "assert cfg['access_key'] is None, cfg\n"
+        "for _ in range(3):\n"
+        f"    print(storage.read_bytes('{bucket}/blob.bin', cfg).decode(), flush=True)\n"
+        "    time.sleep(2.5)\n"
+    )
+
+    done = subprocess.run([sys.executable, "-c", reader, worker_cfg], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=90)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["payload"] * 3
+    assert len(calls.read_text().split()) >= 3  # fetched again after each expiry, not frozen at the first read
