@@ -1,6 +1,8 @@
 """Pixel transforms: tile small images, crop to the model size, flip, normalise.
 
 There is deliberately no resize anywhere: resampling wipes out the low-level traces generators leave (docs/METHOD.md).
+Tiling never builds more than the crop: the window is chosen first, then only its rows and columns are repeated, so a
+crop costs the same memory whatever the image's shape (``tiled_window``).
 Per-image functions work on numpy uint8 HWC arrays (decode side, CPU tasks); ``random_crops`` (the training loop's
 per-epoch crop of the decoded windows) and ``normalize`` work on a torch batch right before the model, so the data
 pipeline can ship compact uint8.
@@ -40,20 +42,23 @@ class Preprocess:
         return cls(image_size=int(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
 
-def tile_to_min_size(img: np.ndarray, size: int) -> np.ndarray:
-    """Repeat the image (wrap-around) until both sides are at least ``size``; larger images pass unchanged."""
+def tiled_window(img: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """The ``height`` x ``width`` region at (``top``, ``left``) of the image repeated endlessly down and right
+    (wrap-around tiling), as a new contiguous array.
+
+    Only the region is built: a side shorter than the region repeats just the rows or columns it needs, so a
+    50,000,000 x 2 image costs one window, not the whole image tiled up to the window's height.
+    """
     h, w = img.shape[:2]
-    pad_h, pad_w = max(0, size - h), max(0, size - w)
-    if pad_h == 0 and pad_w == 0:
-        return img
-    return np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="wrap")
+    rows = (top + np.arange(height)) % h
+    cols = (left + np.arange(width)) % w
+    return img[np.ix_(rows, cols)]  # one fancy index on both axes: no intermediate wider or taller than the window
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    img = tile_to_min_size(img, size)
+    """The centre ``size`` x ``size`` crop of the image, tiled first where a side is shorter than ``size``."""
     h, w = img.shape[:2]
-    top, left = (h - size) // 2, (w - size) // 2
-    return np.ascontiguousarray(img[top : top + size, left : left + size])
+    return tiled_window(img, max(0, h - size) // 2, max(0, w - size) // 2, size, size)
 
 
 def train_window(img: np.ndarray, size: int, window: int, rng: np.random.Generator,
@@ -64,15 +69,16 @@ def train_window(img: np.ndarray, size: int, window: int, rng: np.random.Generat
     Returns (array, picture height, picture width). Images smaller than ``size`` are tiled up to ``size`` first, as
     in evaluation; an image between ``size`` and ``window`` is kept whole rather than tiled, so the per-epoch crops
     of ``random_crops`` (limited to the picture) never straddle a tiling seam that evaluation would not show.
+    Only the chosen view is tiled (``tiled_window``), never the whole image.
     """
     if window < size:
         raise ValueError(f"window {window} is smaller than the crop size {size}")
-    img = tile_to_min_size(img, size)
-    h, w = img.shape[:2]
+    # The extent of the image once tiled up to ``size``: offsets are drawn in it, as if it had been built.
+    h, w = max(img.shape[0], size), max(img.shape[1], size)
     view_h, view_w = min(h, window), min(w, window)
     top = int(rng.integers(0, h - view_h + 1))
     left = int(rng.integers(0, w - view_w + 1))
-    view = img[top : top + view_h, left : left + view_w]
+    view = tiled_window(img, top, left, view_h, view_w)
     if rng.random() < flip_prob:
         view = view[:, ::-1]
     out = np.zeros((window, window, img.shape[2]), dtype=img.dtype)

@@ -8,7 +8,9 @@ loop crops anew every epoch (``mpft_core.transforms.train_window``). Nothing is 
 
 A file that cannot be read or decoded becomes a row with an ``error`` message, zero pixels and width = height = -1;
 it never fails the task or the job. Only one batch of files is held at a time: bytes and the full-size decode of a
-file are released as soon as its crop is taken.
+file are released as soon as its crop is taken. Each file is held to ``decode_rgb``'s limits (formats, bytes, pixels,
+decode time); the crop tiles only the window it returns, so an image of extreme shape (50,000,000 x 2) costs no more
+than its decode.
 
 Output columns (``DECODED_COLUMNS``; ``decoded_schema`` gives the exact Arrow types, identical for every block):
     path str | label int8, null = unlabelled | subset str | split str (nullable) | image uint8 [S, S, 3]
@@ -34,10 +36,16 @@ import numpy as np
 import pyarrow as pa
 from ray.data.extensions import ArrowTensorArray, ArrowTensorTypeV2
 
-from mpft_core.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
+from mpft_core.imageio import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SECONDS,
+    ImageDecodeError,
+    decode_rgb,
+)
 from mpft_core.scoring import describe_failure
 from mpft_core.transforms import eval_view, train_window
-from pipelines.storage import BytesReader
+from pipelines.storage import BytesReader, TooLarge
 
 DECODED_COLUMNS = ("path", "label", "subset", "split", "image", "error", "width", "height", "view_height",
                    "view_width")
@@ -71,6 +79,8 @@ def crop_view(pixels: np.ndarray, image_size: int, *, train: bool, seed: int, pa
 
 def describe_error(err: BaseException) -> str:
     """The kernel's text for a file that cannot be scored; a failure outside decoding is a read failure."""
+    if isinstance(err, TooLarge):  # the reader's own limit, already worded for people
+        return str(err)
     text = describe_failure(err)
     return text if isinstance(err, ImageDecodeError) else f"cannot read file: {text}"
 
@@ -80,7 +90,8 @@ Degrade = Optional[Callable[[np.ndarray], np.ndarray]]
 
 def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, max_pixels: int = DEFAULT_MAX_PIXELS,
                  storage: dict, seed: int = 0, window: Optional[int] = None,
-                 degrade: Optional[Sequence[Degrade]] = None) -> dict[str, np.ndarray]:
+                 degrade: Optional[Sequence[Degrade]] = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_seconds: float = DEFAULT_MAX_SECONDS) -> dict[str, np.ndarray]:
     """Decode one batch of manifest rows; returns numpy columns ``DECODED_COLUMNS``. Never raises per file.
 
     ``image`` is ``image_size`` a side, or with ``train`` ``window`` (default ``image_size``): the random window the
@@ -90,6 +101,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, 
     evaluation's JPEG / blur / downscale copies); width and height stay the original file's.
     ``label`` is passed through as it came (int8, or float with NaN where Ray had nulls); ``decode_batch_arrow``
     gives the exact Arrow types.
+    ``max_pixels``, ``max_bytes`` and ``max_seconds`` are ``decode_rgb``'s per-file limits: a file over one is an
+    error row. The byte limit stops the read itself one byte past it (``/dev/zero`` in a manifest reads 256 MiB, not
+    forever).
     """
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
@@ -98,11 +112,12 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, 
     images = np.zeros((n, side, side, 3), dtype=np.uint8)
     sizes = {name: np.full(n, -1, dtype=np.int32) for name in ("width", "height", "view_height", "view_width")}
     errors = np.full(n, None, dtype=object)
-    for i, (path, (data, read_error)) in enumerate(zip(paths, BytesReader(storage).read_each(paths), strict=True)):
+    reads = BytesReader(storage, max_bytes=max_bytes).read_each(paths)
+    for i, (path, (data, read_error)) in enumerate(zip(paths, reads, strict=True)):
         try:
             if read_error is not None:
                 raise read_error
-            pixels = decode_rgb(data, max_pixels=max_pixels)
+            pixels = decode_rgb(data, max_pixels=max_pixels, max_bytes=max_bytes, max_seconds=max_seconds)
             sizes["height"][i], sizes["width"][i] = pixels.shape[:2]
             if degrade[i] is not None:
                 pixels = degrade[i](pixels)

@@ -206,9 +206,27 @@ def read_bytes(uri: str, cfg: StorageConfig | dict | None = None) -> bytes:
     return _read(fs, path)
 
 
-def _read(fs: pafs.FileSystem, path: str) -> bytes:
+READ_CHUNK = 4 << 20
+
+
+class TooLarge(ValueError):
+    """A file over the reader's byte limit: refused after reading at most one byte past the limit."""
+
+
+def _read(fs: pafs.FileSystem, path: str, max_bytes: Optional[int] = None) -> bytes:
     with fs.open_input_stream(path) as stream:
-        return stream.read()
+        if max_bytes is None:
+            return stream.read()
+        # Read in chunks up to one byte past the limit: no size the file may lie about is trusted (/dev/zero, a
+        # FIFO, an object growing under us), and no limit-sized buffer is allocated up front.
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = stream.read(min(READ_CHUNK, max_bytes + 1 - total))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+    raise TooLarge(f"file too large: more than max_bytes={max_bytes} bytes")
 
 
 # Remote reads a decode task keeps in flight. An S3 GET is mostly waiting (tens of ms to the first byte), so a task
@@ -219,11 +237,13 @@ READ_AHEAD = 16
 class BytesReader:
     """Reads many URIs through one filesystem per kind (an S3 client is built once, not once per file)."""
 
-    def __init__(self, cfg: StorageConfig | dict | None = None, read_ahead: int = READ_AHEAD):
+    def __init__(self, cfg: StorageConfig | dict | None = None, read_ahead: int = READ_AHEAD,
+                 max_bytes: Optional[int] = None):
         self._cfg = _as_config(cfg)
         self._s3: Optional[pafs.S3FileSystem] = None
         self._local = pafs.LocalFileSystem()
         self.read_ahead = read_ahead
+        self.max_bytes = max_bytes  # a bigger file is that file's error (``TooLarge``), read no further
 
     def read_each(self, uris: Sequence[str]) -> Iterator[tuple[Optional[bytes], Optional[Exception]]]:
         """``(bytes, None)`` or ``(None, error)`` per URI, in order; never raises for one file, raises
@@ -269,8 +289,8 @@ class BytesReader:
 
     def read(self, uri: str) -> bytes:
         if is_remote(uri):
-            return _read(self._s3_client(), uri[len(S3_PREFIX):])
-        return _read(self._local, _local_path(uri))
+            return _read(self._s3_client(), uri[len(S3_PREFIX):], self.max_bytes)
+        return _read(self._local, _local_path(uri), self.max_bytes)
 
     def _s3_client(self) -> pafs.S3FileSystem:
         if self._s3 is None:

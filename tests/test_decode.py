@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -239,6 +240,58 @@ def test_small_images_are_tiled_not_resized(bad_corpus):
     assert np.array_equal(crop[0], crop[3]) and np.array_equal(crop[1], crop[4])
     left = (4000 - 16) // 2
     assert any(np.array_equal(crop[0], full[r, left:left + 16]) for r in range(3))
+
+
+@pytest.fixture(scope="module")
+def extreme_pngs(tmp_path_factory) -> dict[tuple[int, int], str]:
+    """Constant-colour RGB PNGs 2,000,000 x 2 and 2 x 2,000,000 (12 MB decoded, a few kB as files)."""
+    root = tmp_path_factory.mktemp("extreme")
+    paths = {}
+    for width, height in ((2_000_000, 2), (2, 2_000_000)):
+        path = root / f"{width}x{height}.png"
+        Image.new("RGB", (width, height), (10, 200, 30)).save(path)
+        paths[(width, height)] = str(path)
+    return paths
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("size", [(2_000_000, 2), (2, 2_000_000)], ids=["wide", "tall"])
+def test_an_extreme_aspect_ratio_gives_a_correct_crop_in_bounded_memory(extreme_pngs, size, train):
+    # Tiling the whole 2 px side up to 224 before cropping would ask numpy for 1.3 GB (a 50,000,000 x 2 file: 34 GB).
+    tracemalloc.start()
+    try:
+        out = decode_batch(_batch([extreme_pngs[size]]), image_size=224, train=train, window=256, storage={})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert out["error"][0] is None and (out["width"][0], out["height"][0]) == size
+    view = out["image"][0][: out["view_height"][0], : out["view_width"][0]]
+    assert min(view.shape[:2]) >= 224 and (view == (10, 200, 30)).all()
+    decoded_bytes = size[0] * size[1] * 3
+    assert peak < 2 * decoded_bytes + 4 * 256 * 256 * 3, peak  # numpy's share: the decoded image and a few windows
+
+
+def test_hostile_files_become_error_rows_that_name_the_problem(photos, tmp_path):
+    eps = tmp_path / "drawing.jpg"  # a PostScript file with an image's name: Pillow would run Ghostscript on it
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    photo = open(photos[0], "rb").read()
+    too_big = tmp_path / "padded.png"  # the same photo with a byte of trailing junk: one byte over the limit
+    too_big.write_bytes(photo + b"\x00")
+    paths = [photos[0], str(eps), str(too_big)]
+
+    out = decode_batch(_batch(paths), image_size=16, train=False, storage={}, max_bytes=len(photo))
+
+    assert len(out["error"]) == 3
+    assert out["error"][1].startswith("unsupported format EPS")
+    assert out["error"][2] == f"file too large: more than max_bytes={len(photo)} bytes"
+    assert out["error"][0] is None and out["width"][0] == 48
+    assert (out["width"][1:] == -1).all() and not out["image"][1:].any()
+
+
+def test_decode_time_limit_reaches_every_file(photos):
+    out = decode_batch(_batch(photos[:2]), image_size=16, train=False, storage={}, max_seconds=0.0)
+    assert all(err.startswith("decode time limit") for err in out["error"])
 
 
 def test_arrow_output_has_the_same_schema_whatever_the_batch_holds(photos, tmp_path):

@@ -330,3 +330,18 @@ def test_a_read_after_the_credentials_expired_gets_fresh_ones_from_the_chain(s3_
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["payload"] * 3
     assert len(calls.read_text().split()) >= 3  # fetched again after each expiry, not frozen at the first read
+
+
+def test_a_read_stops_one_byte_past_the_limit_even_on_an_endless_file(tmp_path):
+    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+    small.write_bytes(b"x" * 1000)
+    big.write_bytes(b"x" * 1001)
+    reader = storage.BytesReader(max_bytes=1000)
+
+    (data, error), (no_data, too_large), (endless, endless_error) = reader.read_each(
+        [str(small), str(big), "/dev/zero"])
+
+    assert (data, error) == (b"x" * 1000, None)
+    assert no_data is None and isinstance(too_large, storage.TooLarge)
+    assert "more than max_bytes=1000" in str(too_large)
+    assert endless is None and isinstance(endless_error, storage.TooLarge)
