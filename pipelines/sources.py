@@ -8,7 +8,20 @@ Layouts (``SourceConfig.layout``):
 - ``manifest``: a ``.parquet`` or ``.csv`` file with columns ``path``, ``label`` and optionally ``subset`` (default:
   the manifest's file name without extension) and ``split`` (default null). Relative paths are resolved against the
   manifest's folder; ``split`` filters on the split column.
-- ``unlabelled``: every image under ``uri``, label null, subset ``"unlabelled"`` (for scoring).
+- ``unlabelled``: every file under ``uri``, label null, subset ``"unlabelled"`` (for scoring).
+
+Every object of a folder layout is an input, whatever its name ends with: a crawl's objects often have no extension
+(content-addressed keys), and the decoder sniffs the bytes, so a file that is no image becomes an error row instead
+of vanishing. Hidden names are skipped, and so is everything inside a hidden folder (``.git/``, ``.cache/``, macOS
+``._x.jpg`` forks), below ``uri``. ``extensions`` (``[".png", ".jpg"]``, any case, the dot optional) narrows the
+listing of every folder layout; it is refused for a manifest, which names its files itself.
+
+A manifest cannot reach outside its corpus: a row that resolves outside the manifest's folder (an absolute path or
+URI elsewhere, ``..`` that climbs out, another bucket or scheme) makes the whole source an error, raised while the
+manifest is read, so before any Ray work, naming how many rows and one of them; ``allow_outside_corpus: true`` lets
+such rows through. A row naming a special file (under ``/dev``, ``/proc`` or ``/sys``, or a FIFO, device or socket,
+also through a symlink) is refused even then: reading it never ends or is never an image. A refusal is a job error,
+not error rows, because a manifest pointing at ``/etc`` is a misconfiguration or an attack, not bad data.
 
 Subset names do not depend on where ``uri`` points: genimage takes the folder directly above ``{train,val}``, ufd the
 nearest folder above ``{0_real,1_fake}`` that is not one of UFD's object categories (car, cat, ...), even when that
@@ -42,7 +55,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import posixpath
+import stat
 from collections.abc import Sequence
 from typing import Literal, Optional
 
@@ -50,7 +65,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from mpft_core.config import StrictModel
 from mpft_core.metrics import pairing_problem
@@ -68,6 +83,8 @@ UFD_CLASSES = {"1_fake": 1, "0_real": 0}
 UNLABELLED_SUBSET = "unlabelled"
 _CARVE_KEY = "carve_key"  # a column that lives only until the carve
 _HASH_VERSION = b"mpft-manifest-v1\n"
+SPECIAL_FOLDERS = ("/dev", "/proc", "/sys")  # pseudo-files: endless, or the machine's secrets, never images
+_SHOWN_PATH_CHARS = 200  # a refused row is quoted, cut to this length
 
 
 class CarveConfig(StrictModel):
@@ -84,19 +101,46 @@ class SourceConfig(StrictModel):
     subsets: Optional[list[str]] = None  # keep only these subsets (canonical names or aliases)
     carve: Optional[CarveConfig] = None  # keep only one part of the files, e.g. validation held out of training
     real_pairs: Optional[dict[str, str]] = None  # {fake-only subset: real-only subset}; None: the layout's default
+    extensions: Optional[list[str]] = None  # folder layouts: only files ending so (any case); None: every file
+    allow_outside_corpus: bool = False  # manifest: rows may name files outside the manifest's folder
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, extensions: Optional[list[str]]) -> Optional[list[str]]:
+        if extensions is None:
+            return None
+        normalised = sorted({_as_extension(ext) for ext in extensions})
+        if not normalised:
+            raise ValueError("extensions is empty: name at least one, or leave it unset to list every file")
+        return normalised
+
+    @model_validator(mode="after")
+    def _extensions_need_a_folder(self) -> SourceConfig:
+        if self.layout == "manifest" and self.extensions is not None:
+            raise ValueError("extensions narrows a folder listing; a manifest names its files itself")
+        return self
+
+
+def _as_extension(text: str) -> str:
+    """``"PNG"``, ``".png"`` -> ``".png"``; ValueError for an empty or path-like one."""
+    ext = text.strip().lower()
+    ext = ext if ext.startswith(".") else "." + ext
+    if ext == "." or "/" in ext or "." in ext[1:]:
+        raise ValueError(f"extension {text!r} is not a file-name suffix like .png")
+    return ext
 
 
 def build_manifest(source: SourceConfig, storage_cfg: StorageConfig | None = None) -> pa.Table:
     """The manifest of ``source``, sorted by path; raises ValueError if it comes out empty."""
     if source.layout == "manifest":
-        table = _read_manifest_file(source.uri, storage_cfg)
+        table = _read_manifest_file(source.uri, storage_cfg, source.allow_outside_corpus)
         if source.split is not None:
             table = table.filter(pc.equal(table["split"], source.split))
         folder = posixpath.dirname(_source_root(source.uri))
         keys = [_path_below(folder, path) for path in table["path"].to_pylist()]
         table = table.append_column(_CARVE_KEY, pa.array(keys, pa.string()))
     else:
-        table = _from_listing(source, storage.list_files(source.uri, storage_cfg))
+        table = _from_listing(source, listed_files(source, storage_cfg))
     table = _keep_subsets(table, source.subsets, real_pairs_of([source]))
     if source.carve is not None:
         table = _carve(table, source.carve)
@@ -147,6 +191,22 @@ def _source_root(uri: str) -> str:
 
 def _relative_parts(root: str, path: str) -> list[str]:
     return path[len(root) + 1:].split("/")
+
+
+def listed_files(source: SourceConfig, storage_cfg: StorageConfig | None = None) -> list[str]:
+    """Every file under a folder source, sorted, except hidden ones and those inside hidden folders below ``uri``,
+    narrowed to ``source.extensions`` when set; whether a file is an image is left to the decoder."""
+    root = _source_root(source.uri)
+    return [path for path in storage.list_files(source.uri, storage_cfg, extensions=None)
+            if not _is_hidden(_relative_parts(root, path)) and _has_extension(path, source.extensions)]
+
+
+def _is_hidden(parts: list[str]) -> bool:
+    return any(part.startswith(".") for part in parts)
+
+
+def _has_extension(path: str, extensions: Optional[list[str]]) -> bool:
+    return extensions is None or posixpath.splitext(path)[1].lower() in extensions
 
 
 def _from_listing(source: SourceConfig, files: list[str]) -> pa.Table:
@@ -246,7 +306,7 @@ def _check_unique_paths(table: pa.Table, uri: str) -> None:
 # --------------------------------------------------------------------------------------------------- manifest files
 
 
-def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None) -> pa.Table:
+def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None, allow_outside_corpus: bool) -> pa.Table:
     data = storage.read_bytes(uri, storage_cfg)
     ext = posixpath.splitext(uri)[1].lower()
     if ext == ".parquet":
@@ -270,7 +330,11 @@ def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None) -> pa.Table
     if pc.any(pc.and_(bad, pc.is_valid(labels))).as_py():
         raise ValueError(f"manifest {uri}: label must be 0 (real), 1 (generated) or empty")
     folder = posixpath.dirname(uri if storage.is_remote(uri) else storage.resolve(uri)[1])
-    paths = [_absolute(p, folder, uri) for p in table["path"].to_pylist()]
+    written = table["path"].cast(pa.string()).to_pylist()
+    paths = [_absolute(p, folder, uri) for p in written]
+    _refuse_special_files(uri, written, paths)
+    if not allow_outside_corpus:
+        _refuse_rows_outside(uri, folder, written, paths)
     return pa.table([pa.array(paths, pa.string()), labels, subset, split.cast(pa.string())],
                     schema=MANIFEST_SCHEMA)
 
@@ -287,6 +351,51 @@ def _absolute(path: Optional[str], folder: str, uri: str) -> str:
         key = posixpath.normpath(posixpath.join(folder[len(storage.S3_PREFIX):], path))
         return storage.S3_PREFIX + key
     return posixpath.normpath(posixpath.join(folder, path))
+
+
+def _refuse_rows_outside(uri: str, folder: str, written: list[str], paths: list[str]) -> None:
+    """ValueError naming how many rows of manifest ``uri`` resolve outside its ``folder``, and the first of them."""
+    outside = [i for i, path in enumerate(paths) if not _is_below(folder, path)]
+    if outside:
+        raise ValueError(f"manifest {uri}: {len(outside)} of {len(paths)} rows point outside the manifest's folder "
+                         f"{folder}, e.g. {_shown_row(outside[0], written, paths)}; move the manifest to the folder "
+                         "that holds its images, or set allow_outside_corpus: true on the source "
+                         "(mpft score / evaluate: --allow-outside-corpus) if these files are meant")
+
+
+def _refuse_special_files(uri: str, written: list[str], paths: list[str]) -> None:
+    """ValueError naming how many rows of manifest ``uri`` name a special file, and the first of them."""
+    special = [i for i, path in enumerate(paths) if _is_special_file(path)]
+    if special:
+        raise ValueError(f"manifest {uri}: {len(special)} of {len(paths)} rows name a special file (a device, FIFO, "
+                         f"socket or a file under {', '.join(SPECIAL_FOLDERS)}), e.g. "
+                         f"{_shown_row(special[0], written, paths)}; these are never images and are always refused")
+
+
+def _is_below(folder: str, path: str) -> bool:
+    return path.startswith(folder.rstrip("/") + "/")
+
+
+def _is_special_file(path: str) -> bool:
+    """A local path under /dev, /proc or /sys (also through a symlink), or a FIFO, device or socket."""
+    if storage.is_remote(path):
+        return False
+    if any(_is_below(folder, candidate) or candidate == folder
+           for folder in SPECIAL_FOLDERS for candidate in (path, os.path.realpath(path))):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # missing or unreadable: that row's read error says so
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
+
+
+def _shown_row(i: int, written: list[str], paths: list[str]) -> str:
+    """Row ``i`` as written and as resolved, each quoted and cut short (a hostile manifest may hold anything)."""
+    shown = repr(written[i][:_SHOWN_PATH_CHARS])
+    if paths[i] != written[i]:
+        shown += f" (resolved to {paths[i][:_SHOWN_PATH_CHARS]!r})"
+    return f"row {i + 1}: {shown}"
 
 
 def manifest_hash(table: pa.Table) -> str:

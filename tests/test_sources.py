@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import uuid
 
 import pyarrow as pa
@@ -323,6 +324,81 @@ def test_unlabelled_prefix(corpora):
     assert set(table["subset"].to_pylist()) == {"unlabelled"}
 
 
+# ------------------------------------------------------------------------------------- every object is an input
+
+
+def _crawl_like(root) -> set[str]:
+    """Files as a crawl leaves them; returns the relative paths that must be listed (every non-hidden file)."""
+    files = {"a.png": b"png", "B.JPG": b"jpg", "3f9a0c7e": b"no extension", "notes.txt": b"text",
+             "sub/deep/41d8cd98": b"no extension", ".hidden.png": b"hidden", "._a.png": b"macOS fork",
+             ".cache/x.png": b"in a hidden folder", "sub/.git/objects/ab": b"in a hidden folder"}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return {rel for rel in files if not any(part.startswith(".") for part in rel.split("/"))}
+
+
+def test_every_file_is_listed_whatever_its_extension_except_hidden_ones(tmp_path):
+    visible = _crawl_like(tmp_path / "crawl")
+    os.mkfifo(tmp_path / "crawl" / "pipe")  # not a file: reading it would never end
+
+    table = build_manifest(SourceConfig(uri=str(tmp_path / "crawl"), layout="unlabelled"))
+
+    assert table["path"].to_pylist() == sorted(str(tmp_path / "crawl" / rel) for rel in visible)
+
+
+def test_a_hidden_folder_above_the_source_does_not_hide_it(tmp_path):
+    visible = _crawl_like(tmp_path / ".cache" / "crawl")
+
+    table = build_manifest(SourceConfig(uri=str(tmp_path / ".cache" / "crawl"), layout="unlabelled"))
+
+    assert table.num_rows == len(visible)
+
+
+@pytest.mark.timeout(60)
+def test_an_s3_crawl_lists_extensionless_keys_and_skips_hidden_folders(tmp_path, s3_server):
+    visible = _crawl_like(tmp_path / "crawl")
+    bucket = f"crawl-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    s3_server.upload_dir(tmp_path / "crawl", f"s3://{bucket}/in")
+
+    table = build_manifest(SourceConfig(uri=f"s3://{bucket}/in", layout="unlabelled"), s3_server.storage_config())
+
+    assert table["path"].to_pylist() == sorted(f"s3://{bucket}/in/{rel}" for rel in visible)
+
+
+def test_extensions_narrow_the_listing_whatever_the_case(tmp_path):
+    _crawl_like(tmp_path)
+
+    table = build_manifest(SourceConfig(uri=str(tmp_path), layout="unlabelled", extensions=["PNG", ".jpg"]))
+
+    assert table["path"].to_pylist() == [str(tmp_path / "B.JPG"), str(tmp_path / "a.png")]
+
+
+def test_extensions_are_normalised_and_nonsense_is_refused():
+    assert SourceConfig(uri="x", extensions=["png", " .JPG", ".png"]).extensions == [".jpg", ".png"]
+    for bad in ([], [""], ["."], ["a/b"], [".tar.gz"]):
+        with pytest.raises(ValueError, match="extension"):
+            SourceConfig(uri="x", layout="unlabelled", extensions=bad)
+    with pytest.raises(ValueError, match="a manifest names its files"):
+        SourceConfig(uri="m.csv", layout="manifest", extensions=[".png"])
+
+
+@pytest.mark.parametrize("layout, class_folder, label", [("genimage", "sdv14/train/ai", 1),
+                                                         ("ufd", "progan/car/0_real", 0)])
+def test_labelled_layouts_take_extensionless_files_and_skip_hidden_ones(tmp_path, layout, class_folder, label):
+    (tmp_path / class_folder / ".thumbnails").mkdir(parents=True)
+    for rel in ("0001.png", "e3b0c442", ".DS_Store", ".thumbnails/0001.png"):
+        (tmp_path / class_folder / rel).write_bytes(b"bytes the decoder sniffs")
+
+    table = build_manifest(SourceConfig(uri=str(tmp_path), layout=layout))
+    only_png = build_manifest(SourceConfig(uri=str(tmp_path), layout=layout, extensions=[".png"]))
+
+    assert table["path"].to_pylist() == [str(tmp_path / class_folder / n) for n in ("0001.png", "e3b0c442")]
+    assert set(table["label"].to_pylist()) == {label}
+    assert only_png["path"].to_pylist() == [str(tmp_path / class_folder / "0001.png")]
+
+
 # --------------------------------------------------------------------------------------------------- manifest files
 
 
@@ -331,7 +407,7 @@ def test_unlabelled_prefix(corpora):
 def test_manifest_file_on_s3_resolves_relative_paths(corpora, ext):
     bucket, cfg = corpora["bucket"], corpora["cfg"]
     listed = build_manifest(SourceConfig(uri=f"{bucket}/genimage"), cfg)
-    # Relative to the manifest's folder (with ./ and ../), plus one absolute URI.
+    # Relative to the manifest's folder (with ./ and ../), plus one absolute URI; all outside manifests/, so opted in.
     rel_paths = ["../" + p[len(bucket) + 1:] for p in listed["path"].to_pylist()]
     rel_paths[0] = "./../" + rel_paths[0][3:]
     rel_paths[1] = listed["path"][1].as_py()
@@ -339,8 +415,8 @@ def test_manifest_file_on_s3_resolves_relative_paths(corpora, ext):
     uri = f"{bucket}/manifests/gen.{ext}"
     write_manifest(table, uri, cfg)
 
-    read = build_manifest(SourceConfig(uri=uri, layout="manifest"), cfg)
-    val = build_manifest(SourceConfig(uri=uri, layout="manifest", split="val"), cfg)
+    read = build_manifest(SourceConfig(uri=uri, layout="manifest", allow_outside_corpus=True), cfg)
+    val = build_manifest(SourceConfig(uri=uri, layout="manifest", split="val", allow_outside_corpus=True), cfg)
 
     assert _rows(read) == _rows(listed)
     assert manifest_hash(read) == manifest_hash(listed)
@@ -351,7 +427,8 @@ def test_manifest_csv_with_only_path_and_label(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "crawl.csv").write_text("path,label\nimgs/a.png,1\nimgs/b.png,\n/abs/c.png,0\n")
 
-    table = build_manifest(SourceConfig(uri=str(tmp_path / "m" / "crawl.csv"), layout="manifest"))
+    table = build_manifest(SourceConfig(uri=str(tmp_path / "m" / "crawl.csv"), layout="manifest",
+                                        allow_outside_corpus=True))
 
     assert _rows(table) == {
         str(tmp_path / "m" / "imgs" / "a.png"): (1, "crawl", None),
@@ -370,6 +447,65 @@ def test_bad_manifest_files_are_rejected(tmp_path, content, message):
     with pytest.raises(ValueError, match=message):
         build_manifest(SourceConfig(uri=str(tmp_path / "m.csv"), layout="manifest"))
 
+
+def _manifest_with(folder, *rows: str) -> str:
+    """A CSV manifest in ``folder`` holding one good row (imgs/ok.png) and then ``rows``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "imgs").mkdir(exist_ok=True)
+    (folder / "imgs" / "ok.png").write_bytes(b"png")
+    uri = folder / "crawl.csv"
+    uri.write_text("path,label\nimgs/ok.png,1\n" + "".join(f"{row},0\n" for row in rows))
+    return str(uri)
+
+
+@pytest.mark.parametrize("row", ["/etc/passwd", "../secret.png", "imgs/../../secret.png", "s3://other/x.png"])
+def test_a_manifest_row_outside_its_folder_is_refused_unless_allowed(tmp_path, row):
+    (tmp_path / "secret.png").write_text("the-secret-content")
+    uri = _manifest_with(tmp_path / "m", row)
+
+    with pytest.raises(ValueError, match=r"1 of 2 rows point outside the manifest's folder.*row 2") as refused:
+        build_manifest(SourceConfig(uri=uri, layout="manifest"))
+    allowed = build_manifest(SourceConfig(uri=uri, layout="manifest", allow_outside_corpus=True))
+
+    assert row in str(refused.value) and "the-secret-content" not in str(refused.value)
+    assert "allow_outside_corpus" in str(refused.value)
+    assert allowed.num_rows == 2
+
+
+def test_a_manifest_may_name_its_own_files_by_absolute_path(tmp_path):
+    uri = _manifest_with(tmp_path / "m", str(tmp_path / "m" / "imgs" / "ok2.png"), "imgs/./sub/../ok3.png")
+
+    table = build_manifest(SourceConfig(uri=uri, layout="manifest"))
+
+    assert table["path"].to_pylist() == [str(tmp_path / "m" / "imgs" / n) for n in ("ok.png", "ok2.png", "ok3.png")]
+
+
+def test_special_files_in_a_manifest_are_refused_even_when_outside_rows_are_allowed(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "environ").symlink_to("/proc/self/environ")
+    for row in ("/dev/zero", "/proc/self/environ", "/sys/kernel/notes", "pipe", "environ"):
+        uri = _manifest_with(tmp_path, row)
+        for allow in (False, True):
+            with pytest.raises(ValueError, match=r"1 of 2 rows name a special file.*row 2"):
+                build_manifest(SourceConfig(uri=uri, layout="manifest", allow_outside_corpus=allow))
+
+
+@pytest.mark.timeout(60)
+def test_an_s3_manifest_cannot_reach_another_bucket_or_the_local_disk(corpora):
+    bucket, cfg = corpora["bucket"], corpora["cfg"]
+    inside = "genimage/sdv14/val/ai/0000.png"
+
+    def manifest_at_bucket_root(row: str) -> SourceConfig:
+        uri = f"{bucket}/mf-{uuid.uuid4().hex[:6]}.csv"
+        write_manifest(pa.table({"path": [inside, row], "label": pa.array([1, 1], pa.int8()),
+                                 "subset": ["a", "a"], "split": [None, None]}), uri, cfg)
+        return SourceConfig(uri=uri, layout="manifest")
+
+    for row in (f"s3://elsewhere-{uuid.uuid4().hex[:6]}/x.png", "/etc/passwd", "../x.png"):
+        with pytest.raises(ValueError, match="1 of 2 rows point outside"):
+            build_manifest(manifest_at_bucket_root(row), cfg)
+    table = build_manifest(manifest_at_bucket_root(f"{bucket}/genimage/sdv14/val/ai/0001.png"), cfg)
+    assert table["path"].to_pylist() == [f"{bucket}/{inside}", f"{bucket}/genimage/sdv14/val/ai/0001.png"]
 
 # --------------------------------------------------------------------------------------------------- manifest_hash
 
