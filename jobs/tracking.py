@@ -20,6 +20,11 @@ Run — one per job; ``start_run(..., resume_by_name=True)`` makes a re-run of a
   model      "model"           pyfunc (an MLflow 3 logged model linked to the run: ``runs:/<id>/model``): MLmodel,
                                code/ (mpft_core + the scorer), artifacts/checkpoint/{model.safetensors, mpft.json};
                                no pickled torch objects
+MLflow unreachable: logging calls (params, metrics, figures, artefact files) do not fail; ``ResilientRunLogger`` keeps
+  what the server cannot take (metrics with their step and timestamp) and sends it with a later call once the server
+  answers again (after a backoff, so an outage costs no timeouts). What is still unsent when a process stops logging
+  into a run (``start_run``'s exit, ``finish_run_logging``) is named in one warning and written to
+  ``mlflow-unlogged-<run id>.json`` (+ a folder with the artefacts).
 Registry — aliases, never stages
   registered model (default ``mpft-detector``): one version per registered run model; alias ``challenger`` after
   training, ``champion`` after a passed promotion gate; version tags carry provenance (train_run_id, manifest hash)
@@ -31,12 +36,19 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,11 +100,14 @@ def set_tracking(uri: str) -> None:
 
 @contextmanager
 def start_run(experiment: str, run_name: str, *, parent_run_id: Optional[str] = None,
-              tags: Optional[dict] = None, resume_by_name: bool = False) -> Iterator[mlflow.ActiveRun]:
+              tags: Optional[dict] = None, resume_by_name: bool = False,
+              unlogged_dir: Optional[str] = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, with ``resume_by_name``, continue) the run ``run_name`` in ``experiment`` (created if missing).
 
     Inside another active run the new run is nested under it. The run ends FINISHED on normal exit and FAILED if
-    the block raises.
+    the block raises. Before it ends, what this process buffered for it during an MLflow outage is sent once more;
+    what still cannot be sent is written under ``unlogged_dir`` (default: the working directory), see
+    ``ResilientRunLogger.close``.
     """
     client = MlflowClient()
     experiment_id = _experiment_id(client, experiment)
@@ -107,7 +122,10 @@ def start_run(experiment: str, run_name: str, *, parent_run_id: Optional[str] = 
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
                                nested=mlflow.active_run() is not None, tags=run_tags or None)
     with run:
-        yield run
+        try:
+            yield run
+        finally:
+            finish_run_logging(mlflow.get_tracking_uri(), run.info.run_id, unlogged_dir)
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -169,8 +187,9 @@ def log_config(cfg: dict, name: str = "config.yaml") -> None:
 
 def log_params(params: dict) -> None:
     """Log params on the active run. Values are masked/truncated; a key already logged with another value (a resumed
-    run whose config changed) is kept as first logged, warned about, and listed in a run tag."""
-    _log_params_to_run(MlflowClient(), _active_run_id(), params)
+    run whose config changed) is kept as first logged, warned about, and listed in a run tag. Buffered while the
+    server is unreachable (``ResilientRunLogger``)."""
+    _active_run_logger().log_params(params)
 
 
 def mask_secrets(value: Any, key: str = "") -> Any:
@@ -248,21 +267,22 @@ def sanitize_key(key: str) -> str:
 
 
 def log_metrics(metrics: dict, step: Optional[int] = None) -> None:
-    """Log numeric metrics on the active run (nested dicts become dotted names; None values are skipped)."""
-    _log_metrics_to_run(MlflowClient(), _active_run_id(), metrics, step)
+    """Log numeric metrics on the active run (nested dicts become dotted names; None values are skipped). Buffered
+    while the server is unreachable (``ResilientRunLogger``)."""
+    _active_run_logger().log_metrics(metrics, step)
 
 
 def log_metrics_to_run(tracking_uri: str, run_id: str, metrics: dict, step: Optional[int] = None) -> None:
-    """Log metrics into ``run_id`` from any process (e.g. a Ray Train worker), without an active run."""
-    _log_metrics_to_run(MlflowClient(tracking_uri), run_id, metrics, step)
+    """Log metrics into ``run_id`` from any process (e.g. a Ray Train worker), without an active run; buffered while
+    the server is unreachable (a worker calls ``finish_run_logging`` at its end to flush and report the rest)."""
+    run_logger(tracking_uri, run_id).log_metrics(metrics, step)
 
 
-def _log_metrics_to_run(client: MlflowClient, run_id: str, metrics: dict, step: Optional[int]) -> None:
+def _metric_entities(metrics: dict, step: Optional[int]) -> list[Metric]:
+    """``metrics`` as MLflow metrics stamped now, with sanitised names (TypeError for a value that is no number)."""
     timestamp = int(time.time() * 1000)
-    entities = [Metric(sanitize_key(key), value, timestamp, int(step or 0))
-                for key, value in _numeric_items(flatten(metrics))]
-    if entities:
-        client.log_batch(run_id, metrics=entities, synchronous=True)
+    return [Metric(sanitize_key(key), value, timestamp, int(step or 0))
+            for key, value in _numeric_items(flatten(metrics))]
 
 
 def _numeric_items(flat: dict) -> Iterator[tuple[str, float]]:
@@ -279,19 +299,14 @@ def _numeric_items(flat: dict) -> Iterator[tuple[str, float]]:
 
 
 def log_figure(fig, artifact_file: str) -> None:
-    """Save a matplotlib figure as an artefact of the active run, then close it (figures hold memory until closed)."""
-    try:
-        mlflow.log_figure(fig, artifact_file)
-    finally:
-        _close(fig)
+    """Save a matplotlib figure as an artefact of the active run, then close it (figures hold memory until closed).
+    Kept as a local file while the server is unreachable (``ResilientRunLogger``)."""
+    _active_run_logger().log_figure(fig, artifact_file)
 
 
 def log_figure_to_run(tracking_uri: str, run_id: str, fig, artifact_file: str) -> None:
     """``log_figure`` for a process without an active run (Ray workers)."""
-    try:
-        MlflowClient(tracking_uri).log_figure(run_id, fig, artifact_file)
-    finally:
-        _close(fig)
+    run_logger(tracking_uri, run_id).log_figure(fig, artifact_file)
 
 
 def _close(fig) -> None:
@@ -301,7 +316,9 @@ def _close(fig) -> None:
 
 
 def log_artifact_file(path: str, artifact_path: Optional[str] = None) -> None:
-    mlflow.log_artifact(path, artifact_path)
+    """A local file as an artefact of the active run (under ``artifact_path``); copied aside while the server is
+    unreachable, so the caller may delete its file."""
+    _active_run_logger().log_artifact_file(path, artifact_path)
 
 
 def log_text(text: str, artifact_file: str) -> None:
@@ -328,6 +345,310 @@ def log_table(df: pd.DataFrame, name: str) -> None:
         df.to_parquet(parquet, index=False)
         mlflow.log_artifact(str(parquet), folder or None)
     mlflow.log_text(to_markdown(df), f"{name}.md")
+
+
+# ------------------------------------------------------------------------------------------ logging through outages
+
+# One quick attempt per call (MLflow's default is 7 retries over ~4 minutes): the buffer and its backoff retry instead.
+QUICK_REQUEST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+FIRST_RETRY_DELAY_S = 2.0
+MAX_RETRY_DELAY_S = 60.0
+MAX_BUFFERED_METRICS = 100_000
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+UNLOGGED_PREFIX = "mlflow-unlogged-"
+
+
+@dataclass
+class Unlogged:
+    """What ``ResilientRunLogger.close`` could not send: counts, and the JSON file / artefact folder holding it."""
+
+    metrics: int
+    params: int
+    artifacts: int
+    json_file: Path
+    artifacts_dir: Path
+
+
+@dataclass
+class _PendingArtifact:
+    local_path: Path
+    artifact_dir: Optional[str]
+
+
+class ResilientRunLogger:
+    """Logs metrics, params and artefacts into one run, keeping what an unreachable server cannot take yet.
+
+    Each call sends what is pending (in order) and then its own items. When the server does not answer (or answers
+    5xx) everything stays pending: metrics with their original step and timestamp, params in memory, artefacts as
+    files in a private temporary folder. No new attempt is made until a backoff delay has passed (2 s, doubling up to
+    60 s), so during an outage a call returns at once instead of waiting for a timeout. A reachable server's refusal
+    (4xx, e.g. a bad value) is raised as before. At most ``max_buffered_metrics`` metrics stay in memory; older ones
+    move to a file in the temporary folder and are not sent, only reported. ``close`` tries once more and reports what
+    is left.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, max_buffered_metrics: int = MAX_BUFFERED_METRICS):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.max_buffered_metrics = max_buffered_metrics
+        self._client = MlflowClient(tracking_uri)
+        self._metrics: deque[Metric] = deque()
+        self._params: list[dict] = []
+        self._artifacts: dict[str, _PendingArtifact] = {}  # by artefact path: a re-logged file replaces the older one
+        self._spilled_metrics = 0
+        self._spool: Optional[Path] = None
+        self._retry_delay = 0.0
+        self._next_attempt = 0.0
+        self._lock = threading.RLock()
+
+    def __reduce__(self):
+        # Shipped to another process (a Ray worker) it starts empty: a buffer belongs to the process that filled it.
+        return ResilientRunLogger, (self.tracking_uri, self.run_id, self.max_buffered_metrics)
+
+    # --- logging calls ------------------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        with self._lock:
+            self._metrics.extend(_metric_entities(metrics, step))
+            self._spill_excess_metrics()
+            self._flush_if_due()
+
+    def log_params(self, params: dict) -> None:
+        with self._lock:
+            self._params.append(dict(params))
+            self._flush_if_due()
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        """Save ``fig`` aside (format by the name's suffix), close it, and log that file as ``artifact_file``."""
+        with self._lock:
+            try:
+                local = self._spool_path(artifact_file)
+                fig.savefig(local)
+            finally:
+                _close(fig)
+            self._queue_artifact(artifact_file, local)
+
+    def log_artifact_file(self, path: str, artifact_path: Optional[str] = None) -> None:
+        name = Path(path).name
+        artifact_file = f"{artifact_path.strip('/')}/{name}" if artifact_path else name
+        with self._lock:
+            local = self._spool_path(artifact_file)
+            shutil.copy2(path, local)
+            self._queue_artifact(artifact_file, local)
+
+    def pending(self) -> dict[str, int]:
+        """How much is waiting: ``{"metrics": n, "params": n, "artifacts": n}`` (spilled metrics included)."""
+        with self._lock:
+            return {"metrics": len(self._metrics) + self._spilled_metrics,
+                    "params": sum(len(p) for p in self._params), "artifacts": len(self._artifacts)}
+
+    # --- sending ------------------------------------------------------------------------------------------------
+    def flush(self) -> bool:
+        """Send everything pending now, backoff or not; True when nothing is left."""
+        with self._lock:
+            try:
+                with _quick_requests():
+                    self._send_params()
+                    self._send_metrics()
+                    self._send_artifacts()
+            except Exception as err:
+                if not _is_unreachable(err):
+                    raise
+                self._schedule_retry(err)
+                return False
+            self._note_reachable()
+            return self._spilled_metrics == 0
+
+    def close(self, report_dir: Optional[str] = None) -> Optional[Unlogged]:
+        """Try a last time; then report what could not be sent (one warning with counts), write its metrics and params
+        to ``<report_dir>/mlflow-unlogged-<run id>.json`` and its artefacts under ``<report_dir>/mlflow-unlogged-<run
+        id>/``, and delete the temporary folder. ``report_dir`` defaults to the working directory. None when all was
+        logged."""
+        with self._lock:
+            self._flush_past_refusals()
+            left = self._write_unlogged(Path(report_dir or Path.cwd())) if any(self.pending().values()) else None
+            self._discard()
+            return left
+
+    def _flush_past_refusals(self) -> None:
+        # Raising here would hide the error that ends a run; each refusal drops its item, so this loop ends.
+        while True:
+            try:
+                self.flush()
+                return
+            except Exception as err:
+                log.warning("MLflow server %s refused part of run %s's logging: %s", self.tracking_uri, self.run_id,
+                            _first_line(err))
+
+    def _flush_if_due(self) -> None:
+        if time.monotonic() >= self._next_attempt:
+            self.flush()
+
+    def _send_params(self) -> None:
+        while self._params:
+            with _removed_unless_unreachable(partial(self._params.pop, 0)):
+                _log_params_to_run(self._client, self.run_id, self._params[0])
+
+    def _send_metrics(self) -> None:
+        while self._metrics:
+            batch = list(islice(self._metrics, MAX_METRICS_PER_BATCH))
+            with _removed_unless_unreachable(partial(self._pop_metrics, len(batch))):
+                self._client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def _send_artifacts(self) -> None:
+        for artifact_file in list(self._artifacts):
+            item = self._artifacts[artifact_file]
+            with _removed_unless_unreachable(partial(self._forget_artifact, artifact_file)):
+                self._client.log_artifact(self.run_id, str(item.local_path), item.artifact_dir)
+
+    def _pop_metrics(self, count: int) -> None:
+        for _ in range(count):
+            self._metrics.popleft()
+
+    def _forget_artifact(self, artifact_file: str) -> None:
+        self._artifacts.pop(artifact_file).local_path.unlink(missing_ok=True)
+
+    def _schedule_retry(self, err: Exception) -> None:
+        if self._retry_delay == 0.0:
+            log.warning("MLflow server %s unreachable (%s): run %s's logging is buffered and retried; training goes "
+                        "on", self.tracking_uri, _first_line(err), self.run_id)
+        self._retry_delay = min(max(self._retry_delay * 2, FIRST_RETRY_DELAY_S), MAX_RETRY_DELAY_S)
+        self._next_attempt = time.monotonic() + self._retry_delay
+
+    def _note_reachable(self) -> None:
+        if self._retry_delay:
+            log.info("MLflow server %s reachable again: buffered logging of run %s sent", self.tracking_uri,
+                     self.run_id)
+        self._retry_delay, self._next_attempt = 0.0, 0.0
+
+    # --- local files --------------------------------------------------------------------------------------------
+    def _spool_dir(self) -> Path:
+        if self._spool is None:
+            self._spool = Path(tempfile.mkdtemp(prefix="mpft-mlflow-pending-"))
+            weakref.finalize(self, shutil.rmtree, self._spool, True)  # also gone if close() is never called
+        return self._spool
+
+    def _spool_path(self, artifact_file: str) -> Path:
+        # One folder per file: two artefacts with the same name in different artefact folders must not collide.
+        folder = Path(tempfile.mkdtemp(dir=self._spool_dir()))
+        return folder / Path(artifact_file).name
+
+    def _queue_artifact(self, artifact_file: str, local: Path) -> None:
+        folder = str(Path(artifact_file).parent)
+        if artifact_file in self._artifacts:
+            self._forget_artifact(artifact_file)
+        self._artifacts[artifact_file] = _PendingArtifact(local, None if folder == "." else folder)
+        self._flush_if_due()
+
+    def _spill_excess_metrics(self) -> None:
+        excess = len(self._metrics) - self.max_buffered_metrics
+        if excess <= 0:
+            return
+        with open(self._spool_dir() / "spilled_metrics.jsonl", "a", encoding="utf-8") as out:
+            for _ in range(excess):
+                out.write(json.dumps(_metric_record(self._metrics.popleft())) + "\n")
+        self._spilled_metrics += excess
+
+    def _spilled_records(self) -> list[dict]:
+        spilled = self._spool_dir() / "spilled_metrics.jsonl"
+        if not spilled.exists():
+            return []
+        return [json.loads(line) for line in spilled.read_text(encoding="utf-8").splitlines()]
+
+    def _write_unlogged(self, report_dir: Path) -> Unlogged:
+        counts = self.pending()
+        report_dir.mkdir(parents=True, exist_ok=True)
+        json_file = report_dir / f"{UNLOGGED_PREFIX}{self.run_id}.json"
+        artifacts_dir = report_dir / f"{UNLOGGED_PREFIX}{self.run_id}"
+        records = self._spilled_records() + [_metric_record(m) for m in self._metrics]
+        params = {k: v for batch in self._params for k, v in mask_secrets(batch).items()}
+        json_file.write_text(json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id, "metrics": records,
+                                         "params": _plain(params), "artifacts": sorted(self._artifacts)}, indent=1),
+                             encoding="utf-8")
+        for artifact_file, item in self._artifacts.items():
+            dest = artifacts_dir / artifact_file
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item.local_path, dest)
+        log.warning("MLflow server %s: could not log %d metrics, %d params and %d artefacts of run %s; metrics and "
+                    "params are in %s, artefacts in %s", self.tracking_uri, counts["metrics"], counts["params"],
+                    counts["artifacts"], self.run_id, json_file, artifacts_dir)
+        return Unlogged(counts["metrics"], counts["params"], counts["artifacts"], json_file, artifacts_dir)
+
+    def _discard(self) -> None:
+        self._metrics.clear()
+        self._params.clear()
+        self._artifacts.clear()
+        self._spilled_metrics = 0
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+
+
+_RUN_LOGGERS: dict[tuple[str, str], ResilientRunLogger] = {}
+_RUN_LOGGERS_LOCK = threading.Lock()
+
+
+def run_logger(tracking_uri: str, run_id: str) -> ResilientRunLogger:
+    """This process's logger for ``run_id`` (one per run and server, so what it buffers outlives each call)."""
+    with _RUN_LOGGERS_LOCK:
+        key = (tracking_uri, run_id)
+        if key not in _RUN_LOGGERS:
+            _RUN_LOGGERS[key] = ResilientRunLogger(tracking_uri, run_id)
+        return _RUN_LOGGERS[key]
+
+
+def finish_run_logging(tracking_uri: str, run_id: str, report_dir: Optional[str] = None) -> Optional[Unlogged]:
+    """Send what this process buffered for ``run_id`` and report what is left (``ResilientRunLogger.close``); call it
+    where a process stops logging into a run (``start_run`` does for its own run). None when nothing was left."""
+    with _RUN_LOGGERS_LOCK:
+        logger = _RUN_LOGGERS.pop((tracking_uri, run_id), None)
+    return logger.close(report_dir) if logger is not None else None
+
+
+def _active_run_logger() -> ResilientRunLogger:
+    return run_logger(mlflow.get_tracking_uri(), _active_run_id())
+
+
+@contextmanager
+def _removed_unless_unreachable(remove) -> Iterator[None]:
+    """Run ``remove`` once the block has sent its item, or the server refused it (retrying cannot help; the refusal
+    is raised); an unreachable server leaves the item pending."""
+    try:
+        yield
+    except Exception as err:
+        if not _is_unreachable(err):
+            remove()
+        raise
+    remove()
+
+
+@contextmanager
+def _quick_requests() -> Iterator[None]:
+    # MLflow reads these at each request; set only around our own calls, so model logging keeps the patient defaults.
+    saved = {name: os.environ.get(name) for name in QUICK_REQUEST_ENV}
+    os.environ.update(QUICK_REQUEST_ENV)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _is_unreachable(err: Exception) -> bool:
+    """No answer (connection refused, timeout: MLflow wraps those as 500) or a server error: worth retrying later."""
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500
+    return isinstance(err, OSError)  # requests' errors (artefact uploads) are OSErrors
+
+
+def _metric_record(metric: Metric) -> dict:
+    return {"key": metric.key, "value": metric.value, "step": metric.step, "timestamp": metric.timestamp}
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 # ------------------------------------------------------------------------------------------------------- models
