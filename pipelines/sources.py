@@ -196,17 +196,7 @@ def _relative_parts(root: str, path: str) -> list[str]:
 def listed_files(source: SourceConfig, storage_cfg: StorageConfig | None = None) -> list[str]:
     """Every file under a folder source, sorted, except hidden ones and those inside hidden folders below ``uri``,
     narrowed to ``source.extensions`` when set; whether a file is an image is left to the decoder."""
-    root = _source_root(source.uri)
-    return [path for path in storage.list_files(source.uri, storage_cfg, extensions=None)
-            if not _is_hidden(_relative_parts(root, path)) and _has_extension(path, source.extensions)]
-
-
-def _is_hidden(parts: list[str]) -> bool:
-    return any(part.startswith(".") for part in parts)
-
-
-def _has_extension(path: str, extensions: Optional[list[str]]) -> bool:
-    return extensions is None or posixpath.splitext(path)[1].lower() in extensions
+    return storage.list_files(source.uri, storage_cfg, extensions=source.extensions)
 
 
 def _from_listing(source: SourceConfig, files: list[str]) -> pa.Table:

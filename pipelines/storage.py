@@ -174,19 +174,21 @@ def create_bucket(uri: str, cfg: StorageConfig | dict | None = None) -> None:
         fs.create_dir(bucket)
 
 
-def _wanted(path: str, extensions: Optional[Iterable[str]]) -> bool:
-    name = posixpath.basename(path)
-    # Hidden files include macOS "._photo.jpg" resource forks, which crawled archives are full of and never decode.
-    if name.startswith("."):
+def _wanted(relative: str, extensions: Optional[set[str]]) -> bool:
+    # Hidden names include macOS "._photo.jpg" resource forks, which crawled archives are full of and never decode;
+    # hidden folders (.git/, .cache/) hold tool state, not a crawl's content.
+    if any(part.startswith(".") for part in relative.split("/")):
         return False
-    return extensions is None or posixpath.splitext(name)[1].lower() in extensions
+    return extensions is None or posixpath.splitext(relative)[1].lower() in extensions
 
 
 def list_files(uri: str, cfg: StorageConfig | dict | None = None,
-               extensions: Optional[Iterable[str]] = IMAGE_EXTENSIONS) -> list[str]:
-    """All files under ``uri`` (recursive; or ``uri`` itself if it is a file), sorted full URIs.
+               extensions: Optional[Iterable[str]] = None) -> list[str]:
+    """Every file under ``uri`` (recursive; or ``uri`` itself if it is a file), sorted full URIs, except hidden
+    ones and those inside hidden folders below ``uri`` (a hidden folder above it does not hide it).
 
-    ``extensions`` (lower-case, with the dot) filters by suffix case-insensitively; None keeps every file. Raises
+    Files are listed whatever their names end with (a crawl's content-addressed keys have no extension; the decoder
+    sniffs the content). ``extensions`` (with the dot) narrows the listing by suffix, case-insensitively. Raises
     FileNotFoundError if ``uri`` does not exist. S3 listings are paged by PyArrow (ListObjectsV2 continuation).
     """
     fs, path = resolve(uri, cfg)
@@ -195,10 +197,11 @@ def list_files(uri: str, cfg: StorageConfig | dict | None = None,
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"nothing at {uri}")
     if info.type == pafs.FileType.File:
-        infos = [info]
-    else:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted(_to_uri(fs, i.path) for i in infos if i.type == pafs.FileType.File and _wanted(i.path, extensions))
+        return [_to_uri(fs, info.path)]
+    root = info.path.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(_to_uri(fs, i.path) for i in infos
+                  if i.type == pafs.FileType.File and _wanted(i.path[len(root) + 1:], extensions))
 
 
 def read_bytes(uri: str, cfg: StorageConfig | dict | None = None) -> bytes:

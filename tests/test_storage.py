@@ -125,13 +125,13 @@ def test_write_read_exists_and_sorted_recursive_listing(root_uri, request):
     for rel, data in files.items():
         storage.write_bytes(storage.join(root_uri, rel), data, cfg)
 
-    listed = storage.list_files(root_uri, cfg)
+    listed = storage.list_files(root_uri, cfg, extensions=[".png", ".jpg", ".webp"])
 
     assert listed == sorted(storage.join(root_uri, r) for r in ("a/1.JPG", "a/deep/er/3.webp", "b/2.png"))
     assert storage.read_bytes(storage.join(root_uri, "a/deep/er/3.webp"), cfg) == b"webp"
     assert storage.exists(storage.join(root_uri, "notes.txt"), cfg)
     assert not storage.exists(storage.join(root_uri, "missing.png"), cfg)
-    assert len(storage.list_files(root_uri, cfg, extensions=None)) == 4  # hidden files are never listed
+    assert len(storage.list_files(root_uri, cfg)) == 4  # every name but the hidden one
     assert storage.list_files(storage.join(root_uri, "b/2.png"), cfg) == [storage.join(root_uri, "b/2.png")]
     with pytest.raises(FileNotFoundError):
         storage.list_files(storage.join(root_uri, "nothing-here"), cfg)
