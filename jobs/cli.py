@@ -5,6 +5,11 @@ Convention: subcommand ``foo-bar`` lives in ``jobs/foo_bar_cmd.py``, which defin
 parser stays fast (`mpft --help`; ``tests/test_cli.py``). ``main`` gets the whole namespace, the global ``verbose``
 included. Not subcommands: the local stand-ins for S3, MLflow and a Ray cluster (``python -m
 infra.local_stack.<name>``), which tests and the demo start, and the benchmarks (``bench/*.py`` scripts).
+
+Failures a person can fix (a missing file, an unknown URI scheme, a server that does not answer, a bad config key, a
+manifest with wrong labels) are one line on stderr and exit status 2, checked before anything starts where they can
+be; the traceback only with ``-v``. The object store failing mid-job is one line and status 1. SIGTERM unwinds like
+Ctrl-C, so every server and Ray instance a command started is stopped (status 143; 130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,7 +18,21 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn, Optional
+
+from jobs.common import (
+    UsageError,
+    check_input_location,
+    check_location_scheme,
+    check_model_reference,
+    check_reachable,
+    storage_from_args,
+)
 
 SUBCOMMANDS = {
     "train": "fine-tune a detector from a job YAML and register it as the `challenger`",
@@ -28,6 +47,21 @@ SUBCOMMANDS = {
 }
 
 OWN_PACKAGES = ("mpft_core", "pipelines", "jobs", "infra")
+
+# Arguments naming a location, per command, checked before the command starts anything: (argument, kind).
+LOCATION_ARGUMENTS = {
+    "train": (("config", "input"),),
+    "retrain": (("config", "input"),),
+    "score": (("model", "model"), ("input", "input"), ("output", "output")),
+    "evaluate": (("model", "model"), ("source", "input"), ("output", "output")),
+    "promote": (("holdout", "input"),),
+    "export-weights": (("output", "output"),),
+}
+LOCATION_CHECKS = {"input": check_input_location, "model": check_model_reference, "output": check_location_scheme}
+USAGE_ERROR_STATUS = 2
+STORE_FAILURE_STATUS = 1
+# The shell's convention: 128 + the signal's number.
+INTERRUPTED_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 DESCRIPTION = "Detect AI-generated images: fine-tune CLIP with Texture-Aware Masking (MPFT), then score at scale."
 
@@ -54,20 +88,152 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; its exit status. A usage error raises ``CommandFailed`` (status 2) after printing it,
+    as argparse does for a bad flag."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     configure_console(args.verbose)
-    try:
-        return int(args._main(args) or 0)
-    except Exception as err:
-        from pipelines.store_errors import store_failure
+    with sigterm_unwinds():
+        try:
+            check_locations(args)
+            return int(args._main(args) or 0)
+        except Terminated:
+            return report_interrupted(args.command, signal.SIGTERM)
+        except KeyboardInterrupt:
+            return report_interrupted(args.command, signal.SIGINT)
+        except SystemExit as err:
+            if not isinstance(err.code, str):  # argparse's status, or a command's own
+                raise
+            fail(args.command, err.code, err)
+        except Exception as err:
+            from pipelines.store_errors import store_failure
 
-        failure = store_failure(err)
-        if failure is None:
-            raise
-        logging.getLogger(__name__).debug("the store failed", exc_info=True)  # the traceback, with -v
-        print(f"mpft {args.command}: {failure}", file=sys.stderr)  # credentials or network: one line
-        return 1
+            failure = store_failure(err)
+            if failure is not None:
+                logging.getLogger(__name__).debug("the store failed", exc_info=True)  # the traceback, with -v
+                print(f"mpft {args.command}: {failure}", file=sys.stderr)  # credentials or network: one line
+                return STORE_FAILURE_STATUS
+            message = expected_failure(err, getattr(args, "config", None))
+            if message is None:
+                raise  # a bug: its traceback is what a report needs
+            fail(args.command, message, err)
+
+
+class CommandFailed(SystemExit):
+    """Exit status 2 once the one-line reason is printed; ``str()`` is the reason."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = USAGE_ERROR_STATUS
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the program is, so that every ``with`` and ``finally`` stops what it started."""
+
+
+def fail(command: str, message: str, err: BaseException) -> NoReturn:
+    """Print ``message`` as one line (the traceback only with -v) and raise ``CommandFailed``."""
+    logging.getLogger(__name__).debug("mpft %s failed", command, exc_info=err)
+    line = " ".join(message.split())
+    print(line if line.startswith("mpft ") else f"mpft {command}: {line}", file=sys.stderr)
+    raise CommandFailed(line) from None
+
+
+def report_interrupted(command: str, signum: int) -> int:
+    print(f"mpft {command}: stopped by {signal.Signals(signum).name}; everything it started is stopped",
+          file=sys.stderr)
+    return INTERRUPTED_STATUS[signum]
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (``kill``, a supervisor, Kubernetes) raises ``Terminated`` while the block runs; the handler before
+    it comes back after. Only the main thread may install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, ignore_signal)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
+def ignore_signal(signum, frame) -> None:
+    pass
+
+
+def check_locations(args: argparse.Namespace) -> None:
+    """UsageError for a command's location argument that names nothing (a local path that does not exist, a scheme
+    nothing reads), and for an S3 endpoint that does not answer when a location is on S3; before anything starts."""
+    uris = []
+    for dest, kind in LOCATION_ARGUMENTS.get(args.command, ()):
+        given = getattr(args, dest, None)
+        for uri in given if isinstance(given, list) else [given] if given is not None else []:
+            LOCATION_CHECKS[kind](str(uri), "--" + dest.replace("_", "-"))
+            uris.append(str(uri))
+    if hasattr(args, "s3_endpoint") and any(uri.startswith("s3://") for uri in uris):
+        endpoint = storage_from_args(args).endpoint()
+        if endpoint:
+            check_reachable(endpoint, "the S3 endpoint")
+
+
+def expected_failure(err: Exception, config_file: Optional[str] = None) -> Optional[str]:
+    """The one line for a failure a person can fix; None for anything else (a bug keeps its traceback)."""
+    import yaml
+    from pydantic import ValidationError
+
+    if isinstance(err, UsageError):
+        return str(err)
+    if isinstance(err, ValidationError):
+        return invalid_config(err, config_file)
+    if isinstance(err, yaml.YAMLError):
+        return f"not valid YAML: {err}"
+    if isinstance(err, OSError) and err.filename is not None:
+        return missing_path(err)
+    if isinstance(err, FileNotFoundError):
+        return str(err)
+    if isinstance(err, ValueError) and not raised_in_ray_task(err):
+        return str(err)  # this project's ValueErrors name a bad input: a manifest's labels, a layout, a subset
+    return mlflow_refusal(err)
+
+
+def invalid_config(err, config_file: Optional[str]) -> str:
+    """Every problem as ``where: what`` (never the value, which may be a credential)."""
+    problems = []
+    for problem in err.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        unknown = problem["type"] == "extra_forbidden"
+        problems.append(f"unknown key {where}" if unknown else f"{where}: {problem['msg']}")
+    source = f" {config_file}" if config_file else ""
+    return f"invalid config{source}: {'; '.join(problems)}"
+
+
+def missing_path(err: OSError) -> str:
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return f"no such file or folder: {err.filename}"
+    return f"{(err.strerror or type(err).__name__).lower()}: {err.filename}"
+
+
+def raised_in_ray_task(err: Exception) -> bool:
+    """A Ray task's error carries a worker's traceback: not a line for a person, and maybe a bug."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    return ray_exceptions is not None and isinstance(err, ray_exceptions.RayError)
+
+
+def mlflow_refusal(err: Exception) -> Optional[str]:
+    """MLflow's message for a model, version or alias that does not exist, or a value it refuses; None otherwise."""
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions is None or not isinstance(err, mlflow_exceptions.MlflowException):
+        return None
+    if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        return err.message
+    return None
 
 
 def configure_console(verbose: bool) -> None:

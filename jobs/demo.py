@@ -9,7 +9,8 @@
     stop    everything the demo started
 
 Everything the demo keeps (the object store's data with the corpus and the MLflow artefacts, the MLflow database,
-the score Parquet) lives under ``--workdir``.
+the score Parquet) lives under ``--workdir``. The demo empties only a workdir an earlier demo made (it holds
+``.mpft-demo``); any other folder with something in it is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 from infra.local_stack.mlflow_server import LocalMlflowServer, s3_artifact_settings
 from infra.local_stack.s3 import LocalS3Server
 from jobs import sample_corpus
+from jobs.common import UsageError
 from jobs.config import TrainJobConfig
 from jobs.evaluate import run_evaluate
 from jobs.gate import GateConfig
@@ -49,6 +51,8 @@ TRAIN_GENERATORS = ("ae_up",)
 TEST_GENERATORS = ("ae_up", "ae_nn")
 GENIMAGE = f"s3://{BUCKET}/genimage"
 CRAWL = f"s3://{BUCKET}/crawl"
+# Written into every workdir the demo makes: the only folders it will ever empty.
+WORKDIR_MARKER = ".mpft-demo"
 
 
 @dataclass
@@ -88,8 +92,8 @@ def run_demo(workdir: Path, sizes: DemoSizes, *, verbose: bool = False) -> dict:
           LocalMlflowServer(root=workdir / "mlflow", **s3_artifact_settings(s3)) as mlflow_server):
         storage, tracking_uri = s3.storage_config(), mlflow_server.tracking_uri
         print(f"[demo] S3 server {s3.endpoint_url} · MLflow {tracking_uri}", flush=True)
-        init_ray(num_cpus=2, verbose=verbose)
         try:
+            init_ray(num_cpus=2, verbose=verbose)  # inside: an interrupted start is shut down too
             with stage("corpus", timings):
                 corpus, n_crawl = write_corpus(workdir / "corpus", sizes, s3)
             with stage("train", timings):
@@ -125,12 +129,21 @@ def run_demo(workdir: Path, sizes: DemoSizes, *, verbose: bool = False) -> dict:
 
 
 def fresh_workdir(workdir: Path) -> Path:
-    """``workdir``, absolute and empty: old registry versions would change the promotion story."""
+    """``workdir``, absolute, empty (old registry versions would change the promotion story) and marked as the
+    demo's. UsageError, touching nothing, for a file or a folder with something in it that no demo made."""
     workdir = Path(workdir).resolve()
-    if workdir.exists():
+    if workdir.is_dir() and is_demo_workdir(workdir):
         shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    elif workdir.exists() and not (workdir.is_dir() and not any(workdir.iterdir())):
+        raise UsageError(f"--workdir {workdir} exists and was not made by mpft demo (no {WORKDIR_MARKER} in it): "
+                         "the demo empties its workdir, so name a new or empty folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / WORKDIR_MARKER).write_text("made by mpft demo: emptied by the next demo run here\n")
     return workdir
+
+
+def is_demo_workdir(path: Path) -> bool:
+    return (path / WORKDIR_MARKER).is_file()
 
 
 @contextmanager

@@ -9,7 +9,8 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("demo-output"),
-                        help="where the corpus, MLflow data and scores are kept (emptied first; default %(default)s)")
+                        help="where the corpus, MLflow data and scores are kept: a new or empty folder, or an earlier "
+                             "demo's, which is emptied first (default %(default)s)")
     parser.add_argument("--report", type=Path, default=None, help="also write the summary as JSON here")
     parser.add_argument("--quick", action="store_true",
                         help="a much smaller corpus and 2 epochs: checks the flow, the model will not learn much")

@@ -11,6 +11,7 @@ from jobs.common import (
     resources_from_args,
     storage_from_args,
 )
+from jobs.score_cmd import extension_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subsets", nargs="+", default=None,
                         help="only these subsets (canonical names such as sdv14, or folder names such as "
                              "stable_diffusion_v_1_4); ufd: their paired real sets come along")
+    parser.add_argument("--extensions", type=extension_list, default=None, metavar="PNG,JPG",
+                        help="list only files with these extensions, any case (default: every non-hidden file)")
+    parser.add_argument("--allow-outside-corpus", action="store_true",
+                        help="--layout manifest: let rows name files outside the manifest's folder")
     parser.add_argument("--perturb", nargs="+", default=[], metavar="KIND=V1,V2",
                         help="also evaluate degraded copies, e.g. jpeg=65,30 blur=3,5 downscale=112,64")
     parser.add_argument("--output", help="folder or s3:// prefix for eval_metrics.{parquet,md} and eval_scores")
@@ -47,7 +52,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(str(err)) from None
     tracking_uri = connect_tracking(args, required=args.log)
-    sources = [SourceConfig(uri=uri, layout=args.layout, split=args.split, subsets=args.subsets)
+    sources = [SourceConfig(uri=uri, layout=args.layout, split=args.split, subsets=args.subsets,
+                            extensions=args.extensions, allow_outside_corpus=args.allow_outside_corpus)
                for uri in args.source]
     options = EvalOptions(resources=resources_from_args(args), feature_space=args.feature_space,
                           max_feature_points=args.max_feature_points)

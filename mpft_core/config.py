@@ -13,9 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class StrictModel(BaseModel):
-    """A config section: unknown keys are rejected, assignments validated, and it round-trips through plain dicts."""
+    """A config section: unknown keys are rejected, assignments validated, and it round-trips through plain dicts.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Validation errors never quote the offending input: a misspelt key next to a credential (``secret_kye: ...``)
+    would otherwise print the credential into a terminal or a CI log.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

@@ -15,6 +15,7 @@ import atexit
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -55,6 +56,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, *, v
         env_vars[RAY_DATA_LOGGING_ENV] = str(QUIET_RAY_DATA_LOGGING)
         quiet_ray_data_on_driver()
     address = address or os.environ.get("RAY_ADDRESS")
+    callers_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         # On a cluster the job's own runtime env (working_dir, env vars set at submission) must stay in force: a
         # runtime env passed here would replace it, so workers there keep Ray Data's default console logging.
@@ -64,6 +66,14 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, *, v
                  log_to_driver=True)
         _started_locally = True
         atexit.register(shutdown_ray)  # runs before Ray's own exit hook (registered earlier, run later)
+    keep_sigterm_handler(callers_sigterm)
+
+
+def keep_sigterm_handler(handler) -> None:
+    """Put back the SIGTERM handler the caller had installed (the CLI's unwinds like Ctrl-C and says so), which
+    ``ray.init`` replaces with an immediate ``sys.exit``; Ray's stays when the caller had none."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def quiet_ray_data_on_driver() -> None:

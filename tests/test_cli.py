@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +41,11 @@ def test_a_missing_tracking_uri_is_one_line_naming_the_config_key(monkeypatch):
     with pytest.raises(SystemExit, match=r"^no MLflow tracking URI: set train\.tracking\.uri in the config or set "
                                          r"MLFLOW_TRACKING_URI$"):
         configured_tracking_uri(None, "train.tracking.uri")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert configured_tracking_uri(None, "tracking.uri") == "http://mlflow:5000"
-    assert configured_tracking_uri("http://other:5000", "tracking.uri") == "http://other:5000"
+    with socket.create_server(("127.0.0.1", 0)) as env_server, socket.create_server(("127.0.0.1", 0)) as other:
+        from_env, configured = (f"http://127.0.0.1:{s.getsockname()[1]}" for s in (env_server, other))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", from_env)
+        assert configured_tracking_uri(None, "tracking.uri") == from_env
+        assert configured_tracking_uri(configured, "tracking.uri") == configured
 
 
 def test_promote_flags_override_only_the_gate_rules_they_name():

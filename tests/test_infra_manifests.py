@@ -13,8 +13,10 @@ INFRA = Path(__file__).resolve().parents[1] / "infra"
 RAYJOB = INFRA / "k8s" / "rayjob.yaml"
 CRONJOB = INFRA / "k8s" / "retrain-cronjob.yaml"
 CONFIGMAP = INFRA / "k8s" / "configmap-retrain.yaml"
+NETWORK_POLICY = INFRA / "k8s" / "networkpolicy.yaml"
 LAUNCHER = INFRA / "cluster" / "aws-gpu.yaml"
-TEMPLATES = [RAYJOB, CRONJOB, CONFIGMAP, LAUNCHER]
+TEMPLATES = [RAYJOB, CRONJOB, CONFIGMAP, NETWORK_POLICY, LAUNCHER]
+HEAD_PORTS = (6379, 8265, 10001)  # GCS, dashboard + job API, Ray client
 
 # Values chosen so that each one is recognisable in the output (and a secret-looking one that must never appear).
 VALUES = {
@@ -33,6 +35,10 @@ VALUES = {
     "AMI_ID": "ami-0123456789abcdef0",
     "INSTANCE_PROFILE_ARN": "arn:aws:iam::123456789012:instance-profile/mpft-ray",
     "PROJECT_DIR": "/src/mpft",
+    "RAY_AUTH_SECRET": "mpft-ray-auth",
+    "KUBERAY_NAMESPACE": "kuberay-system",
+    "ADMIN_CIDR": "203.0.113.0/24",
+    "RAY_AUTH_TOKEN_FILE": "/home/ops/.ray/auth_token",
 }
 
 
@@ -161,6 +167,61 @@ def test_rayjob_credentials_come_from_the_secret_only():
             assert not any(word in entry["name"].upper() for word in ("SECRET", "KEY", "TOKEN", "PASSWORD"))
 
 
+def _ray_pods(job: dict) -> dict[str, dict]:
+    """Every pod template of the RayJob that runs Ray or talks to it: head, worker groups, job submitter."""
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = {"head": cluster["headGroupSpec"]["template"], "submitter": job["spec"]["submitterPodTemplate"]}
+    pods.update({f"worker {g['groupName']}": g["template"] for g in cluster["workerGroupSpecs"]})
+    return pods
+
+
+def test_rayjob_every_ray_pod_and_the_submitter_require_the_token_from_its_secret():
+    for role, pod in _ray_pods(_one(RAYJOB, "RayJob")).items():
+        for container in _containers(pod):
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env["RAY_AUTH_MODE"].get("value") == "token", (role, container["name"])
+            token = env["RAY_AUTH_TOKEN"]
+            assert "value" not in token, f"{role}: the Ray token is inline"
+            assert token["valueFrom"]["secretKeyRef"] == {"name": VALUES["RAY_AUTH_SECRET"], "key": "auth_token"}
+
+
+def test_rayjob_template_holds_only_the_rayjob():
+    # `kubectl create -f` runs once per retrain: a fixed-name object beside it (the NetworkPolicy) would collide.
+    assert [doc["kind"] for doc in _docs(RAYJOB)] == ["RayJob"]
+
+
+# --- NetworkPolicy ------------------------------------------------------------------------------------------------
+def _selected(selector: dict, labels: dict) -> bool:
+    return all(labels.get(key) == value for key, value in selector["matchLabels"].items())
+
+
+def test_network_policy_covers_every_ray_pod_of_the_rayjob():
+    policy = _one(NETWORK_POLICY, "NetworkPolicy")
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for role, pod in _ray_pods(_one(RAYJOB, "RayJob")).items():
+        assert _selected(policy["spec"]["podSelector"], pod["metadata"]["labels"]), role
+
+
+def test_network_policy_admits_only_the_cluster_a_labelled_client_and_the_operator():
+    policy = _one(NETWORK_POLICY, "NetworkPolicy")
+    own_labels = policy["spec"]["podSelector"]["matchLabels"]
+    for rule in policy["spec"]["ingress"]:
+        peers = rule.get("from")
+        assert peers, "a rule without `from` admits every source"
+        for peer in peers:
+            assert "ipBlock" not in peer, peer  # addresses outside the cluster
+            assert peer["podSelector"]["matchLabels"], "an empty pod selector admits every pod"
+            if peer["podSelector"]["matchLabels"] == own_labels and "namespaceSelector" not in peer:
+                continue  # the cluster's own pods: Ray's internal ports
+            ports = {p["port"] for p in rule.get("ports", [])}
+            assert ports and ports <= {8265, 10001}, f"{peer} may reach ports {ports or 'all'}"
+            if "namespaceSelector" in peer:
+                assert peer["namespaceSelector"]["matchLabels"] == {
+                    "kubernetes.io/metadata.name": VALUES["KUBERAY_NAMESPACE"]}
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert any(peer["podSelector"]["matchLabels"] == {"mpft.io/ray-client": "true"} for peer in peers)
+
+
 def test_retrain_config_keeps_data_in_the_bucket():
     retrain = yaml.safe_load(_one(CONFIGMAP, "ConfigMap")["data"]["retrain.yaml"])
     bucket = f"s3://{VALUES['BUCKET']}/"
@@ -226,7 +287,7 @@ def test_cronjob_service_account_may_create_rayjobs():
 
 
 def test_all_namespaced_objects_land_in_the_namespace():
-    for template in (RAYJOB, CRONJOB, CONFIGMAP):
+    for template in (RAYJOB, CRONJOB, CONFIGMAP, NETWORK_POLICY):
         for doc in _docs(template):
             assert doc["metadata"]["namespace"] == VALUES["NAMESPACE"], (template.name, doc["kind"])
 
@@ -262,3 +323,23 @@ def test_launcher_installs_the_project_with_the_constraints_file():
     # the raw template never contains credentials: access comes from the instance profile
     raw = LAUNCHER.read_text()
     assert "aws_access_key_id" not in raw.lower() and "AWS_SECRET_ACCESS_KEY" not in raw
+
+
+def test_launcher_nodes_start_ray_with_token_authentication_and_the_token_file():
+    (cfg,) = _docs(LAUNCHER)
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == VALUES["RAY_AUTH_TOKEN_FILE"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), cfg[key]
+    assert "export RAY_AUTH_MODE=token" in "\n".join(cfg["setup_commands"])  # jobs and `ray` on the node too
+    assert "RAY_AUTH_TOKEN=" not in LAUNCHER.read_text()  # the token travels as a file, never in the config
+
+
+def test_launcher_security_group_opens_only_ssh_and_only_to_the_admin_cidr():
+    (cfg,) = _docs(LAUNCHER)
+    rules = cfg["provider"]["security_group"]["IpPermissions"]
+    assert any(r["FromPort"] <= 22 <= r["ToPort"] for r in rules)  # else the launcher adds SSH from anywhere
+    for rule in rules:
+        assert [r["CidrIp"] for r in rule["IpRanges"]] == [VALUES["ADMIN_CIDR"]]
+        assert not rule.get("Ipv6Ranges") and not rule.get("UserIdGroupPairs")
+        assert not any(rule["FromPort"] <= port <= rule["ToPort"] for port in HEAD_PORTS), rule

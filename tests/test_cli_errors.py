@@ -1,0 +1,155 @@
+"""Failures a person can fix are one line on stderr and exit status 2, never a traceback, never a secret."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from jobs import cli
+from jobs.config import TrainJobConfig
+from pipelines.storage import StorageConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "wJalrXUtnFEMI-K7MDENG-not-to-be-printed"
+ACCESS_KEY = "AKIA-NOT-TO-BE-PRINTED"
+
+
+def run_mpft(*argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``mpft ARGV`` in a fresh interpreter, as a person runs it."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_usage_error(done: subprocess.CompletedProcess, *expected: str) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1, done.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def closed_port() -> int:
+    """A port nothing listens on (the OS picked it free; the socket is closed again)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --- missing files, unknown schemes, unreachable servers: before anything starts ----------------------------------
+@pytest.mark.timeout(120)
+def test_a_missing_config_file_is_named_in_one_line(tmp_path):
+    missing = tmp_path / "job.yaml"
+    done = run_mpft("train", "--config", str(missing))
+    assert_one_line_usage_error(done, f"mpft train: no such file or folder: {missing}")
+
+
+@pytest.mark.timeout(120)
+def test_a_missing_local_input_is_reported_as_missing_not_as_remote(tmp_path):
+    missing = tmp_path / "photos"
+    done = run_mpft("score", "--model", "models:/mpft-detector@champion", "--input", str(missing))
+    line = assert_one_line_usage_error(done, f"no such file or folder: {missing}", "--input")
+    assert "remote" not in line
+
+
+@pytest.mark.timeout(120)
+def test_an_unknown_uri_scheme_is_refused_by_name(tmp_path):
+    done = run_mpft("evaluate", "--model", "models:/m/1", "--source", "gs://bucket/genimage", "--no-log")
+    assert_one_line_usage_error(done, "unknown location scheme gs://", "--source gs://bucket/genimage")
+
+
+@pytest.mark.timeout(120)
+def test_an_mlflow_server_that_does_not_answer_is_one_line(tmp_path):
+    holdout = tmp_path / "holdout.csv"
+    holdout.write_text("path,label\na.png,0\n")
+    url = f"http://127.0.0.1:{closed_port()}"
+    done = run_mpft("promote", "--model", "m", "--holdout", str(holdout), "--tracking-uri", url)
+    assert_one_line_usage_error(done, f"cannot reach the MLflow tracking server at {url}")
+
+
+@pytest.mark.timeout(120)
+def test_verbose_shows_the_traceback(tmp_path):
+    done = run_mpft("-v", "train", "--config", str(tmp_path / "job.yaml"))
+    assert done.returncode == 2
+    assert "Traceback" in done.stderr and "no such file or folder" in done.stderr
+
+
+# --- configs and manifests ----------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_misspelt_config_key_is_named_and_the_credentials_beside_it_are_not_printed(tmp_path):
+    config = write_yaml(tmp_path / "job.yaml", {
+        "name": "typo", "train": {"uri": str(tmp_path)}, "val": {"uri": str(tmp_path)},
+        "methd": {"optim": {"epochs": 1}},
+        "storage": {"secret_key": SECRET, "acces_key": ACCESS_KEY},
+    })
+    done = run_mpft("train", "--config", str(config))
+    assert_one_line_usage_error(done, f"invalid config {config}", "unknown key methd", "unknown key storage.acces_key")
+    assert SECRET not in done.stderr + done.stdout and ACCESS_KEY not in done.stderr + done.stdout
+
+
+@pytest.mark.timeout(180)
+def test_a_manifest_with_wrong_label_values_is_one_line_before_ray_starts(tmp_path):
+    manifest = tmp_path / "data.csv"
+    manifest.write_text("path,label\na.png,0\nb.png,2\n")
+    config = write_yaml(tmp_path / "job.yaml", {
+        "name": "labels", "train": {"uri": str(manifest), "layout": "manifest"},
+        "val": {"uri": str(manifest), "layout": "manifest"}, "tracking": {"uri": (tmp_path / "mlruns").as_uri()}})
+    done = run_mpft("train", "--config", str(config), timeout=170)
+    assert_one_line_usage_error(done, "label must be 0 (real), 1 (generated) or empty")
+    assert not (tmp_path / "mlruns").exists()  # refused before MLflow (or Ray) started
+
+
+def test_validation_errors_never_quote_a_credential():
+    with pytest.raises(ValidationError) as bad_storage:
+        StorageConfig.from_dict({"secret_key": SECRET, "acces_key": ACCESS_KEY, "region": ["eu"]})
+    with pytest.raises(ValidationError) as bad_job:
+        TrainJobConfig.from_dict({"name": "x", "train": [], "val": [],
+                                  "storage": {"access_key": ACCESS_KEY, "secret_key": [SECRET]}})
+    for err in (bad_storage.value, bad_job.value):
+        shown = f"{err} {err!r} {cli.invalid_config(err, None)}"
+        assert SECRET not in shown and ACCESS_KEY not in shown
+    assert "acces_key" in str(bad_storage.value)  # the key itself is named
+
+
+def test_in_process_a_usage_error_is_a_system_exit_with_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["retrain", "--config", str(tmp_path / "retrain.yaml")])
+    assert exit_info.value.code == 2
+    assert "no such file or folder" in str(exit_info.value)
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+# --- mpft demo --workdir -----------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_demo_refuses_a_folder_it_did_not_make_and_deletes_nothing(tmp_path):
+    (tmp_path / "thesis.tex").write_text("years of work")
+    done = run_mpft("demo", "--quick", "--workdir", str(tmp_path))
+    assert_one_line_usage_error(done, f"--workdir {tmp_path} exists and was not made by mpft demo")
+    assert (tmp_path / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
+
+
+def test_demo_empties_only_its_own_earlier_workdir(tmp_path):
+    from jobs.demo import WORKDIR_MARKER, fresh_workdir
+
+    earlier = fresh_workdir(tmp_path / "demo")
+    (earlier / "old-scores.parquet").write_bytes(b"old")
+    assert fresh_workdir(earlier) == earlier
+    assert sorted(p.name for p in earlier.iterdir()) == [WORKDIR_MARKER]  # emptied, marked again
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (fresh_workdir(empty) / WORKDIR_MARKER).is_file()  # an empty folder has nothing to lose
