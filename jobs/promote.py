@@ -6,6 +6,10 @@
 
 Both results are recorded as tags on the challenger version whether or not it passes, so the registry says why a
 version was (not) promoted. `--dry-run` evaluates and prints the table but writes nothing.
+
+Before anything is evaluated, the holdout is checked against the challenger's training data (`pipelines.leakage`):
+holdout images in it, by path or by identical bytes, refuse the promotion (or only warn, `leakage="warn"`). The
+alias moves by compare-and-set: only if `champion` still points where it pointed when the evaluation started.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Optional
 from jobs import tracking
 from jobs.gate import GateConfig, GateDecision, decide
 from mpft_core.metrics import MEAN_KEY, to_markdown
+from pipelines.leakage import LeakagePolicy, check_holdout_leakage
 from pipelines.scoring_spec import ScoringResources
 from pipelines.sources import SourceConfig
 from pipelines.storage import StorageConfig
@@ -31,6 +36,10 @@ ONE_REPLICA = ScoringResources(num_actors=1)
 
 # model refs, holdout sources, storage -> (per-subset results of each model, holdout manifest hash)
 Evaluator = Callable[[list[str], list[SourceConfig], Optional[StorageConfig]], tuple[list[dict], str]]
+
+
+class ChampionMoved(RuntimeError):
+    """``champion`` moved while a promotion was evaluating; the alias was left where the other writer put it."""
 
 
 @dataclass
@@ -56,11 +65,20 @@ def default_evaluator(model_refs: list[str], holdout: list[SourceConfig], storag
 
 
 def promote(model_name: str, holdout: list[SourceConfig], gate: GateConfig, *, storage_cfg=None,
-            dry_run: bool = False, evaluator: Evaluator = default_evaluator) -> PromotionOutcome:
-    challenger_version = tracking.get_alias_version(model_name, CHALLENGER)
-    if challenger_version is None:
-        raise LookupError(f"registered model {model_name!r} has no {CHALLENGER!r} alias: train one first")
-    champion_version = tracking.get_alias_version(model_name, CHAMPION)
+            dry_run: bool = False, evaluator: Evaluator = default_evaluator,
+            challenger_version: Optional[str] = None, leakage: Optional[LeakagePolicy] = "error",
+            training_sources: Optional[list[SourceConfig]] = None) -> PromotionOutcome:
+    """Gate ``challenger_version`` (default: the version the ``challenger`` alias points at) against the champion.
+
+    ``leakage``: what holdout images in the challenger's training data do (``error``: HoldoutLeakError before any
+    evaluation; ``warn``); None when the caller has checked these training sources already. ``training_sources``:
+    the challenger's training data (default: the ``train`` sources its training run logged in ``config.yaml``).
+    ChampionMoved if ``champion`` moved during the evaluation (nothing moved; the refusal is tagged).
+    """
+    challenger_version = str(challenger_version) if challenger_version else _challenger_from_alias(model_name)
+    champion_version = tracking.get_alias_version(model_name, CHAMPION)  # must still hold when the alias moves
+    if leakage is not None:
+        _check_leakage(model_name, challenger_version, holdout, storage_cfg, leakage, training_sources)
 
     refs = [f"models:/{model_name}/{challenger_version}"]
     if champion_version is not None and champion_version != challenger_version:
@@ -72,14 +90,72 @@ def promote(model_name: str, holdout: list[SourceConfig], gate: GateConfig, *, s
         decision.reasons.append(f"version {challenger_version} is already the champion")
         decision.passed = False
 
-    promoted = decision.passed and not dry_run
-    if not dry_run:
-        tracking.set_version_tags(model_name, challenger_version,
-                                  _gate_tags(decision, challenger, champion, champion_version, holdout_hash, gate))
-        if promoted:
-            tracking.set_alias(model_name, CHAMPION, challenger_version)
-            log.info("promoted %s version %s to %s", model_name, challenger_version, CHAMPION)
-    return PromotionOutcome(decision, challenger_version, champion_version, promoted, holdout_hash)
+    if dry_run:
+        return PromotionOutcome(decision, challenger_version, champion_version, False, holdout_hash)
+    tags = _gate_tags(decision, challenger, champion, champion_version, holdout_hash, gate)
+    if decision.passed:
+        try:
+            set_champion_if_unchanged(model_name, challenger_version, expected=champion_version)
+        except ChampionMoved as err:
+            tracking.set_version_tags(model_name, challenger_version, _refused_tags(tags, str(err)))
+            raise
+        log.info("promoted %s version %s to %s", model_name, challenger_version, CHAMPION)
+    tracking.set_version_tags(model_name, challenger_version, tags)
+    return PromotionOutcome(decision, challenger_version, champion_version, decision.passed, holdout_hash)
+
+
+def _challenger_from_alias(model_name: str) -> str:
+    version = tracking.get_alias_version(model_name, CHALLENGER)
+    if version is None:
+        raise LookupError(f"registered model {model_name!r} has no {CHALLENGER!r} alias: train one first")
+    return version
+
+
+def set_champion_if_unchanged(model_name: str, version: str, expected: Optional[str]) -> None:
+    """Point ``champion`` at ``version`` only if it still points at ``expected`` (None: there was no champion).
+
+    MLflow has no atomic compare-and-set on aliases, so this is check-then-set done as tightly as possible: the
+    alias is re-read immediately before it is set, with nothing in between. A writer that moves the alias inside
+    that window (between the re-read and the set: two registry requests) is not detected; one that moves it at any
+    earlier time, e.g. during the minutes of evaluation, is refused with ChampionMoved and the alias is not touched.
+    """
+    current = tracking.get_alias_version(model_name, CHAMPION)
+    if current != expected:
+        raise ChampionMoved(f"{CHAMPION!r} of {model_name!r} moved from {_named(expected)} to {_named(current)} while "
+                            f"version {version} was being evaluated; left it at {_named(current)}: run the "
+                            "promotion again to compare against the new champion")
+    tracking.set_alias(model_name, CHAMPION, version)
+
+
+def _named(version: Optional[str]) -> str:
+    return f"version {version}" if version is not None else "no version"
+
+
+def _check_leakage(model_name: str, version: str, holdout: list[SourceConfig], storage_cfg,
+                   policy: LeakagePolicy, training_sources: Optional[list[SourceConfig]]) -> None:
+    sources = training_sources if training_sources is not None else training_sources_of(model_name, version)
+    if sources is None:
+        log.warning("cannot check the holdout for leakage: the training data of %s version %s is unknown (no "
+                    "training run with a config.yaml)", model_name, version)
+        return
+    check_holdout_leakage(sources, holdout, storage_cfg, policy)
+
+
+def training_sources_of(model_name: str, version: str) -> Optional[list[SourceConfig]]:
+    """The ``train`` sources in the ``config.yaml`` of the run that trained ``version``; None when there is no such
+    run or config, or it is not a training job's."""
+    from pydantic import ValidationError
+
+    config = tracking.training_config_of(model_name, version)
+    train = config.get("train") if isinstance(config, dict) else None
+    try:
+        return [SourceConfig.from_dict(s) for s in ([train] if isinstance(train, dict) else train or [])] or None
+    except ValidationError:
+        return None
+
+
+def _refused_tags(tags: dict[str, str], reason: str) -> dict[str, str]:
+    return {**tags, "gate.decision": "refused", "gate.reasons": reason}  # the gate's rules passed: this is the reason
 
 
 def _gate_tags(decision: GateDecision, challenger: dict, champion: Optional[dict], champion_version: Optional[str],

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (rule, help_line) in rules.items():
         parser.add_argument(flag, dest=rule, type=float, metavar="FRACTION",
                             help=f"{help_line}, as a fraction (0.01 = 1 point; default: the gate's)")
+    parser.add_argument("--leakage", choices=["error", "warn"], default="error",
+                        help="holdout images in the challenger's training data (same path or same bytes): refuse "
+                             "(error, the default) or only warn")
     parser.add_argument("--dry-run", action="store_true", help="print the decision, change nothing")
     add_stack_arguments(parser)
 
@@ -50,13 +53,17 @@ def holdout_sources(uris: list[str], layout: str | None, split: str | None) -> l
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobs.promote import promote, render_decision
+    from jobs.promote import ChampionMoved, promote, render_decision
+    from pipelines.leakage import HoldoutLeakError
     from pipelines.runtime import init_ray
 
     connect_tracking(args, required=True)
     init_ray(args.ray_address, verbose=args.verbose)
-    outcome = promote(args.model, holdout_sources(args.holdout, args.layout, args.split), gate_from_args(args),
-                      storage_cfg=storage_from_args(args), dry_run=args.dry_run)
+    try:
+        outcome = promote(args.model, holdout_sources(args.holdout, args.layout, args.split), gate_from_args(args),
+                          storage_cfg=storage_from_args(args), dry_run=args.dry_run, leakage=args.leakage)
+    except (HoldoutLeakError, ChampionMoved) as err:
+        raise SystemExit(f"mpft promote: refused: {err}") from None
     print(render_decision(outcome, args.model, args.dry_run))
     if not outcome.decision.passed:
         print(f"promotion refused: {'; '.join(outcome.decision.reasons)}", file=sys.stderr)

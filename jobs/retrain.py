@@ -1,9 +1,12 @@
 """`mpft retrain`: the scheduled flow when a new generator appears, as one parent MLflow run with three children.
 
+    holdout leakage check (before anything starts): holdout images in the training data refuse the job, or warn
     parent run "retrain-<name>-<time>"
       ├─ train     existing training sources + the new generator's images → challenger
       ├─ evaluate  challenger on the frozen holdout → per-subset accuracy, AP and AUC as metrics
-      └─ promote   challenger vs champion through the gate → alias moves, or the job exits non-zero
+      └─ promote   the version trained above vs champion through the gate → alias moves, or the job exits non-zero
+
+The promotion names the trained version explicitly: the `challenger` alias may have moved meanwhile (another job).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from jobs.gate import GateConfig
 from jobs.promote import PromotionOutcome, default_evaluator, promote, render_decision
 from mpft_core.config import StrictModel
 from mpft_core.metrics import MEAN_KEY
+from pipelines.leakage import LeakagePolicy, check_holdout_leakage
 from pipelines.sources import SourceConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,8 @@ class RetrainConfig(StrictModel):
     # Frozen holdout both challenger and champion are judged on; keep it fixed between retrains.
     holdout: list[SourceConfig]
     gate: GateConfig = Field(default_factory=GateConfig)
+    # Holdout images in the training data (same path or same bytes): refuse the job (error) or only warn (warn).
+    leakage: LeakagePolicy = "error"
 
 
 @dataclass
@@ -51,12 +57,15 @@ def load_retrain_config(path: str | Path) -> RetrainConfig:
 def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] = None,
                 verbose: bool = False) -> RetrainOutcome:
     """The three child runs under one parent run named after ``stamp`` (default: now); ``verbose`` as for
-    ``run_train``."""
+    ``run_train``. HoldoutLeakError before anything starts when the holdout leaks into the training data and
+    ``cfg.leakage`` is ``error``; ChampionMoved if the champion moved while the challenger was evaluated."""
     from jobs.train import run_train
 
     model_name = cfg.train.tracking.registered_model
     if not model_name:
         raise ValueError("retraining needs train.tracking.registered_model: promotion works on the registry")
+    training_sources = [*cfg.train.train, *cfg.new_data]
+    check_holdout_leakage(training_sources, cfg.holdout, cfg.train.storage, cfg.leakage)  # before hours of training
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
     experiment = cfg.train.tracking.experiment
     tracking.set_tracking(tracking_uri)
@@ -66,7 +75,7 @@ def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] =
 
         # A fresh run name per retrain: re-using the base name would resume the previous training run instead.
         train_cfg = cfg.train.model_copy(update={"name": f"{cfg.train.name}-{stamp}",
-                                                 "train": [*cfg.train.train, *cfg.new_data]})
+                                                 "train": training_sources})
         trained = run_train(train_cfg, tracking_uri, parent_run_id=parent_id, verbose=verbose)
 
         with tracking.start_run(experiment, run_name="evaluate", parent_run_id=parent_id):
@@ -79,8 +88,6 @@ def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] =
         def reuse_challenger_result(refs, holdout, storage_cfg):
             # promote() asks for [challenger] or [challenger, champion]; the challenger was just evaluated on this
             # holdout, so only the champion needs a pass.
-            if refs[0] != challenger_ref:  # the alias moved meanwhile: nothing to reuse
-                return default_evaluator(refs, holdout, storage_cfg)
             if len(refs) == 1:
                 return [results], holdout_hash
             [champion], champion_hash = default_evaluator(refs[1:], holdout, storage_cfg)
@@ -89,8 +96,10 @@ def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] =
             return [results, champion], holdout_hash
 
         with tracking.start_run(experiment, run_name="promote", parent_run_id=parent_id):
+            # The trained version, not whatever `challenger` points at by now; leakage was checked before training.
             outcome = promote(model_name, cfg.holdout, cfg.gate, storage_cfg=cfg.train.storage,
-                              evaluator=reuse_challenger_result)
+                              evaluator=reuse_challenger_result, challenger_version=trained.model_version,
+                              leakage=None)
             tracking.log_params({"challenger_version": outcome.challenger_version,
                                  "champion_version_before": outcome.champion_version or "none"})
             tracking.log_metrics({"promoted": float(outcome.promoted),

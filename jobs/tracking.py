@@ -756,6 +756,21 @@ _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
 _MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
 
 
+def training_config_of(name: str, version) -> Optional[dict]:
+    """The ``config.yaml`` logged by the run that trained a registered version (its ``train_run_id`` tag, else the
+    run that logged the model), parsed; None when there is no such run or file."""
+    import yaml
+
+    model_version = MlflowClient().get_model_version(name, str(version))
+    run_id = model_version.tags.get("train_run_id") or model_version.run_id
+    if not run_id:
+        return None
+    try:
+        return yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")) or {}
+    except (MlflowException, OSError):
+        return None
+
+
 def resolve_model(ref: str, storage_cfg=None, *, dst_dir: Optional[str] = None) -> ResolvedModel:
     """Turn any model reference into a local checkpoint folder, named for good (``ResolvedModel.uri``).
 

@@ -12,11 +12,15 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from jobs import cli, tracking
+from jobs.gate import GateConfig
+from jobs.promote import ChampionMoved, default_evaluator, promote, set_champion_if_unchanged
+from jobs.promote_cmd import holdout_sources
 from mpft_core.checkpoint import save_checkpoint
 from mpft_core.config import BackboneConfig, DetectorConfig, MaskConfig, OptimConfig
 from mpft_core.detector import build_detector
 from mpft_core.optim import make_optimizer, train_step
 from mpft_core.transforms import eval_view
+from pipelines.leakage import HoldoutLeakError
 from tests.helpers.images import fake_images, real_photo_crops, write_genimage_tree
 
 pytestmark = pytest.mark.timeout(600)  # tests using ray_local are marked `ray` by conftest
@@ -47,14 +51,32 @@ def median_fake_score(detector, holdout: str) -> float:
     return float(np.median(detector.score_uint8(torch.from_numpy(np.stack(crops))).numpy()))
 
 
-def register(detector, tmp_path: Path, tag: str, threshold: float) -> str:
+def register(detector, tmp_path: Path, tag: str, threshold: float, model: str = MODEL) -> str:
     detector.threshold = threshold
     checkpoint = save_checkpoint(detector, tmp_path / tag)
     with tracking.start_run("promote-test", run_name=f"register-{tag}"):
         uri = tracking.log_detector_model(str(checkpoint))
-    version = tracking.register_model(uri, MODEL)
-    tracking.set_alias(MODEL, "challenger", version)
+    version = tracking.register_model(uri, model)
+    tracking.set_alias(model, "challenger", version)
     return version
+
+
+def bare_version(model: str, train_config: dict | None = None) -> str:
+    """A registry entry with no model files behind it (enough for alias bookkeeping); with ``train_config``, its
+    training run logged that config, as `mpft train` does."""
+    client = MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = '{model}'"):
+        client.create_registered_model(model)
+    with tracking.start_run("promote-test", run_name=f"train-{model}") as run:
+        if train_config is not None:
+            tracking.log_config(train_config)
+    run_id = run.info.run_id
+    return client.create_model_version(model, source=f"runs:/{run_id}/model", run_id=run_id,
+                                       tags={"train_run_id": run_id}).version
+
+
+def champion_of(model: str):
+    return tracking.get_alias_version(model, "champion")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +125,83 @@ def test_gate_moves_champion_only_for_a_better_challenger(tmp_path, mlflow_serve
     assert client.get_model_version_by_alias(MODEL, "champion").version == v3
     v3_tags = client.get_model_version(MODEL, v3).tags
     assert float(v3_tags["gate.challenger_mean_acc"]) > float(v3_tags["gate.champion_mean_acc"])
+
+
+def test_champion_moves_only_if_it_still_points_where_the_evaluation_started(mlflow_server):
+    tracking.set_tracking(mlflow_server.tracking_uri)
+    model = "promote-cas"
+    evaluated_against, promoted_meanwhile, challenger = (bare_version(model) for _ in range(3))
+    tracking.set_alias(model, "champion", promoted_meanwhile)  # another job promoted while we evaluated
+
+    with pytest.raises(ChampionMoved) as refused:
+        set_champion_if_unchanged(model, challenger, expected=evaluated_against)
+    assert str(refused.value).startswith(f"'champion' of '{model}' moved from version {evaluated_against} to "
+                                         f"version {promoted_meanwhile} while version {challenger} was being "
+                                         "evaluated")
+    assert "\n" not in str(refused.value)
+    assert champion_of(model) == promoted_meanwhile  # untouched
+
+    with pytest.raises(ChampionMoved, match="moved from no version to version"):  # a first champion appeared
+        set_champion_if_unchanged(model, challenger, expected=None)
+    set_champion_if_unchanged(model, challenger, expected=promoted_meanwhile)
+    assert champion_of(model) == challenger
+
+
+@pytest.mark.timeout(600)
+def test_promotion_refuses_when_the_champion_moves_during_evaluation(tmp_path, mlflow_server, ray_local, holdout):
+    tracking.set_tracking(mlflow_server.tracking_uri)
+    model = "promote-race"
+    weak = register(trained_detector(steps=0, seed=1), tmp_path, "weak", threshold=0.5, model=model)
+    tracking.set_alias(model, "champion", weak)
+    strong = register(trained_detector(steps=60), tmp_path, "strong", threshold=0.5, model=model)
+    promoted_meanwhile = bare_version(model)
+
+    def evaluate_while_another_job_promotes(refs, holdout_sources_, storage_cfg):
+        results = default_evaluator(refs, holdout_sources_, storage_cfg)
+        tracking.set_alias(model, "champion", promoted_meanwhile)
+        return results
+
+    with pytest.raises(ChampionMoved, match=f"moved from version {weak} to version {promoted_meanwhile}"):
+        promote(model, holdout_sources([holdout], None, "val"), GateConfig(min_mean_acc=0.0),
+                evaluator=evaluate_while_another_job_promotes)
+
+    assert champion_of(model) == promoted_meanwhile
+    tags = MlflowClient().get_model_version(model, strong).tags
+    assert tags["gate.decision"] == "refused" and "moved from" in tags["gate.reasons"]
+
+
+@pytest.mark.timeout(600)
+def test_promote_gates_the_version_it_is_given_even_if_the_challenger_alias_moved(tmp_path, mlflow_server,
+                                                                                  ray_local, holdout):
+    tracking.set_tracking(mlflow_server.tracking_uri)
+    model = "promote-named"
+    trained = register(trained_detector(steps=60), tmp_path, "trained", threshold=0.5, model=model)
+    tracking.set_alias(model, "challenger", bare_version(model))  # another job's version, not even loadable
+
+    outcome = promote(model, holdout_sources([holdout], None, "val"), GateConfig(min_mean_acc=0.0),
+                      challenger_version=trained)
+
+    assert outcome.challenger_version == trained and outcome.promoted
+    assert champion_of(model) == trained
+    assert MlflowClient().get_model_version(model, trained).tags["gate.decision"] == "promoted"
+
+
+def test_promote_refuses_a_holdout_that_leaks_into_the_challenger_s_training_data(tmp_path, mlflow_server):
+    tracking.set_tracking(mlflow_server.tracking_uri)
+    model = "promote-leak"
+    write_genimage_tree(tmp_path / "data", subsets=("sdv14",), n_per_class=4, size=32, seed=3)
+    train_source = {"uri": str(tmp_path / "data"), "layout": "genimage", "split": "train"}
+    champion = bare_version(model)
+    tracking.set_alias(model, "champion", champion)
+    challenger = bare_version(model, train_config={"name": "leaky", "train": [train_source]})
+    tracking.set_alias(model, "challenger", challenger)
+    holdout_with_training_images = holdout_sources([str(tmp_path / "data")], "genimage", None)  # train + val
+
+    with pytest.raises(HoldoutLeakError, match="8 of 16 holdout images are in the training data: 8 by path"):
+        promote(model, holdout_with_training_images, GateConfig())  # refused before any evaluation: no Ray
+
+    assert champion_of(model) == champion
+    assert "gate.decision" not in MlflowClient().get_model_version(model, challenger).tags
 
 
 @pytest.mark.slow
