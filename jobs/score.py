@@ -9,13 +9,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines import storage
 from pipelines.scoring import (
     DetectorScorer,
     ScoreJob,
@@ -71,18 +69,6 @@ def _version_label(uri: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- a few files, no Ray
-
-
-def local_inputs(input_uri: str) -> Optional[list[str]]:
-    """The image files of a local file or folder, or None when the input is remote or a manifest."""
-    if storage.is_remote(input_uri):
-        return None
-    path = Path(input_uri)
-    if path.is_file() and path.suffix.lower() in storage.IMAGE_EXTENSIONS:
-        return [str(path.resolve())]
-    if path.is_dir():
-        return storage.list_files(str(path.resolve()))
-    return None
 
 
 def score_in_process(model: ResolvedModel, paths: Sequence[str], *, max_pixels: int,

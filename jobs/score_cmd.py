@@ -94,15 +94,6 @@ def check_input_before_ray(source: SourceConfig, storage_cfg) -> None:
             raise SystemExit(f"mpft score: {err}") from None
 
 
-def refuse_options_the_job_ignores(source: SourceConfig) -> None:
-    """SystemExit rather than a job that silently lists otherwise: ``ScoreJob`` does not carry these two yet."""
-    # TODO(issue: hostile inputs): forward both once ScoreJob / scoring.input_manifest take them, then drop this.
-    if source.extensions is not None or source.allow_outside_corpus:
-        raise SystemExit("mpft score: --extensions and --allow-outside-corpus apply without --output only, for now "
-                         "(the scoring job lists every non-hidden file and refuses manifests reaching outside "
-                         "their folder)")
-
-
 def main(args: argparse.Namespace) -> int:
     from jobs.score import format_table, score_in_process
     from pipelines.scoring import OutputRefused
@@ -124,7 +115,6 @@ def main(args: argparse.Namespace) -> int:
         print(format_table(table, base=args.input))
         return 0
 
-    refuse_options_the_job_ignores(source)
     check_input_before_ray(source, storage_cfg)
     try:
         summary = score_to_output(args, storage_cfg)
@@ -141,7 +131,10 @@ def score_to_output(args: argparse.Namespace, storage_cfg) -> ScoreSummary:
 
     tracking_uri = connect_tracking(args, required=False)
     model = resolve_model_for_output(args.model, args.output, storage_cfg)
+    source = source_from_args(args)
     job = ScoreJob(model_ref=args.model, input_uri=args.input, output_uri=args.output, layout=args.layout,
-                   storage=storage_cfg, resources=resources_from_args(args), decode_in_actor=args.decode_in_actor)
+                   extensions=tuple(source.extensions) if source.extensions else None,
+                   allow_outside_corpus=source.allow_outside_corpus, storage=storage_cfg,
+                   resources=resources_from_args(args), decode_in_actor=args.decode_in_actor)
     return run_score_job(job, model, tracking_uri=tracking_uri, ray_address=args.ray_address,
                          verbose=args.verbose)

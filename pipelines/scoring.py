@@ -26,8 +26,17 @@ Exactly-once, and what it rests on
   the output over (the record is rewritten): a model that failed to load, or a mistaken ``--model``, binds nothing.
   A run with nothing left to score writes nothing. Outputs from before the record are checked on their parts'
   model URI and version.
-- Assumes one job at a time per output folder (a second concurrent job would see the first one's files in progress
-  as torn). ``read_scores`` de-duplicates by path anyway, keeping the latest ``scored_at``, as a last line of defence.
+- One job at a time per output: before it scans or deletes anything, a run takes the lease ``_mpft_lease.json``
+  (run id, host, pid, expiry) and renews it from a daemon thread (every 30 s, for 120 s: ``LeaseSettings``), so a
+  second job never takes the first one's parts in progress for torn ones. That job is refused (``OutputLeased``,
+  naming the holder and when its lease expires); a lease that expired (its job crashed or stalled), or whose process
+  on this machine has exited, is taken over with a warning. The lease is deleted when the run ends, failed or not.
+  Creating it is atomic: a hard link locally, ``If-None-Match: *`` on S3; taking over a lapsed one replaces it only
+  if unchanged (``If-Match`` on S3; locally a check then a rename, microseconds apart). A store that ignores
+  conditional writes is caught by reading the lease back after ``settle_s``: two jobs could then both hold it only
+  if one took longer than that between reading the old lease and writing its own. Expiry compares the holder's clock
+  with the reader's, so hosts' clocks must agree to well within the TTL. ``read_scores`` de-duplicates by path
+  anyway, keeping the latest ``scored_at``, as a last line of defence.
 - Ray Data's own checkpointing (``ray.data.checkpoint``) was not used: it keeps a second store of IDs next to the
   output, needs a shared network filesystem for local paths and reserves memory per filter actor, while the output
   here already says exactly which paths are done.
@@ -39,12 +48,16 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -478,6 +491,343 @@ def _changed_model_message(job: ScoreJob, record: OutputRecord, fingerprint: dic
             f"sha256 {now}; score with the original checkpoint or use a fresh --output")
 
 
+# ------------------------------------------------------------------------------------ one job per output: the lease
+
+
+# "_": Arrow, Spark and Hive readers of the output skip it, as they skip the output record.
+OUTPUT_LEASE = "_mpft_lease.json"
+# Rivals that keep changing the lease between our read and our write: after this many rounds, theirs is the win.
+LEASE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """How long a job's claim on its output lasts unless renewed, and how often the job renews it."""
+
+    ttl_s: float = 120.0
+    renew_every_s: float = 30.0
+    # S3 only: the pause before reading the lease back, so a rival's write on a store that ignores conditional
+    # headers shows up before this job starts deleting parts.
+    settle_s: float = 1.0
+
+
+class OutputLeased(OutputRefused):
+    """Another job holds the output's lease: it is writing parts there now."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """``_mpft_lease.json``: which job holds the output and until when; the holder pushes ``expires_at`` forward
+    while it runs."""
+
+    run_id: str
+    host: str
+    pid: int
+    pid_space: str    # the processes ``pid`` is one of (host, boot, pid namespace): only there can it be checked
+    token: str        # random per job: tells this job's lease from a rival's with the same run id
+    started_at: str   # ISO 8601, UTC
+    expires_at: str
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode("utf-8")
+
+    @staticmethod
+    def from_bytes(data: bytes) -> Lease:
+        return Lease(**json.loads(data))
+
+    def owner(self) -> str:
+        return f"scoring run {self.run_id} (host {self.host}, pid {self.pid}, started {_when(self.started_at)})"
+
+
+def _when(iso: str) -> str:
+    return datetime.fromisoformat(iso).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _utc_in(seconds: float) -> str:
+    return (datetime.now(timezone.utc) + timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
+
+
+def _pid_space() -> str:
+    """Where a pid means one process: this host since its boot, inside this pid namespace (containers sharing a
+    host name each have their own pids)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return socket.gethostname()
+
+
+def new_lease(run_id: str, ttl_s: float) -> Lease:
+    return Lease(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), pid_space=_pid_space(),
+                 token=uuid.uuid4().hex, started_at=_utc_in(0), expires_at=_utc_in(ttl_s))
+
+
+def _lapsed_because(lease: Lease) -> Optional[str]:
+    """Why ``lease`` no longer protects its job, or None while it does."""
+    if datetime.fromisoformat(lease.expires_at) <= datetime.now(timezone.utc):
+        return f"it expired at {_when(lease.expires_at)}"
+    if lease.pid_space == _pid_space() and not _process_exists(lease.pid):
+        return f"pid {lease.pid} on this machine has exited"
+    return None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but another user's
+        return True
+    return True
+
+
+class _LocalLeaseFile:
+    """The lease in a local or mounted folder; a version is the content's sha256 (each write's content differs)."""
+
+    settle_s = 0.0  # creating is atomic here: nothing to wait for
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def read(self) -> Optional[tuple[bytes, str]]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def create(self, data: bytes) -> Optional[str]:
+        """Write ``data`` unless a lease exists; its version, or None when one does."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staged = self._staged(data)
+        try:
+            os.link(staged, self.path)  # atomic, refuses an existing file, and the lease is whole from the start
+        except FileExistsError:
+            return None
+        finally:
+            staged.unlink(missing_ok=True)
+        return hashlib.sha256(data).hexdigest()
+
+    def replace(self, data: bytes, version: str) -> Optional[str]:
+        """Write ``data`` over the lease if it is still at ``version``; the new version, or None."""
+        current = self.read()
+        if current is None or current[1] != version:
+            return None
+        staged = self._staged(data)
+        try:
+            # Check-then-rename: a rival replacing the same lapsed lease in the same instant could slip between.
+            os.replace(staged, self.path)
+        finally:
+            staged.unlink(missing_ok=True)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete(self, version: str) -> None:
+        current = self.read()
+        if current is not None and current[1] == version:
+            self.path.unlink(missing_ok=True)
+
+    def _staged(self, data: bytes) -> Path:
+        staged = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden from listings
+        with open(staged, "xb") as out:
+            out.write(data)
+        return staged
+
+
+class _S3LeaseFile:
+    """The lease as an S3 object, written with conditional PUTs (``If-None-Match: *`` creates, ``If-Match: <ETag>``
+    replaces) through s3fs, as PyArrow's S3 client cannot send them; a version is the object's ETag."""
+
+    def __init__(self, uri: str, cfg: Optional[StorageConfig], settle_s: float):
+        self.fs = _s3fs(cfg)
+        self.key = uri[len(storage.S3_PREFIX):]
+        self.settle_s = settle_s
+
+    def read(self) -> Optional[tuple[bytes, str]]:
+        try:
+            # The ETag before the body: a body newer than its ETag makes the next If-Match fail, never succeed.
+            version = self.fs.info(self.key, refresh=True)["ETag"]
+            return self.fs.cat_file(self.key), version
+        except FileNotFoundError:
+            return None
+
+    def create(self, data: bytes) -> Optional[str]:
+        return self._put(data, {"IfNoneMatch": "*"})
+
+    def replace(self, data: bytes, version: str) -> Optional[str]:
+        return self._put(data, {"IfMatch": version})
+
+    def delete(self, version: str) -> None:
+        # Check-then-delete (a conditional DELETE is not offered by every store): a lapsed lease taken over in
+        # between would be deleted, and its new holder finds out at its next renewal.
+        current = self.read()
+        if current is not None and current[1] == version:
+            self.fs.rm_file(self.key)
+
+    def _put(self, data: bytes, condition: dict) -> Optional[str]:
+        try:
+            return self.fs.pipe_file(self.key, data, **condition)["ETag"]
+        except FileNotFoundError:  # If-Match on a lease deleted meanwhile
+            return None
+        except OSError as err:
+            code = _s3_error_code(err)
+            if isinstance(err, FileExistsError) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            if code != "NotImplemented":
+                raise
+        log.warning("the store of %s does not take conditional writes: two jobs starting on it in the same second "
+                    "may both take its lease", self.key)
+        return self.fs.pipe_file(self.key, data)["ETag"]
+
+
+def _s3fs(cfg: Optional[StorageConfig]):
+    import s3fs
+
+    resolved = (cfg or StorageConfig()).resolved()
+    secret = {name: None if value is None else value.get_secret_value()
+              for name, value in (("key", resolved.access_key), ("secret", resolved.secret_key),
+                                  ("token", resolved.session_token))}
+    return s3fs.S3FileSystem(**secret, endpoint_url=resolved.endpoint(),
+                             client_kwargs={"region_name": resolved.effective_region()})
+
+
+def _s3_error_code(err: OSError) -> Optional[str]:
+    return getattr(err.__cause__, "response", {}).get("Error", {}).get("Code")
+
+
+def _lease_file(uri: str, cfg: Optional[StorageConfig], settings: LeaseSettings):
+    if storage.is_remote(uri):
+        return _S3LeaseFile(uri, cfg, settings.settle_s)
+    return _LocalLeaseFile(storage.resolve(uri, cfg)[1])
+
+
+class HeldLease:
+    """This job's lease on its output, renewed by a daemon thread every ``renew_every_s`` until ``release``."""
+
+    def __init__(self, file, uri: str, lease: Lease, version: str, settings: LeaseSettings):
+        self.file, self.uri, self.lease, self.version, self.settings = file, uri, lease, version, settings
+        self.lost = False
+        self._released = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_until_released, name="mpft-output-lease", daemon=True)
+        self._renewer.start()
+
+    def _renew_until_released(self) -> None:
+        while not self._released.wait(self.settings.renew_every_s):
+            if not self.renew():
+                return
+
+    def renew(self) -> bool:
+        """Push the expiry ``ttl_s`` ahead; False once the lease is lost (it lapsed and another job took it)."""
+        renewed = replace(self.lease, expires_at=_utc_in(self.settings.ttl_s))
+        try:
+            version = self.file.replace(renewed.to_bytes(), self.version)
+        except OSError as err:  # the store hiccuped: the lease still has time left, try again at the next beat
+            log.warning("could not renew %s (%s): retrying in %.0f s", self.uri, " ".join(str(err).split()),
+                        self.settings.renew_every_s)
+            return True
+        if version is None:
+            self.lost = True
+            log.error("lost %s: it lapsed and another job took it over, so that job may delete this run's parts in "
+                      "progress; rerun this output once both have ended", self.uri)
+            return False
+        self.lease, self.version = renewed, version
+        return True
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease unless another job holds it now; never raises (it lapses anyway)."""
+        self._released.set()
+        self._renewer.join(timeout=self.settings.ttl_s)
+        if self.lost:
+            return
+        try:
+            self.file.delete(self.version)
+        except OSError as err:
+            log.warning("could not release %s (%s): the output stays locked until %s", self.uri,
+                        " ".join(str(err).split()), _when(self.lease.expires_at))
+
+
+def acquire_output_lease(output_uri: str, cfg: Optional[StorageConfig], run_id: str,
+                         settings: Optional[LeaseSettings] = None) -> Optional[HeldLease]:
+    """Take ``output_uri``'s lease for ``run_id`` and keep it renewed; raises ``OutputLeased`` (one line: the
+    holder and when its lease expires) while another job holds a live one. A lapsed lease (expired, or its process
+    here has exited) is taken over with a warning. None when this job may not write the output at all."""
+    settings = settings or LeaseSettings()
+    uri = storage.join(output_uri, OUTPUT_LEASE)
+    file = _lease_file(uri, cfg, settings)
+    mine = new_lease(run_id, settings.ttl_s)
+    try:
+        for _ in range(LEASE_ATTEMPTS):
+            version = _claim(file, output_uri, mine)
+            if version is not None and _still_mine(file, mine):
+                return HeldLease(file, uri, mine, version, settings)
+        winner = file.read()
+    except PermissionError as err:
+        # Without write access it can neither delete nor write parts, so no other job's parts are at risk.
+        log.warning("cannot write %s (%s): going on without a lease; this job can change nothing in %s", uri,
+                    " ".join(str(err).split()), output_uri)
+        return None
+    except OSError as err:
+        raise _lease_failure(uri, err) from err
+    raise OutputLeased(_in_use_message(output_uri, _parse_lease(winner[0], uri)) if winner else
+                       f"{output_uri}: another job kept changing {OUTPUT_LEASE}; retry once it has ended")
+
+
+def _claim(file, output_uri: str, mine: Lease) -> Optional[str]:
+    """Write ``mine`` over no lease or a lapsed one: the version written, or None when a rival changed the lease in
+    between; raises ``OutputLeased`` for a live lease."""
+    current = file.read()
+    if current is None:
+        return file.create(mine.to_bytes())
+    data, version = current
+    theirs = _parse_lease(data, storage.join(output_uri, OUTPUT_LEASE))
+    lapsed = _lapsed_because(theirs)
+    if lapsed is None:
+        raise OutputLeased(_in_use_message(output_uri, theirs))
+    log.warning("taking over %s from %s: %s (that job crashed or stalled)", output_uri, theirs.owner(), lapsed)
+    return file.replace(mine.to_bytes(), version)
+
+
+def _still_mine(file, mine: Lease) -> bool:
+    """Read the lease back (after ``settle_s``) and check it is this job's: on a store that ignores conditional
+    writes, this is what tells two jobs that both wrote one which of them won."""
+    time.sleep(file.settle_s)
+    current = file.read()
+    try:
+        return current is not None and Lease.from_bytes(current[0]).token == mine.token
+    except (ValueError, TypeError):
+        return False
+
+
+def _parse_lease(data: bytes, uri: str) -> Lease:
+    try:
+        return Lease.from_bytes(data)
+    except (ValueError, TypeError) as err:
+        raise OutputLeased(f"{uri} is not a readable lease ({err}): if no scoring job is writing there, delete it "
+                           "and rerun") from err
+
+
+def _in_use_message(output_uri: str, holder: Lease) -> str:
+    return (f"{output_uri} is in use by {holder.owner()}; its lease expires at {_when(holder.expires_at)} unless "
+            "that job renews it: wait for it to end or use another --output")
+
+
+def _lease_failure(uri: str, err: OSError) -> OSError:
+    reason = " ".join(str(err).split())
+    if storage.is_remote(uri):
+        return StoreUnavailable(f"cannot take the lease {uri} ({reason})")
+    return OutputRefused(f"cannot write {uri} ({reason}): --output must be writable")
+
+
+@contextmanager
+def output_lease(job: ScoreJob):
+    """Hold ``job``'s output lease for the ``with`` block: released at its end, on error too."""
+    held = acquire_output_lease(job.output_uri, job.storage, job.run_id, job.lease)
+    try:
+        yield held
+    finally:
+        if held is not None:
+            held.release()
+
+
 # --------------------------------------------------------------------------------------------------- the job
 
 
@@ -490,6 +840,8 @@ class ScoreJob:
     output_uri: str
     resources: ScoringResources = field(default_factory=ScoringResources)
     layout: str = "unlabelled"
+    extensions: Optional[tuple[str, ...]] = None  # ``SourceConfig.extensions``: None lists every non-hidden file
+    allow_outside_corpus: bool = False  # ``SourceConfig.allow_outside_corpus``: manifest rows outside its folder
     storage: Optional[StorageConfig] = None
     rows_per_output_file: int = 4096
     carry_columns: tuple[str, ...] = ()
@@ -497,6 +849,7 @@ class ScoreJob:
     # CPU-only node decode and model share the same cores anyway, and this saves the decode tasks' scheduling and
     # the hand-over; on a GPU node leave it off, so CPU tasks decode while the GPU scores.
     decode_in_actor: bool = False
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
 
 
@@ -524,14 +877,14 @@ class ScoreSummary:
         return {**asdict(self), "images_per_s": self.images_per_s}
 
 
-def input_manifest(input_uri: str, layout: str, cfg: Optional[StorageConfig]) -> pa.Table:
+def input_manifest(job: ScoreJob) -> pa.Table:
     """The files to score: a single image file, a folder/prefix, or a manifest (layout "manifest")."""
     from pipelines import sources
 
-    if layout != "manifest" and Path(input_uri).suffix.lower() in storage.IMAGE_EXTENSIONS:
-        return pa.table({"path": [input_uri], "label": pa.nulls(1, pa.int8()), "subset": pa.nulls(1, pa.string()),
-                         "split": pa.nulls(1, pa.string())}, schema=sources.MANIFEST_SCHEMA)
-    return sources.build_manifest(sources.SourceConfig(uri=input_uri, layout=layout), cfg)
+    source = sources.SourceConfig(uri=job.input_uri, layout=job.layout,
+                                  extensions=list(job.extensions) if job.extensions else None,
+                                  allow_outside_corpus=job.allow_outside_corpus)
+    return sources.build_manifest(source, job.storage)
 
 
 def input_stage(manifest: pa.Table, image_size: int, job: ScoreJob) -> tuple[Any, Optional[dict]]:
@@ -619,12 +972,19 @@ def limit_object_store(ds, mib: int) -> None:
 def run_scoring(job: ScoreJob, model: ResolvedModel, *, scorer_cls=None) -> ScoreSummary:
     """Score every input of ``job`` not yet in its output; returns counts for this run (Ray must be initialised).
 
-    Raises, before the output changes: ``OutputModelMismatch`` when the output belongs to another model
-    (``claim_output``), ``OutputRefused`` when it cannot take its record, ValueError for a malformed checkpoint.
-    ``scorer_cls`` swaps the actor class (tests use a subclass that slows down or reports its handle).
+    Raises, before the output changes: ``OutputLeased`` while another job holds the output's lease,
+    ``OutputModelMismatch`` when the output belongs to another model (``claim_output``), ``OutputRefused`` when it
+    cannot take its record, ValueError for a malformed checkpoint. ``scorer_cls`` swaps the actor class (tests use a
+    subclass that slows down or reports its handle).
     """
+    # Taken before the scan: another job's parts in progress would look torn and be deleted.
+    with output_lease(job):
+        return _score_remaining(job, model, scorer_cls)
+
+
+def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls) -> ScoreSummary:
     started = time.perf_counter()
-    manifest = input_manifest(job.input_uri, job.layout, job.storage)
+    manifest = input_manifest(job)
     done, torn, part_models = scan_parts(job.output_uri, job.storage)
     todo = remaining_inputs(manifest, done)
     # Read (and mpft.json checked) before the output is claimed: a checkpoint that cannot score claims nothing.

@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 S3_PREFIX = "s3://"
 SECRET_MASK = "**********"  # what pydantic prints for a SecretStr
 DEFAULT_REGION = "us-east-1"
-# Formats Pillow decodes out of the box. Lower-case, with the dot.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "mpft-cache"
 STAMP_DIR = ".mpft-stamps"
 _SECRET_FIELDS = ("access_key", "secret_key", "session_token")

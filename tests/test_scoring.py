@@ -284,7 +284,7 @@ def test_decoding_inside_the_actors_gives_the_same_rows_and_errors(ray_local, mo
 def test_the_buffer_cap_applies_to_that_scoring_pass_only(ray_local, model, corpus):
     import ray.data
 
-    manifest = scoring.input_manifest(str(corpus[0]), "unlabelled", None)
+    manifest = scoring.input_manifest(scoring.ScoreJob(model_ref="unused", input_uri=str(corpus[0]), output_uri="-"))
     ds = scoring.scored_dataset(ray.data.from_arrow(manifest), {}, _resources(buffer_mib=3),
                                 n_inputs=manifest.num_rows)
 
@@ -779,3 +779,62 @@ def test_an_output_without_scores_is_taken_over_by_another_model(ray_local, mode
     assert (record.model_ref, record.model_uri, record.checkpoint_sha256) == ("tiny", model.uri,
                                                                               _sha256_of(checkpoint))
     assert "models:/mistake@champion" in caplog.text and "holds no scores" in caplog.text
+
+
+# ------------------------------------------------------------------------------------ one job at a time per output
+
+
+def _lease_path(output: Path) -> Path:
+    return output / scoring.OUTPUT_LEASE
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_second_job_on_a_running_output_is_refused_and_the_first_finishes_intact(ray_local, model, corpus,
+                                                                                 tmp_path):
+    import threading
+
+    class SlowScorer(DetectorScorer):
+        def __call__(self, batch):
+            time.sleep(0.3)  # keeps the first job running while the second one starts
+            return super().__call__(batch)
+
+    root, corpus_files = corpus
+    expected = {path: ok for path, ok in corpus_files.items() if Path(path).parent == root / "more"}  # a dozen
+    out = tmp_path / "scores"
+    first_job = _job(root / "more", out, resources=_resources(batch_size=2, rows_per_block=2), rows_per_output_file=1)
+    first: dict = {}
+    runner = threading.Thread(target=lambda: first.update(summary=run_scoring(first_job, model,
+                                                                              scorer_cls=SlowScorer)), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 150
+    while not scoring.list_part_files(str(out)):  # the first job is writing
+        assert runner.is_alive() and time.monotonic() < deadline, "the first job never wrote a part"
+        time.sleep(0.1)
+    parts_before = set(scoring.list_part_files(str(out)))
+
+    with pytest.raises(scoring.OutputLeased) as refused:
+        run_scoring(_job(root / "more", out), model)
+    runner.join(timeout=180)
+
+    assert first_job.run_id in str(refused.value) and "expires at" in str(refused.value)
+    assert parts_before <= set(scoring.list_part_files(str(out))), "the refused job deleted parts"
+    assert first["summary"].n_written == len(expected)
+    _assert_exactly_once(out, expected)
+    assert not _lease_path(out).exists(), "the lease outlived its job"
+
+
+def test_the_lease_is_released_when_a_job_ends_and_when_it_fails(model, corpus, tmp_path):
+    root, expected = corpus
+    done, refused = tmp_path / "done", tmp_path / "refused"
+    done.mkdir()
+    refused.mkdir()
+    _legacy_part(done, sorted(expected), "models:/tiny@champion", "tiny", model.version)
+    _legacy_part(refused, ["/in/1.png"], "models:/other/1", "other", "1")
+
+    run_scoring(_job(root, done, model_ref="models:/tiny@champion"), model)  # all scored: ends without Ray
+    with pytest.raises(scoring.OutputModelMismatch):
+        run_scoring(_job(root, refused), model)
+
+    assert not _lease_path(done).exists() and not _lease_path(refused).exists()
+    run_scoring(_job(root, done, model_ref="models:/tiny@champion"), model)  # so a rerun is not locked out
