@@ -2,6 +2,12 @@
 
 Builds the manifests, starts the Ray Train job, and does everything MLflow-related on the driver except the
 per-epoch metrics, which rank 0 logs through `MlflowRankZeroLogger` while training runs.
+
+Re-running a run name resumes that run. Its folder (``<checkpoint_root>/<name>``) holds ``mpft_run.json``: the
+settings that shape the model (``method``, ``train``, ``val``, ``max_pixels``) and the manifest hashes of its data.
+A re-run whose settings or data differ is refused before anything starts, unless ``resume="force"``: continuing
+another run's checkpoints would mix two trainings under one name. Only ``method.optim.epochs`` may change (train a
+finished run for longer). A run whose checkpoints all fail their check is refused too (see pipelines/training.py).
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -26,11 +32,19 @@ from pipelines.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
+RUN_RECORD_FILE = "mpft_run.json"
+# What makes two runs the same training: change any of these and the checkpoints belong to another model.
+RUN_DEFINING_KEYS = ("method", "train", "val", "max_pixels")
+# Continuing a finished run for more epochs is what a resume is for.
+MAY_CHANGE_ON_RESUME = frozenset({"method.optim.epochs"})
+ResumeMode = Literal["auto", "force"]
+RESUME_MODES = ("auto", "force")
+
 
 @dataclass
 class TrainOutcome:
     run_id: str
-    checkpoint_dir: str
+    checkpoint_dir: str  # where the best checkpoint stays: a local folder or an s3:// URI
     model_uri: Optional[str]
     model_version: Optional[str]
     metrics: dict
@@ -73,17 +87,26 @@ class ValidationNotHeldOutError(RefusedToStart):
     """Validation images that are also training images: checkpoint choice and threshold would be biased."""
 
 
+class ChangedRunError(RefusedToStart):
+    """A re-run of a run name with other settings or data than the run it would resume."""
+
+
 def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[str] = None, *,
-              verbose: bool = False) -> TrainOutcome:
+              verbose: bool = False, resume: ResumeMode = "auto") -> TrainOutcome:
     """Train, log to MLflow under ``parent_run_id`` if given, register the best checkpoint as ``challenger``.
     RefusedToStart, before Ray or MLflow start, for a job that cannot be right. ``verbose``: Ray's own progress and
-    INFO lines on the console too (else one line per epoch)."""
+    INFO lines on the console too (else one line per epoch). ``resume``: "auto" resumes a same-name run only if its
+    settings and data are unchanged (ChangedRunError otherwise); "force" resumes it under the new ones."""
+    if resume not in RESUME_MODES:
+        raise ValueError(f"resume must be one of {RESUME_MODES}, not {resume!r}")
     # Manifests first: a leaky validation set is refused before Ray or MLflow start.
     train_manifest = labelled_manifest(cfg.train, cfg.storage)
     val_manifest = labelled_manifest(cfg.val, cfg.storage)
     check_validation_is_held_out(train_manifest, val_manifest)
     val_pairs = validation_pairs(cfg.val, val_manifest)
     check_backbone_weights(cfg.method.detector.backbone, cfg.storage)
+    record = run_record(cfg, train_manifest, val_manifest)
+    check_resumable(cfg, record, force=resume == "force")
     init_ray(cfg.ray_address, verbose=verbose)
     tracking.set_tracking(tracking_uri)
     size = input_size(cfg.method.detector.backbone)
@@ -128,19 +151,102 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
             cpus_per_worker=cfg.scaling.cpus_per_worker, keep_checkpoints=cfg.keep_checkpoints,
             max_failures=cfg.max_failures,
         )
+        write_run_record(cfg, record)
         result = trainer.fit()
-        best_dir = training.best_checkpoint_dir(result)
-        _log_validation_plots(best_dir)
-        model_uri = version = None
-        if cfg.tracking.registered_model:
-            model_uri = tracking.log_detector_model(best_dir)
-            version = tracking.register_model(model_uri, cfg.tracking.registered_model, tags={
-                "train_run_id": run.info.run_id,
-                "train_manifest_hash": sources.manifest_hash(train_manifest),
-            })
-            tracking.set_alias(cfg.tracking.registered_model, "challenger", version)
-            log.info("registered %s version %s as challenger", cfg.tracking.registered_model, version)
-        return TrainOutcome(run.info.run_id, best_dir, model_uri, version, dict(result.metrics or {}))
+        # The local copy of the best checkpoint lives only for this block; the outcome names where it stays.
+        with training.best_checkpoint(result) as best:
+            _log_validation_plots(best.local_dir)
+            model_uri = version = None
+            if cfg.tracking.registered_model:
+                model_uri = tracking.log_detector_model(str(best.local_dir))
+                version = tracking.register_model(model_uri, cfg.tracking.registered_model, tags={
+                    "train_run_id": run.info.run_id,
+                    "train_manifest_hash": sources.manifest_hash(train_manifest),
+                })
+                tracking.set_alias(cfg.tracking.registered_model, "challenger", version)
+                log.info("registered %s version %s as challenger", cfg.tracking.registered_model, version)
+        return TrainOutcome(run.info.run_id, best.location, model_uri, version, dict(result.metrics or {}))
+
+
+def run_folder(cfg: TrainJobConfig) -> str:
+    """``<checkpoint_root>/<name>``: where Ray Train keeps the run's checkpoints and this module its record."""
+    return storage.join(cfg.checkpoint_root, cfg.name)
+
+
+def run_record(cfg: TrainJobConfig, train_manifest: pa.Table, val_manifest: pa.Table) -> dict:
+    """What identifies the training a run name stands for: its model-shaping settings and its data's hashes."""
+    config = cfg.to_dict()
+    record = {"config": {key: config[key] for key in RUN_DEFINING_KEYS},
+              "data": {"train_manifest_hash": sources.manifest_hash(train_manifest),
+                       "val_manifest_hash": sources.manifest_hash(val_manifest)}}
+    return json.loads(json.dumps(record))  # as it reads back from the file (tuples become lists), so equal compares
+
+
+def write_run_record(cfg: TrainJobConfig, record: dict) -> None:
+    storage.write_atomic(storage.join(run_folder(cfg), RUN_RECORD_FILE),
+                         json.dumps(record, indent=2, sort_keys=True).encode(), cfg.storage)
+
+
+def read_run_record(cfg: TrainJobConfig) -> Optional[dict]:
+    uri = storage.join(run_folder(cfg), RUN_RECORD_FILE)
+    if not storage.exists(uri, cfg.storage):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri, cfg.storage))
+    except ValueError as err:
+        raise RefusedToStart(f"{uri} is unreadable ({err}); delete it to resume the run without checking its "
+                             "settings, or choose a new run name (--name)") from err
+
+
+def check_resumable(cfg: TrainJobConfig, record: dict, *, force: bool) -> None:
+    """Refuse (before Ray starts) a re-run that would resume a run trained with other settings or data, unless
+    ``force``, and a run whose checkpoints are all broken."""
+    fs, folder = storage.resolve(run_folder(cfg), cfg.storage)
+    checkpoints = training.checkpoint_folders(fs, folder)
+    if not checkpoints:
+        return  # nothing to resume: a new run, or one that stopped before its first checkpoint
+    try:
+        training.resume_checkpoint_path(fs, checkpoints[0])
+    except training.NoUsableCheckpoint as err:
+        raise RefusedToStart(str(err)) from err
+    saved = read_run_record(cfg)
+    if saved is None:
+        log.warning("run %r has no %s (started by an older version): resuming it without checking its settings",
+                    cfg.name, RUN_RECORD_FILE)
+        return
+    changes = run_changes(saved, record)
+    if not changes:
+        return
+    if force:
+        log.warning("resuming run %r under changed settings (--resume force): %s", cfg.name, "; ".join(changes))
+        return
+    raise ChangedRunError(
+        f"run {cfg.name!r} in {run_folder(cfg)} was trained with other settings: {'; '.join(changes)}. "
+        "Resume it anyway with `--resume force`, or start a separate run with a new name (--name)")
+
+
+def run_changes(saved: dict, new: dict) -> list[str]:
+    """What differs between two run records, for a person: changed config keys, then "training data changed" /
+    "validation data changed"."""
+    keys = differing_keys(saved.get("config", {}), new["config"]) - MAY_CHANGE_ON_RESUME
+    changes = [f"config {', '.join(sorted(keys))} changed"] if keys else []
+    saved_data = saved.get("data", {})
+    if saved_data.get("train_manifest_hash") != new["data"]["train_manifest_hash"]:
+        changes.append("training data changed")
+    if saved_data.get("val_manifest_hash") != new["data"]["val_manifest_hash"]:
+        changes.append("validation data changed")
+    return changes
+
+
+def differing_keys(old, new, prefix: str = "") -> set[str]:
+    """Dotted keys (``method.optim.lr``, ``train[0].uri``) whose values differ between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {key for name in old.keys() | new.keys()
+                for key in differing_keys(old.get(name), new.get(name), f"{prefix}.{name}" if prefix else name)}
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        pairs = enumerate(zip(old, new, strict=True))
+        return {key for i, (a, b) in pairs for key in differing_keys(a, b, f"{prefix}[{i}]")}
+    return set() if old == new else {prefix}
 
 
 def check_validation_is_held_out(train_manifest: pa.Table, val_manifest: pa.Table) -> None:

@@ -11,6 +11,9 @@ from jobs.common import configured_tracking_uri
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training job YAML (see README: configuration reference)")
     parser.add_argument("--name", help="override the run name (re-using a name resumes that run)")
+    parser.add_argument("--resume", choices=("auto", "force"), default="auto",
+                        help="auto: resume a same-name run only if its settings and data are unchanged (refused "
+                             "otherwise); force: resume it under the new settings and data")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -22,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
         cfg.name = args.name
     tracking_uri = configured_tracking_uri(cfg.tracking.uri, "tracking.uri")
     try:
-        outcome = run_train(cfg, tracking_uri, verbose=args.verbose)
+        outcome = run_train(cfg, tracking_uri, verbose=args.verbose, resume=args.resume)
     except RefusedToStart as err:
         raise SystemExit(f"mpft train: refused: {err}") from None
     print(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri, "version": outcome.model_version,

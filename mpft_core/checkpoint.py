@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Optional, Union
 
 import open_clip
 import torch
@@ -69,15 +69,66 @@ def read_checkpoint_meta(path: PathLike) -> dict:
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise ValueError(f"{str(directory)!r} is not an MPFT checkpoint: {META_FILE} is missing")
+    return parse_checkpoint_meta(meta_path.read_bytes(), origin=str(meta_path))
+
+
+def parse_checkpoint_meta(data: bytes, *, origin: str) -> dict:
+    """``mpft.json``'s bytes as a dict; ValueError naming ``origin`` if it is not a readable MPFT description."""
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(meta_path)!r} is not valid JSON: {err}") from err
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{origin!r} is not valid JSON: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{str(meta_path)!r} is not an MPFT checkpoint description")
+        raise ValueError(f"{origin!r} is not an MPFT checkpoint description")
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"unsupported MPFT checkpoint format version {meta.get('format_version')!r}")
+    if not isinstance(meta.get("detector"), dict) or not isinstance(meta.get("preprocess"), dict):
+        raise ValueError(f"{origin!r} lacks the detector or preprocess description")
     return meta
+
+
+def check_safetensors_layout(handle: BinaryIO, size: int, *, origin: str) -> None:
+    """ValueError unless ``handle`` (a seekable binary file of ``size`` bytes) is a whole safetensors file: a valid
+    header whose tensors end exactly at the end of the file. Reads only the header, so a remote file can be checked
+    without downloading it; a truncated upload or a half-written copy fails here."""
+    handle.seek(0)
+    head = handle.read(8)
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < header_len <= size - 8:
+        raise ValueError(f"{origin!r} is not a safetensors file (no valid header; the file has {size} bytes)")
+    try:
+        header = json.loads(handle.read(header_len))
+    except ValueError as err:
+        raise ValueError(f"{origin!r} is not a safetensors file (header: {err})") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{origin!r} is not a safetensors file (the header is not a JSON object)")
+    data_end = max((_tensor_end(entry, origin) for key, entry in header.items() if key != "__metadata__"), default=0)
+    if data_end != size - 8 - header_len:
+        raise ValueError(f"{origin!r} is truncated or padded: its header describes {data_end} bytes of tensors, "
+                         f"the file holds {size - 8 - header_len}")
+
+
+def _tensor_end(entry, origin: str) -> int:
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{origin!r} is not a safetensors file (a tensor entry has no valid data_offsets)")
+    return offsets[1]
+
+
+def checkpoint_problem(path: PathLike) -> Optional[str]:
+    """Why the local checkpoint directory ``path`` cannot be loaded (one line), or None if its ``mpft.json`` reads
+    and its ``model.safetensors`` is whole. Cheap: the tensors themselves are not read."""
+    try:
+        directory, weights_path = _checkpoint_files(Path(path))
+        read_checkpoint_meta(directory)
+        if not weights_path.is_file():
+            return f"{WEIGHTS_FILE} is missing"
+        with open(weights_path, "rb") as handle:
+            check_safetensors_layout(handle, weights_path.stat().st_size, origin=str(weights_path))
+    except (ValueError, OSError) as err:
+        return str(err)
+    return None
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu",
@@ -157,5 +208,9 @@ def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
 
 def _atomic_write(target: Path, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
-    write(tmp)
-    os.replace(tmp, target)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed save (disk full, unserialisable tensor) leaves no hidden half-file
+        raise

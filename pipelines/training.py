@@ -7,6 +7,10 @@ Design notes
 - Every epoch ends with a checkpoint (weights as safetensors + optimiser state) and a report carrying `val_loss`;
   Ray keeps the best N by that. A crashed worker group restarts from the latest checkpoint (FailureConfig), and a
   re-run with the same run name finds Ray's run snapshot in storage and resumes the same way.
+- Resuming checks the checkpoint first (``resume_checkpoint_path``): a truncated or unreadable latest checkpoint is
+  skipped with a warning naming it and why, and the newest whole one of the run is used instead. When the run has
+  checkpoints but none is whole the worker fails (``NoUsableCheckpoint``) rather than start from scratch: Ray's run
+  snapshot would still rank the broken checkpoints among the new ones, and the run's step count would restart.
 - Validation runs on rank 0 over the whole validation set, so the metrics are exact full-subset numbers
   (docs/METHOD.md); the other workers wait at the report. The validation predictions are stored in the checkpoint
   so the driver can draw plots and calibrate from the best epoch without another pass.
@@ -26,14 +30,19 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import tempfile
 import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.train
@@ -49,9 +58,17 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
+from mpft_core.backbone import cached_weights
+from mpft_core.checkpoint import META_FILE, WEIGHTS_FILE, check_safetensors_layout, parse_checkpoint_meta
 from mpft_core.config import MethodConfig
 from mpft_core.detector import MPFTDetector
-from mpft_core.distributed import TrainingSetup, broadcast_from_rank0, save_training_checkpoint, setup_training
+from mpft_core.distributed import (
+    TRAIN_STATE_FILE,
+    TrainingSetup,
+    broadcast_from_rank0,
+    save_training_checkpoint,
+    setup_training,
+)
 from mpft_core.metrics import MEAN_KEY, calibrate_threshold, per_subset_metrics
 from mpft_core.optim import train_step
 from mpft_core.tam import compute_mask
@@ -62,6 +79,11 @@ from pipelines.ingest import TRAINING_COLUMNS
 log = logging.getLogger(__name__)
 
 VAL_PREDICTIONS_FILE = "val_predictions.parquet"
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train names each checkpoint folder checkpoint_<local date and time>
+
+
+class NoUsableCheckpoint(RuntimeError):
+    """A run's checkpoints exist but none can be loaded; resuming would silently start over."""
 
 
 class RankZeroLogger(Protocol):
@@ -175,16 +197,85 @@ def duration_text(seconds: float) -> str:
 
 
 def _setup_or_resume(method: MethodConfig, loop: LoopConfig, storage_cfg) -> TrainingSetup:
-    """The worker's training state on Ray Train's device for it, resumed from the latest reported checkpoint if
-    Ray hands one over (restart after a failure, or a same-name re-run)."""
+    """The worker's training state on Ray Train's device for it, resumed from the newest whole checkpoint of the run
+    if Ray hands one over (restart after a failure, or a same-name re-run)."""
     device = ray.train.torch.get_device()
     total_steps = loop.steps_per_epoch * method.optim.epochs
-    resolve = lambda uri: str(storage.fetch_to_local(uri, storage_cfg))  # noqa: E731
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    resolve = lambda uri: str(fetch_weights(uri, storage_cfg))  # noqa: E731
+    latest = ray.train.get_checkpoint()
+    if latest is None:
         return setup_training(method, device, total_steps=total_steps, resolve_uri=resolve)
-    with checkpoint.as_directory() as d:
+    chosen = Checkpoint(resume_checkpoint_path(latest.filesystem, latest.path), filesystem=latest.filesystem)
+    with chosen.as_directory() as d:
         return setup_training(method, device, total_steps=total_steps, resolve_uri=resolve, resume_from=Path(d))
+
+
+def fetch_weights(uri: str, storage_cfg) -> Path:
+    """A local path for backbone weights: a local file as it is, an ``s3://`` file through the per-user weights
+    cache (downloaded once per remote version, re-verified by sha256 before every use)."""
+    fs, path = storage.resolve(uri, storage_cfg)
+    if fs.type_name == "local":
+        return Path(path)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"backbone weights {uri!r}: no such file")
+
+    def download(destination: Path) -> None:
+        with fs.open_input_stream(path) as stream, open(destination, "wb") as out:
+            while chunk := stream.read(8 << 20):
+                out.write(chunk)
+
+    return cached_weights(uri, version=f"{info.size} {info.mtime_ns}", download=download)
+
+
+def resume_checkpoint_path(fs: pafs.FileSystem, latest: str) -> str:
+    """``latest`` if it is a whole checkpoint, else the newest whole one beside it in the run folder, each skipped
+    one named in a warning with the reason. NoUsableCheckpoint when none is whole."""
+    problems = []
+    for candidate in [latest] + older_checkpoints(fs, latest):
+        problem = checkpoint_problem_at(fs, candidate)
+        if problem is None:
+            if problems:
+                log.warning("resuming from the older checkpoint %s instead", candidate)
+            return candidate
+        log.warning("checkpoint %s is unusable, skipping it: %s", candidate, problem)
+        problems.append(f"{posixpath.basename(candidate)}: {problem}")
+    run_folder = posixpath.dirname(latest)
+    raise NoUsableCheckpoint(
+        f"no usable checkpoint in {run_folder} ({'; '.join(problems)}); start a new run under another name, or "
+        "delete that folder to start this one over")
+
+
+def older_checkpoints(fs: pafs.FileSystem, latest: str) -> list[str]:
+    """The run's other checkpoint folders that are older than ``latest``, newest first."""
+    name = posixpath.basename(latest)
+    return [path for path in checkpoint_folders(fs, posixpath.dirname(latest)) if posixpath.basename(path) < name]
+
+
+def checkpoint_folders(fs: pafs.FileSystem, run_folder: str) -> list[str]:
+    """Every checkpoint folder of a run, newest first (Ray's names sort by time); empty for a run not yet started."""
+    infos = fs.get_file_info(pafs.FileSelector(run_folder, allow_not_found=True))
+    found = [i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, reverse=True)
+
+
+def checkpoint_problem_at(fs: pafs.FileSystem, directory: str) -> Optional[str]:
+    """Why the checkpoint folder ``directory`` cannot be resumed from (one line), or None. Reads the metadata, the
+    weights' header and the training state's zip directory only, so a remote checkpoint is not downloaded."""
+    try:
+        with fs.open_input_file(posixpath.join(directory, META_FILE)) as f:
+            parse_checkpoint_meta(f.read(), origin=META_FILE)
+        with fs.open_input_file(posixpath.join(directory, WEIGHTS_FILE)) as f:
+            check_safetensors_layout(f, f.size(), origin=WEIGHTS_FILE)
+        with fs.open_input_file(posixpath.join(directory, TRAIN_STATE_FILE)) as f, zipfile.ZipFile(f) as archive:
+            archive.namelist()
+    except FileNotFoundError as err:
+        return f"a file is missing ({err})"
+    except zipfile.BadZipFile as err:
+        return f"{TRAIN_STATE_FILE} is not a whole torch archive ({err})"
+    except (ValueError, OSError) as err:
+        return str(err)
+    return None
 
 
 def epoch_batches(shard, batch_size: int, device, *, shuffle_seed: int):
@@ -296,14 +387,32 @@ def training_datasets(train_ds, val_ds) -> dict:
     return {"train": train_ds.select_columns(TRAINING_COLUMNS), "val": val_ds}
 
 
-def best_checkpoint_dir(result) -> str:
-    """Local directory of the best checkpoint (lowest val loss) of a finished run."""
-    best = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"])[0] if result.best_checkpoints else None
-    checkpoint = best or result.checkpoint
-    if checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    local = Path(tempfile.mkdtemp(prefix="mpft-best-"))
-    return checkpoint.to_directory(str(local))
+@dataclass(frozen=True)
+class BestCheckpoint:
+    local_dir: Path  # a temporary copy, removed when the ``best_checkpoint`` block ends
+    location: str  # where it stays: a local folder or an s3:// URI
+
+
+@contextmanager
+def best_checkpoint(result) -> Iterator[BestCheckpoint]:
+    """The best whole checkpoint (lowest val loss) of a finished run, copied into a temporary folder for the block.
+    A broken one is skipped with a warning, like on resume; RuntimeError when the run has no whole checkpoint."""
+    ranked = [cm[0] for cm in sorted(result.best_checkpoints or [], key=lambda cm: cm[1]["val_loss"])]
+    for checkpoint in ranked + ([result.checkpoint] if result.checkpoint is not None else []):
+        problem = checkpoint_problem_at(checkpoint.filesystem, checkpoint.path)
+        if problem is not None:
+            log.warning("checkpoint %s is unusable, skipping it: %s", checkpoint.path, problem)
+            continue
+        with tempfile.TemporaryDirectory(prefix="mpft-best-") as tmp:
+            yield BestCheckpoint(Path(checkpoint.to_directory(tmp)), checkpoint_location(checkpoint))
+        return
+    raise RuntimeError("training finished without a usable checkpoint")
+
+
+def checkpoint_location(checkpoint: Checkpoint) -> str:
+    """The checkpoint's folder as a user names it: a local path or an ``s3://`` URI."""
+    scheme = "s3://" if checkpoint.filesystem.type_name == "s3" else ""
+    return scheme + checkpoint.path
 
 
 def steps_per_epoch(n_train_rows: int, batch_size: int, num_workers: int) -> int:

@@ -383,3 +383,120 @@ def test_optimizer_state_is_only_restored_onto_a_model_already_on_its_device(tmp
     resumed.device = torch.device("meta")  # as if the detector had not been moved to its device yet
     with pytest.raises(RuntimeError, match="before restoring"):
         restore_training_state(resumed, directory)
+
+
+# ------------------------------------------------------------------------------------ broken checkpoints, no leftovers
+
+
+def truncate(path, keep_fraction: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+def test_a_whole_checkpoint_has_no_problem(tmp_path):
+    from mpft_core.checkpoint import checkpoint_problem
+
+    assert checkpoint_problem(save_checkpoint(tiny_detector(), tmp_path / "ckpt")) is None
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: truncate(d / "model.safetensors"), "truncated"),
+    (lambda d: truncate(d / "model.safetensors", keep_fraction=0.0001), "not a safetensors file"),
+    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda d: (d / "mpft.json").unlink(), "mpft.json is missing"),
+    (lambda d: truncate(d / "mpft.json"), "not valid JSON"),
+    (lambda d: (d / "mpft.json").write_text('{"format": "something-else"}'), "not an MPFT checkpoint description"),
+])
+def test_a_damaged_checkpoint_is_named_with_the_reason_before_anything_loads_it(tmp_path, damage, reason):
+    from mpft_core.checkpoint import checkpoint_problem
+
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
+    damage(directory)
+
+    assert reason in checkpoint_problem(directory)
+
+
+def test_a_save_that_fails_midway_leaves_no_hidden_half_written_file(tmp_path):
+    from mpft_core.checkpoint import _atomic_write
+
+    def write_then_run_out_of_space(tmp):
+        tmp.write_bytes(b"half a tensor")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _atomic_write(tmp_path / "model.safetensors", write_then_run_out_of_space)
+    assert list(tmp_path.iterdir()) == []
+
+
+def counting_download(payload: bytes, calls: list):
+    def download(destination):
+        calls.append(destination)
+        destination.write_bytes(payload)
+    return download
+
+
+def test_the_weights_cache_lives_under_the_users_cache_home_with_mode_0700(tmp_path, monkeypatch):
+    from mpft_core.backbone import cached_weights, default_weights_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_weights_cache_dir() == tmp_path / "xdg" / "mpft" / "weights"
+    local = cached_weights("s3://b/w/tower.safetensors", version="10 1", download=counting_download(b"x", []))
+
+    assert local.is_relative_to(tmp_path / "xdg" / "mpft" / "weights")
+    assert (default_weights_cache_dir().stat().st_mode & 0o777) == 0o700
+    assert (local.parent.stat().st_mode & 0o777) == 0o700
+
+
+def test_a_weights_cache_others_could_write_to_is_narrowed_to_0700(tmp_path):
+    from mpft_core.backbone import cached_weights
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o777)
+    cache.chmod(0o777)
+    cached_weights("s3://b/w.safetensors", version="1 1", download=counting_download(b"x", []), cache_dir=cache)
+
+    assert (cache.stat().st_mode & 0o777) == 0o700
+
+
+def test_cached_weights_are_reused_only_while_their_content_matches_the_recorded_sha256(tmp_path):
+    import os
+
+    from mpft_core.backbone import cached_weights
+
+    calls: list = []
+    download = counting_download(b"the real weights", calls)
+    uri, cache = "s3://b/w/tower.safetensors", tmp_path / "cache"
+    local = cached_weights(uri, version="16 7", download=download, cache_dir=cache)
+    assert cached_weights(uri, version="16 7", download=download, cache_dir=cache) == local
+    assert len(calls) == 1  # the second use read the cache
+
+    # Same size, same modification time, other bytes: only a content hash tells.
+    stat = local.stat()
+    local.write_bytes(b"planted weights!")
+    os.utime(local, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cached_weights(uri, version="16 7", download=download, cache_dir=cache).read_bytes() == b"the real weights"
+    assert len(calls) == 2
+
+
+def test_a_changed_remote_file_is_downloaded_again(tmp_path):
+    from mpft_core.backbone import cached_weights
+
+    calls: list = []
+    cached_weights("s3://b/w.safetensors", version="10 1", download=counting_download(b"v1", calls),
+                   cache_dir=tmp_path)
+    local = cached_weights("s3://b/w.safetensors", version="10 2", download=counting_download(b"v2", calls),
+                           cache_dir=tmp_path)
+
+    assert local.read_bytes() == b"v2" and len(calls) == 2
+
+
+def test_a_failed_weights_download_leaves_no_partial_file(tmp_path):
+    from mpft_core.backbone import cached_weights
+
+    def download_dies_midway(destination):
+        destination.write_bytes(b"first megabyte")
+        raise ConnectionError("connection reset by peer")
+
+    with pytest.raises(ConnectionError):
+        cached_weights("s3://b/w.safetensors", version="1 1", download=download_dies_midway, cache_dir=tmp_path)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -196,3 +196,84 @@ def test_train_refuses_a_weight_file_that_does_not_state_its_activation_before_a
     with pytest.raises(SystemExit, match="does not say which activation"):
         cli.main(["train", "--config", str(path)])
     assert not (tmp_path / "mlruns").exists()
+
+
+# ------------------------------------------------------------------------------- re-running a name: what it resumes
+
+
+def local_job(tmp_path: Path, **method_optim) -> Path:
+    """A job on local images whose runs go to ``tmp_path/runs``; ``method_optim`` overrides optimiser settings."""
+    data = tmp_path / "data"
+    config = {"name": "same-name", "train": {"uri": str(data), "split": "train"},
+              "val": {"uri": str(data), "split": "val"}, "checkpoint_root": str(tmp_path / "runs"),
+              "method": {"detector": {"backbone": {"name": "mpft-tiny-32", "pretrained": None},
+                                      "mask": {"strategy": "random", "ratio": 0.25}},
+                         "optim": {"epochs": 2, "batch_size": 16, "head_lr": 3e-3, **method_optim}},
+              "tracking": {"uri": (tmp_path / "mlruns").as_uri()}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def earlier_run(tmp_path, monkeypatch) -> Path:
+    """A run named "same-name" that trained two epochs on 4 images per class (checkpoints + its record), as
+    `mpft train` leaves it; Ray must not start in these tests. Returns the run folder."""
+    from jobs.train import labelled_manifest, run_folder, run_record, write_run_record
+    from tests.test_training import training_checkpoint
+
+    monkeypatch.setattr("jobs.train.init_ray", refuse_to_start_ray)
+    write_genimage_tree(tmp_path / "data", subsets=("sdv14",), n_per_class=4, size=8)
+    cfg = load_train_config(local_job(tmp_path))
+    write_run_record(cfg, run_record(cfg, labelled_manifest(cfg.train, cfg.storage),
+                                     labelled_manifest(cfg.val, cfg.storage)))
+    folder = Path(run_folder(cfg))
+    for epoch in (0, 1):
+        training_checkpoint(folder / f"checkpoint_2025-01-01_00-00-0{epoch}.000000", epoch=epoch)
+    return folder
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_the_changed_keys_and_the_way_out(tmp_path, earlier_run):
+    path = local_job(tmp_path, head_lr=1e-2, batch_size=8)
+
+    with pytest.raises(SystemExit, match=r"refused: run 'same-name' in .* was trained with other settings: config "
+                                         r"method.optim.batch_size, method.optim.head_lr changed\. Resume it anyway "
+                                         r"with `--resume force`, or start a separate run with a new name"):
+        cli.main(["train", "--config", str(path)])
+    assert not (tmp_path / "mlruns").exists()  # refused before anything started
+
+
+def test_a_rerun_on_changed_training_data_is_refused(tmp_path, earlier_run):
+    write_genimage_tree(tmp_path / "data", subsets=("sdv14",), n_per_class=5, size=8, splits=("train",))
+
+    with pytest.raises(SystemExit, match=r"other settings: training data changed\. Resume it anyway"):
+        cli.main(["train", "--config", str(local_job(tmp_path))])
+
+
+@pytest.mark.parametrize("args, overrides", [
+    (["--resume", "force"], {"head_lr": 1e-2}),  # asked for: resume under the new settings
+    ([], {"epochs": 3}),                          # more epochs is what a resume is for
+    ([], {}),                                     # nothing changed
+])
+def test_a_rerun_goes_on_to_train_when_nothing_that_matters_changed_or_when_forced(tmp_path, earlier_run, args,
+                                                                                   overrides):
+    with pytest.raises(AssertionError, match="Ray was started"):  # i.e. it passed every check
+        cli.main(["train", "--config", str(local_job(tmp_path, **overrides)), *args])
+
+
+def test_a_run_whose_checkpoints_are_all_broken_is_refused_instead_of_silently_starting_over(tmp_path, earlier_run):
+    for checkpoint in earlier_run.glob("checkpoint_*"):
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+
+    with pytest.raises(SystemExit, match=r"refused: no usable checkpoint in .*same-name \(checkpoint_2025.*"
+                                         r"start a new run under another name"):
+        cli.main(["train", "--config", str(local_job(tmp_path))])
+
+
+def test_changed_settings_are_listed_as_dotted_keys():
+    from jobs.train import differing_keys
+
+    saved = {"method": {"optim": {"lr": 1, "epochs": 2}}, "train": [{"uri": "a", "split": "train"}]}
+    new = {"method": {"optim": {"lr": 2, "epochs": 2}}, "train": [{"uri": "b", "split": "train"}], "max_pixels": 9}
+    assert differing_keys(saved, new) == {"method.optim.lr", "train[0].uri", "max_pixels"}

@@ -88,14 +88,17 @@ def test_two_workers_learn_the_toy_task_and_checkpoint_the_best_epoch(tmp_path, 
     assert result.error is None
     assert result.metrics["epoch"] == 2
     assert result.metrics["val_val_toy_acc"] >= 0.8, result.metrics
-    best_dir = Path(training.best_checkpoint_dir(result))
-    detector = load_checkpoint(best_dir)
+    with training.best_checkpoint(result) as best:
+        detector = load_checkpoint(best.local_dir)
+        per_subset = json.loads((best.local_dir / "val_metrics.json").read_text())
     assert detector.preprocess.image_size == SIZE
     assert tower_activation(detector.visual) == "quick_gelu"  # the function that was trained, not a GELU twin
-    per_subset = json.loads((best_dir / "val_metrics.json").read_text())
     # Validation is exact: rank 0 saw every validation row once (64), not a per-worker shard.
     assert per_subset["val_toy"]["n"] == 64
     assert len(result.best_checkpoints) <= 2
+    assert not best.local_dir.exists()  # the temporary copy is gone; the checkpoint stays in the run folder
+    assert Path(best.location).is_relative_to(tmp_path / "runs" / "learns")
+    assert load_checkpoint(best.location).threshold == detector.threshold
 
 
 def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint_and_continues_the_step_count(tmp_path, ray_local):
@@ -109,6 +112,89 @@ def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint_and_continues_the_st
     # The restarted workers started from the epoch-0 checkpoint's step count, not from zero.
     assert result.metrics["resumed_from_step"] == steps
     assert result.metrics["global_step"] == 2 * steps
+
+
+def test_resuming_after_the_latest_checkpoint_was_truncated_continues_from_the_one_before(tmp_path, ray_local):
+    method = method_config(epochs=2, strategy="random")
+    steps = training.steps_per_epoch(128, method.optim.batch_size, 2)
+    assert fit(tmp_path, "truncated", method).error is None
+    latest = max(p for p in (tmp_path / "runs" / "truncated").glob("checkpoint_*") if p.is_dir())
+    truncate(latest / "model.safetensors")  # e.g. a copy cut short when the disk filled up
+
+    result = fit(tmp_path, "truncated", method_config(epochs=3, strategy="random"))  # same name: a re-run resumes
+
+    # The workers skipped the broken checkpoint (their warning names it) and resumed from epoch 0's.
+    assert result.error is None
+    assert result.metrics["resumed_from_step"] == steps
+    assert result.metrics["epoch"] == 2
+
+
+def training_checkpoint(directory: Path, epoch: int) -> Path:
+    """A real checkpoint as the training loop writes it (weights, metadata, optimiser state), built without Ray."""
+    import torch
+
+    from mpft_core.distributed import save_training_checkpoint, setup_training
+
+    setup = setup_training(method_config(strategy="random"), torch.device("cpu"), total_steps=4)
+    setup.global_step = 2 * (epoch + 1)
+    return save_training_checkpoint(setup, directory, epoch=epoch)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture
+def run_of_three_checkpoints(tmp_path) -> list[Path]:
+    """A run folder with three whole checkpoints named as Ray Train names them, newest first."""
+    return [training_checkpoint(tmp_path / "run" / f"checkpoint_2025-01-01_00-00-0{i}.000000", epoch=i)
+            for i in (2, 1, 0)]
+
+
+def resume_path(latest: Path) -> Path:
+    import pyarrow.fs as pafs
+
+    return Path(training.resume_checkpoint_path(pafs.LocalFileSystem(), str(latest)))
+
+
+def test_resume_uses_the_latest_checkpoint_when_it_is_whole(run_of_three_checkpoints):
+    assert resume_path(run_of_three_checkpoints[0]) == run_of_three_checkpoints[0]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda d: truncate(d / "model.safetensors"), "truncated"),
+    (lambda d: (d / "mpft.json").write_text("{"), "not valid JSON"),
+    (lambda d: (d / "mpft.json").unlink(), "missing"),
+    (lambda d: truncate(d / "train_state.pt"), "train_state.pt is not a whole torch archive"),
+])
+def test_resume_skips_a_broken_latest_checkpoint_with_a_warning_naming_it_and_why(run_of_three_checkpoints, caplog,
+                                                                                  damage, reason):
+    latest, previous, _ = run_of_three_checkpoints
+    damage(latest)
+
+    with caplog.at_level("WARNING", logger="pipelines.training"):
+        assert resume_path(latest) == previous
+    [skipped, fallback] = [r.getMessage() for r in caplog.records]
+    assert latest.name in skipped and reason in skipped
+    assert previous.name in fallback
+
+
+def test_resume_walks_back_past_every_broken_checkpoint(run_of_three_checkpoints):
+    latest, previous, oldest = run_of_three_checkpoints
+    truncate(latest / "model.safetensors")
+    (previous / "mpft.json").unlink()
+
+    assert resume_path(latest) == oldest
+
+
+def test_resume_refuses_to_start_over_when_no_checkpoint_of_the_run_is_whole(run_of_three_checkpoints):
+    for checkpoint in run_of_three_checkpoints:
+        truncate(checkpoint / "model.safetensors")
+
+    expected = (r"no usable checkpoint in .*run \(checkpoint_2025-01-01_00-00-02.*truncated.*; "
+                r"checkpoint_2025-01-01_00-00-00.*new run")
+    with pytest.raises(training.NoUsableCheckpoint, match=expected):
+        resume_path(run_of_three_checkpoints[0])
 
 
 def test_the_epoch_line_says_where_training_stands_in_words():
