@@ -64,6 +64,9 @@ class MlflowRankZeroLogger:
         fig = plots.mask_grid(images, masks, grid_size)
         tracking.log_figure_to_run(self.tracking_uri, self.run_id, fig, "tam_masks.png")
 
+    def close(self) -> None:
+        tracking.finish_run_logging(self.tracking_uri, self.run_id)
+
 
 def check_backbone_weights(backbone: BackboneConfig, storage_cfg) -> None:
     """Refuse on the driver, before Ray starts, a weight file whose activation nobody states (or that contradicts

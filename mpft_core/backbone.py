@@ -22,11 +22,9 @@ a weight file must say which activation it was trained with (metadata written by
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -52,7 +50,6 @@ WEIGHTS_PREPROCESS_KEY = "mpft.preprocess"
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 UriResolver = Callable[[str], "str | os.PathLike[str]"]
-CACHE_SIDECAR_SUFFIX = ".mpft-cache.json"
 
 log = logging.getLogger(__name__)
 
@@ -378,93 +375,3 @@ def _preprocess_of(visual: VisionTransformer) -> Preprocess:
         mean=tuple(float(v) for v in pp["mean"]),
         std=tuple(float(v) for v in pp["std"]),
     )
-
-
-# ------------------------------------------------------------------------------------ download cache for s3:// weights
-
-
-def default_weights_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/mpft/weights`` (``~/.cache/mpft/weights`` when unset): per user, never a shared /tmp folder
-    where another account could plant a file this process would then load as weights."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mpft" / "weights"
-
-
-def private_dir(path: Path) -> Path:
-    """``path`` created with mode 0700 (parents as needed); PermissionError if it belongs to another user, and a
-    folder of ours that others could write to is narrowed to 0700 first."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid != os.getuid():
-        raise PermissionError(f"the weights cache {str(path)!r} belongs to another user; refusing to use it")
-    if info.st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
-
-
-def cached_weights(uri: str, *, version: str, download: Callable[[Path], None],
-                   cache_dir: Optional[Path] = None) -> Path:
-    """A verified local copy of the weight file ``uri``, downloaded by ``download(destination)`` when the cache has
-    no copy of this ``version`` (e.g. the remote size and modification time) or the copy no longer matches the
-    sha256 recorded when it was downloaded. A failed download leaves no partial file behind."""
-    folder = private_dir(Path(cache_dir or default_weights_cache_dir())) / hashlib.sha256(uri.encode()).hexdigest()[:32]
-    private_dir(folder)
-    local = folder / (uri.rstrip("/").rsplit("/", 1)[-1] or "weights.safetensors")
-    sidecar = local.with_name(local.name + CACHE_SIDECAR_SUFFIX)
-    if _cached_copy_is_valid(local, sidecar, uri, version):
-        return local
-    digest = _download_verified(local, download)
-    _write_private_text(sidecar, json.dumps({"uri": uri, "version": version, "sha256": digest}))
-    log.debug("cached %s at %s (sha256 %s)", uri, local, digest)
-    return local
-
-
-def _cached_copy_is_valid(local: Path, sidecar: Path, uri: str, version: str) -> bool:
-    if not (local.is_file() and sidecar.is_file()):
-        return False
-    try:
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(record, dict) or record.get("uri") != uri or record.get("version") != version:
-        return False  # the remote file changed since this copy was made
-    actual = file_sha256(local)
-    if actual != record.get("sha256"):
-        log.warning("cached weights %s do not match the sha256 recorded at download (%s, now %s); downloading "
-                    "them again", local, record.get("sha256"), actual)
-        return False
-    return True
-
-
-def _download_verified(local: Path, download: Callable[[Path], None]) -> str:
-    """Download into a private temporary file next to ``local`` and rename it into place; returns its sha256."""
-    fd, tmp_name = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        download(tmp)
-        digest = file_sha256(tmp)
-        os.replace(tmp, local)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest
-
-
-def _write_private_text(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

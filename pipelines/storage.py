@@ -16,6 +16,8 @@ trying to log in with the literal mask.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -39,7 +41,6 @@ log = logging.getLogger(__name__)
 S3_PREFIX = "s3://"
 SECRET_MASK = "**********"  # what pydantic prints for a SecretStr
 DEFAULT_REGION = "us-east-1"
-DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "mpft-cache"
 STAMP_DIR = ".mpft-stamps"
 _SECRET_FIELDS = ("access_key", "secret_key", "session_token")
 
@@ -347,15 +348,38 @@ def exists(uri: str, cfg: StorageConfig | dict | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/mpft/downloads`` (``~/.cache/mpft/downloads`` when unset): per user, never a shared /tmp
+    folder where another account could plant a file this process would then load as weights."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mpft" / "downloads"
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created with mode 0700 (parents as needed); PermissionError if it belongs to another user, and a
+    folder of ours that others could write to is narrowed to 0700 first."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"the download cache {str(path)!r} belongs to another user; refusing to use it")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
 def fetch_to_local(uri: str, cfg: StorageConfig | dict | None = None, cache_dir: Optional[Path] = None) -> Path:
     """A local path holding ``uri``: local paths are returned as they are; ``s3://`` files (or whole prefixes) are
-    downloaded into ``cache_dir/<bucket>/<key>`` and reused while their size and modification time are unchanged."""
+    downloaded into the per-user cache (``default_cache_dir()`` unless ``cache_dir``), ``<cache>/<bucket>/<key>``.
+
+    A cached file is reused while the remote size and modification time are those it was downloaded at *and* its
+    sha256 still matches the one recorded then (a file swapped under the same size and mtime is fetched again).
+    """
     fs, path = resolve(uri, cfg)
     if fs.type_name == "local":
         if not Path(path).exists():
             raise FileNotFoundError(path)
         return Path(path)
-    root = Path(cache_dir or DEFAULT_CACHE_DIR)
+    root = private_dir(Path(cache_dir or default_cache_dir()))
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"nothing at {uri}")
@@ -371,21 +395,46 @@ def _fetch_file(fs: pafs.FileSystem, info: pafs.FileInfo, root: Path) -> Path:
     local = root / info.path
     # Stamps live in their own tree so a fetched folder (e.g. a checkpoint) holds exactly the remote files.
     stamp = root / STAMP_DIR / (info.path + ".stamp")
-    expected = f"{info.size} {info.mtime_ns}"
-    if local.exists() and stamp.exists() and stamp.read_text() == expected:
+    version = f"{info.size} {info.mtime_ns}"
+    if _cached_copy_is_valid(local, stamp, version):
         return local
-    local.parent.mkdir(parents=True, exist_ok=True)
+    local.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Download next to the target and rename: a crash or a parallel worker never sees a half-written file.
     fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=local.name + ".part-")
     try:
+        digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, fs.open_input_stream(info.path) as stream:
             while chunk := stream.read(8 << 20):
+                digest.update(chunk)
                 out.write(chunk)
         os.replace(tmp, local)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(expected)
+    stamp.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"version": version, "sha256": digest.hexdigest()}))
     log.debug("fetched s3://%s to %s", info.path, local)
     return local
+
+
+def _cached_copy_is_valid(local: Path, stamp: Path, version: str) -> bool:
+    if not (local.is_file() and stamp.is_file()):
+        return False
+    try:
+        record = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("version") != version:
+        return False  # the remote file changed since this copy was made
+    if file_sha256(local) != record.get("sha256"):
+        log.warning("cached %s does not match the sha256 recorded at download; fetching it again", local)
+        return False
+    return True
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -58,7 +58,6 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from mpft_core.backbone import cached_weights
 from mpft_core.checkpoint import META_FILE, WEIGHTS_FILE, check_safetensors_layout, parse_checkpoint_meta
 from mpft_core.config import MethodConfig
 from mpft_core.detector import MPFTDetector
@@ -92,6 +91,9 @@ class RankZeroLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_training_masks(self, images: np.ndarray, masks: np.ndarray, grid_size: int) -> None: ...
+
+    def close(self) -> None:
+        """Send what an outage held back; report what still cannot be sent."""
 
 
 @dataclass
@@ -170,6 +172,8 @@ def train_loop_per_worker(config: dict) -> None:
             summary = broadcast_from_rank0(summary)
             ray.train.report({**summary, "epoch": epoch, "global_step": setup.global_step,
                               "resumed_from_step": resumed_from_step}, checkpoint=checkpoint)
+    if rank == 0 and logger is not None:
+        logger.close()
 
 
 def quiet_worker_console() -> None:
@@ -201,31 +205,13 @@ def _setup_or_resume(method: MethodConfig, loop: LoopConfig, storage_cfg) -> Tra
     if Ray hands one over (restart after a failure, or a same-name re-run)."""
     device = ray.train.torch.get_device()
     total_steps = loop.steps_per_epoch * method.optim.epochs
-    resolve = lambda uri: str(fetch_weights(uri, storage_cfg))  # noqa: E731
+    resolve = lambda uri: str(storage.fetch_to_local(uri, storage_cfg))  # noqa: E731
     latest = ray.train.get_checkpoint()
     if latest is None:
         return setup_training(method, device, total_steps=total_steps, resolve_uri=resolve)
     chosen = Checkpoint(resume_checkpoint_path(latest.filesystem, latest.path), filesystem=latest.filesystem)
     with chosen.as_directory() as d:
         return setup_training(method, device, total_steps=total_steps, resolve_uri=resolve, resume_from=Path(d))
-
-
-def fetch_weights(uri: str, storage_cfg) -> Path:
-    """A local path for backbone weights: a local file as it is, an ``s3://`` file through the per-user weights
-    cache (downloaded once per remote version, re-verified by sha256 before every use)."""
-    fs, path = storage.resolve(uri, storage_cfg)
-    if fs.type_name == "local":
-        return Path(path)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"backbone weights {uri!r}: no such file")
-
-    def download(destination: Path) -> None:
-        with fs.open_input_stream(path) as stream, open(destination, "wb") as out:
-            while chunk := stream.read(8 << 20):
-                out.write(chunk)
-
-    return cached_weights(uri, version=f"{info.size} {info.mtime_ns}", download=download)
 
 
 def resume_checkpoint_path(fs: pafs.FileSystem, latest: str) -> str:

@@ -232,6 +232,39 @@ def test_fetch_to_local_caches_and_refreshes_when_the_object_changes(s3_server, 
     assert storage.fetch_to_local(str(first), cache_dir=tmp_path) == first  # local paths pass through
 
 
+@pytest.mark.timeout(60)
+def test_the_download_cache_is_per_user_with_mode_0700(s3_server, tmp_path, monkeypatch):
+    cfg = s3_server.storage_config()
+    bucket = _fresh_bucket(s3_server)
+    storage.write_bytes(f"{bucket}/w/tower.safetensors", b"weights", cfg)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+
+    local = storage.fetch_to_local(f"{bucket}/w/tower.safetensors", cfg)
+    storage.fetch_to_local(f"{bucket}/w/tower.safetensors", cfg, cache_dir=shared)
+
+    assert local.is_relative_to(tmp_path / "xdg" / "mpft" / "downloads")
+    assert (storage.default_cache_dir().stat().st_mode & 0o777) == 0o700
+    assert (shared.stat().st_mode & 0o777) == 0o700  # a folder others could write to is narrowed first
+
+
+@pytest.mark.timeout(60)
+def test_a_cached_file_swapped_under_the_same_size_and_mtime_is_fetched_again(s3_server, tmp_path):
+    cfg = s3_server.storage_config()
+    bucket = _fresh_bucket(s3_server)
+    storage.write_bytes(f"{bucket}/w/tower.safetensors", b"the real weights", cfg)
+    local = storage.fetch_to_local(f"{bucket}/w/tower.safetensors", cfg, cache_dir=tmp_path)
+    stat = local.stat()
+
+    local.write_bytes(b"planted weights!")  # same size; only a content hash tells
+    os.utime(local, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    assert storage.fetch_to_local(f"{bucket}/w/tower.safetensors", cfg, cache_dir=tmp_path).read_bytes() == (
+        b"the real weights")
+
+
 # --------------------------------------------------------------------------------------------------- LocalS3Server
 
 
