@@ -7,6 +7,8 @@ the hidden files of the tools that fetched it. Everything runs on the real stack
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,24 @@ def _encoded(pixels: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header announcing ``width`` x ``height`` pixels with almost no data: a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
+        b"IEND", b"")
+
+
+def _deep_grey_png() -> bytes:
+    """12-bit values in a 16-bit greyscale PNG, as scanners and medical cameras write them."""
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _crawl_files() -> tuple[dict[str, bytes], set[str]]:
     """({relative path: bytes}, the relative paths that hold an image and must be scored)."""
     real, fake = real_photo_crops(4, 40, seed=3), fake_images(4, 40, seed=3)
@@ -42,11 +62,15 @@ def _crawl_files() -> tuple[dict[str, bytes], set[str]]:
         "3f9a0c7e1d2b": _encoded(fake[0], "PNG"),             # content-addressed keys: no extension
         "ab/cd/abcd0123": _encoded(fake[1], "JPEG"),
         "ab/ef/ef456789": _encoded(fake[2], "WEBP"),
+        "wide-strip.png": _encoded(np.full((2, 2_000_000, 3), 90, dtype=np.uint8), "PNG"),  # tiled in its window only
+        "7d1e22aa90f1": _deep_grey_png(),
     }
     broken = {
         "0badc0de": b"<html><body>403 Forbidden</body></html>\n",  # an error page saved under a hash
         "truncated.jpg": jpeg[: len(jpeg) // 2],
         "e3b0c44298fc": b"",                                      # sha256 of nothing: an empty object
+        "bomb.png": _png_declaring(40_000, 40_000),              # over max_pixels: refused before decoding
+        "poster.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",  # EPS: not on the allow-list
     }
     hidden = {
         ".hidden.png": _encoded(fake[3], "PNG"),
@@ -115,6 +139,8 @@ def test_the_decoder_sniffs_content_not_names(crawl):
     assert set(errors) == set(expected)
     assert {path for path, error in errors.items() if error is None} == {p for p, ok in expected.items() if ok}
     assert "empty" in errors[str(root / "e3b0c44298fc")]
+    assert "unsupported format EPS" in errors[str(root / "poster.jpg")]
+    assert "pixel limit" in errors[str(root / "bomb.png")]
 
 
 def test_the_table_lists_extensionless_files_and_narrows_to_the_given_extensions(crawl, checkpoint, capsys,
@@ -130,7 +156,7 @@ def test_the_table_lists_extensionless_files_and_narrows_to_the_given_extensions
     assert set(everything) == {str(Path(p).relative_to(root)) for p in expected}
     assert everything["3f9a0c7e1d2b"][2] in ("generated", "real")
     assert everything["0badc0de"][1] == "error"
-    assert narrowed == {"photo.png", "photo.JPG", "truncated.jpg"}
+    assert narrowed == {"photo.png", "photo.JPG", "truncated.jpg", "wide-strip.png", "bomb.png", "poster.jpg"}
 
 
 def test_a_manifest_reaching_outside_its_folder_is_refused_before_ray_starts(crawl, checkpoint, tmp_path,
@@ -173,4 +199,4 @@ def test_mpft_score_gives_every_crawled_object_one_row_with_a_score_or_an_error(
             assert row["error"] is None and 0.0 <= row["score"] <= 1.0 and row["verdict"] in ("generated", "real")
         else:
             assert row["score"] is None and row["verdict"] is None and row["error"], row
-    assert '"n_skipped_already_scored": 9' in capsys.readouterr().out
+    assert f'"n_skipped_already_scored": {len(expected)}' in capsys.readouterr().out
