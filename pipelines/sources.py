@@ -17,11 +17,12 @@ of vanishing. Hidden names are skipped, and so is everything inside a hidden fol
 listing of every folder layout; it is refused for a manifest, which names its files itself.
 
 A manifest cannot reach outside its corpus: a row that resolves outside the manifest's folder (an absolute path or
-URI elsewhere, ``..`` that climbs out, another bucket or scheme) makes the whole source an error, raised while the
-manifest is read, so before any Ray work, naming how many rows and one of them; ``allow_outside_corpus: true`` lets
-such rows through. A row naming a special file (under ``/dev``, ``/proc`` or ``/sys``, or a FIFO, device or socket,
-also through a symlink) is refused even then: reading it never ends or is never an image. A refusal is a job error,
-not error rows, because a manifest pointing at ``/etc`` is a misconfiguration or an attack, not bad data.
+URI elsewhere, ``..`` that climbs out, another bucket or scheme, a local symlink whose target lies outside) makes
+the whole source an error, raised while the manifest is read, so before any Ray work, naming how many rows and one
+of them; ``allow_outside_corpus: true`` lets such rows through. A row naming a special file (under ``/dev``,
+``/proc`` or ``/sys``, or a FIFO, device or socket, also through a symlink) is refused even then: reading it never
+ends or is never an image. A refusal is a job error, not error rows, because a manifest pointing at ``/etc`` is a
+misconfiguration or an attack, not bad data.
 
 Subset names do not depend on where ``uri`` points: genimage takes the folder directly above ``{train,val}``, ufd the
 nearest folder above ``{0_real,1_fake}`` that is not one of UFD's object categories (car, cat, ...), even when that
@@ -332,11 +333,13 @@ def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None, allow_outsi
 def _absolute(path: Optional[str], folder: str, uri: str) -> str:
     if not path:
         raise ValueError(f"manifest {uri} has an empty path")
-    if storage.is_remote(path) or path.startswith("/"):
-        return path
+    # normpath folds "./" and "../" everywhere: "/corpus/../etc/passwd" must not pass for a path below /corpus
+    if storage.is_remote(path):
+        return storage.S3_PREFIX + posixpath.normpath(path[len(storage.S3_PREFIX):])
+    if path.startswith("/"):
+        return posixpath.normpath(path)
     if "://" in path:
         raise ValueError(f"manifest {uri}: unsupported location {path!r}")
-    # normpath folds "./" and "../" (an S3 key would otherwise contain them literally and never match)
     if storage.is_remote(folder):
         key = posixpath.normpath(posixpath.join(folder[len(storage.S3_PREFIX):], path))
         return storage.S3_PREFIX + key
@@ -345,7 +348,7 @@ def _absolute(path: Optional[str], folder: str, uri: str) -> str:
 
 def _refuse_rows_outside(uri: str, folder: str, written: list[str], paths: list[str]) -> None:
     """ValueError naming how many rows of manifest ``uri`` resolve outside its ``folder``, and the first of them."""
-    outside = [i for i, path in enumerate(paths) if not _is_below(folder, path)]
+    outside = [i for i, path in enumerate(paths) if not _is_inside(folder, path)]
     if outside:
         raise ValueError(f"manifest {uri}: {len(outside)} of {len(paths)} rows point outside the manifest's folder "
                          f"{folder}, e.g. {_shown_row(outside[0], written, paths)}; move the manifest to the folder "
@@ -360,6 +363,14 @@ def _refuse_special_files(uri: str, written: list[str], paths: list[str]) -> Non
         raise ValueError(f"manifest {uri}: {len(special)} of {len(paths)} rows name a special file (a device, FIFO, "
                          f"socket or a file under {', '.join(SPECIAL_FOLDERS)}), e.g. "
                          f"{_shown_row(special[0], written, paths)}; these are never images and are always refused")
+
+
+def _is_inside(folder: str, path: str) -> bool:
+    """``path`` is below ``folder``, and on a local disk so is the file it really is (a symlink in the corpus, e.g.
+    from an extracted crawl archive, may not lead out of it)."""
+    if not _is_below(folder, path):
+        return False
+    return storage.is_remote(path) or _is_below(os.path.realpath(folder), os.path.realpath(path))
 
 
 def _is_below(folder: str, path: str) -> bool:

@@ -472,6 +472,19 @@ def test_a_manifest_row_outside_its_folder_is_refused_unless_allowed(tmp_path, r
     assert allowed.num_rows == 2
 
 
+def test_an_absolute_row_climbing_out_or_a_symlink_leading_out_is_refused(tmp_path):
+    (tmp_path / "secret.png").write_text("the-secret-content")
+    climbing = _manifest_with(tmp_path / "m", f"{tmp_path / 'm'}/../secret.png")
+    (tmp_path / "n" / "imgs").mkdir(parents=True)
+    (tmp_path / "n" / "imgs" / "link.png").symlink_to(tmp_path / "secret.png")
+    linked = _manifest_with(tmp_path / "n", "imgs/link.png")
+
+    for uri in (climbing, linked):
+        with pytest.raises(ValueError, match=r"1 of 2 rows point outside the manifest's folder.*row 2"):
+            build_manifest(SourceConfig(uri=uri, layout="manifest"))
+    assert build_manifest(SourceConfig(uri=linked, layout="manifest", allow_outside_corpus=True)).num_rows == 2
+
+
 def test_a_manifest_may_name_its_own_files_by_absolute_path(tmp_path):
     uri = _manifest_with(tmp_path / "m", str(tmp_path / "m" / "imgs" / "ok2.png"), "imgs/./sub/../ok3.png")
 
