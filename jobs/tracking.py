@@ -33,6 +33,7 @@ Registry — aliases, never stages
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import json
 import logging
@@ -818,7 +819,11 @@ def _download_model(uri: str, dst_dir: Optional[str], name: Optional[str], versi
 
 def _new_dir(dst_dir: Optional[str]) -> Path:
     if dst_dir is None:
-        return Path(tempfile.mkdtemp(prefix="mpft-model-"))
+        # Removed when this process exits (SIGTERM included: the CLI turns it into an exception): the jobs hand the
+        # model to Ray as bytes, so nothing outlives the driver that needs this copy.
+        path = Path(tempfile.mkdtemp(prefix="mpft-model-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        return path
     path = Path(dst_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -426,3 +429,23 @@ def test_aliases_and_version_tags(registered, tracking_uri):
     assert len(mv.tags["long"]) == tracking.MAX_TAG_VALUE_CHARS and mv.tags["long"].endswith("...[truncated]")
     assert mv.tags["train_run_id"] == registered["run_id"]
     assert tracking.get_alias_version(name, "champion") == version
+
+
+@pytest.mark.timeout(180)
+def test_a_registry_model_downloaded_by_a_command_is_removed_when_it_exits(registered, tmp_path):
+    # Each `mpft score` / `evaluate` / `promote` downloads the model it names; a crawl scored daily must not leave
+    # one copy per run in /tmp.
+    ref = f"models:/{registered['name']}/{registered['version']}"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    script = ("import sys; from jobs import tracking; "
+              "print(tracking.resolve_model(sys.argv[1]).checkpoint_dir, flush=True)")
+    env = {**os.environ, "TMPDIR": str(tmp), "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+
+    done = subprocess.run([sys.executable, "-c", script, ref], env=env, capture_output=True, text=True, timeout=150,
+                          cwd=Path(__file__).resolve().parents[1])
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).is_relative_to(tmp)  # it was downloaded there ...
+    assert list(tmp.iterdir()) == []  # ... and is gone with the process
+
