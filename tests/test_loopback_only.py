@@ -23,9 +23,9 @@ def _namespaces_allowed() -> bool:
 needs_namespaces = pytest.mark.skipif(not _namespaces_allowed(), reason="this host refuses user network namespaces")
 
 
-def _run(args, env=None, **kwargs):
+def _run(args, env=None, keep_marker=False, **kwargs):
     # Without the marker, the wrapper starts a namespace of its own even when the suite already runs in one.
-    env = {k: v for k, v in (env or os.environ).items() if k != "MPFT_LOOPBACK_ONLY"}
+    env = {k: v for k, v in (env or os.environ).items() if keep_marker or k != "MPFT_LOOPBACK_ONLY"}
     return subprocess.run([str(WRAPPER), *args], env=env, capture_output=True, text=True, timeout=60, **kwargs)
 
 
@@ -40,9 +40,12 @@ def test_the_command_sees_only_loopback_under_its_own_identity():
 
 @needs_namespaces
 def test_a_server_bound_on_every_interface_inside_is_unreachable_from_outside():
+    token = os.urandom(8).hex()
     server = (
-        "import socket, sys; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
-        "print(s.getsockname()[1], flush=True); sys.stdin.read()"
+        "import socket, sys, threading; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
+        "print(s.getsockname()[1], flush=True); "
+        f"threading.Thread(target=lambda: [s.accept()[0].sendall(b'{token}') for _ in iter(int, 1)], daemon=True)"
+        ".start(); sys.stdin.read()"
     )
     inside = subprocess.Popen(
         [str(WRAPPER), sys.executable, "-c", server], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -50,17 +53,27 @@ def test_a_server_bound_on_every_interface_inside_is_unreachable_from_outside():
     )
     try:
         port = int(inside.stdout.readline())
-        # The same bind outside the wrapper is reachable: the check below can only pass through the namespace.
-        with socket.socket() as control:
-            control.bind(("0.0.0.0", 0))
-            control.listen()
-            socket.create_connection(("127.0.0.1", control.getsockname()[1]), timeout=5).close()
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert _answer_on(port) != token.encode()  # refused, or some other service of this host on that number
     finally:
         inside.stdin.close()
         inside.wait(timeout=30)
     assert inside.returncode == 0
+
+
+def _answer_on(port: int) -> bytes | None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            return conn.recv(64)
+    except OSError:
+        return None
+
+
+@needs_namespaces
+def test_an_inherited_marker_is_not_trusted_outside_a_loopback_only_namespace():
+    probe = "import socket; print([n for _, n in socket.if_nameindex()])"
+    done = _run([sys.executable, "-c", probe], env={**os.environ, "MPFT_LOOPBACK_ONLY": "1"}, keep_marker=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['lo']"
 
 
 @needs_namespaces
