@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from mpft_core.imageio import DEFAULT_MAX_BYTES
 from pipelines import storage
 from pipelines.sources import SourceConfig, build_manifest
 from pipelines.storage import StorageConfig
@@ -93,7 +94,7 @@ def find_holdout_leaks(train_manifest: pa.Table, holdout_manifest: pa.Table,
     leaks = HoldoutLeaks(len(holdout_paths), shared_paths=holdout_paths.filter(shared).to_pylist())
     holdout_digests = _digests_by_size(holdout_paths.filter(pc.invert(shared)).to_pylist(), storage_cfg)
     if holdout_digests:
-        reader = storage.BytesReader(storage_cfg)
+        reader = storage.BytesReader(storage_cfg, max_bytes=DEFAULT_MAX_BYTES)
         for train_path, data in _same_size_training_files(train_paths, set(holdout_digests), storage_cfg, reader):
             for holdout_path in holdout_digests[len(data)].get(hashlib.sha256(data).hexdigest(), []):
                 leaks.same_bytes.setdefault(holdout_path, train_path)
@@ -103,7 +104,8 @@ def find_holdout_leaks(train_manifest: pa.Table, holdout_manifest: pa.Table,
 def _digests_by_size(paths: list[str], storage_cfg) -> dict[int, dict[str, list[str]]]:
     """{size: {sha256: [holdout paths]}} of the readable files; unreadable ones are the evaluation's error rows."""
     digests: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for path, (data, err) in zip(paths, storage.BytesReader(storage_cfg).read_each(paths), strict=True):
+    reads = storage.BytesReader(storage_cfg, max_bytes=DEFAULT_MAX_BYTES).read_each(paths)
+    for path, (data, err) in zip(paths, reads, strict=True):
         if err is None:
             digests[len(data)][hashlib.sha256(data).hexdigest()].append(path)
     return digests

@@ -85,6 +85,7 @@ UNLABELLED_SUBSET = "unlabelled"
 _CARVE_KEY = "carve_key"  # a column that lives only until the carve
 _HASH_VERSION = b"mpft-manifest-v1\n"
 SPECIAL_FOLDERS = ("/dev", "/proc", "/sys")  # pseudo-files: endless, or the machine's secrets, never images
+MAX_MANIFEST_BYTES = 4 << 30  # a manifest is read whole: room for ~40 million rows of 100-byte paths
 _SHOWN_PATH_CHARS = 200  # a refused row is quoted, cut to this length
 
 
@@ -298,7 +299,7 @@ def _check_unique_paths(table: pa.Table, uri: str) -> None:
 
 
 def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None, allow_outside_corpus: bool) -> pa.Table:
-    data = storage.read_bytes(uri, storage_cfg)
+    data = storage.read_bytes(uri, storage_cfg, max_bytes=MAX_MANIFEST_BYTES)
     ext = posixpath.splitext(uri)[1].lower()
     if ext == ".parquet":
         table = pq.read_table(pa.BufferReader(data))

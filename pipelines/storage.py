@@ -203,9 +203,10 @@ def list_files(uri: str, cfg: StorageConfig | dict | None = None,
                   if i.type == pafs.FileType.File and _wanted(i.path[len(root) + 1:], extensions))
 
 
-def read_bytes(uri: str, cfg: StorageConfig | dict | None = None) -> bytes:
+def read_bytes(uri: str, cfg: StorageConfig | dict | None = None, max_bytes: Optional[int] = None) -> bytes:
+    """The whole file; ``TooLarge`` past ``max_bytes`` (the read stops one byte past it)."""
     fs, path = resolve(uri, cfg)
-    return _read(fs, path)
+    return _read(fs, path, max_bytes)
 
 
 READ_CHUNK = 4 << 20

@@ -114,8 +114,17 @@ class LoopConfig:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    loop = LoopConfig(**{k: v for k, v in config.items() if k != "logger"})
     logger: Optional[RankZeroLogger] = config.get("logger")
+    try:
+        _train(config, logger)
+    finally:
+        # Also when the loop fails (Ray then restarts the group): what an MLflow outage held back is sent or reported.
+        if logger is not None and ray.train.get_context().get_world_rank() == 0:
+            logger.close()
+
+
+def _train(config: dict, logger: Optional[RankZeroLogger]) -> None:
+    loop = LoopConfig(**{k: v for k, v in config.items() if k != "logger"})
     method = MethodConfig.from_dict(loop.method)
     torch.set_num_threads(loop.torch_threads)
     if not loop.verbose:
@@ -172,8 +181,6 @@ def train_loop_per_worker(config: dict) -> None:
             summary = broadcast_from_rank0(summary)
             ray.train.report({**summary, "epoch": epoch, "global_step": setup.global_step,
                               "resumed_from_step": resumed_from_step}, checkpoint=checkpoint)
-    if rank == 0 and logger is not None:
-        logger.close()
 
 
 def quiet_worker_console() -> None:
