@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import BinaryIO, Optional, Union
+from typing import BinaryIO, Union
 
 import open_clip
 import torch
@@ -114,21 +114,6 @@ def _tensor_end(entry, origin: str) -> int:
             and 0 <= offsets[0] <= offsets[1]):
         raise ValueError(f"{origin!r} is not a safetensors file (a tensor entry has no valid data_offsets)")
     return offsets[1]
-
-
-def checkpoint_problem(path: PathLike) -> Optional[str]:
-    """Why the local checkpoint directory ``path`` cannot be loaded (one line), or None if its ``mpft.json`` reads
-    and its ``model.safetensors`` is whole. Cheap: the tensors themselves are not read."""
-    try:
-        directory, weights_path = _checkpoint_files(Path(path))
-        read_checkpoint_meta(directory)
-        if not weights_path.is_file():
-            return f"{WEIGHTS_FILE} is missing"
-        with open(weights_path, "rb") as handle:
-            check_safetensors_layout(handle, weights_path.stat().st_size, origin=str(weights_path))
-    except (ValueError, OSError) as err:
-        return str(err)
-    return None
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu",

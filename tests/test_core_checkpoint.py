@@ -385,35 +385,7 @@ def test_optimizer_state_is_only_restored_onto_a_model_already_on_its_device(tmp
         restore_training_state(resumed, directory)
 
 
-# ------------------------------------------------------------------------------------ broken checkpoints, no leftovers
-
-
-def truncate(path, keep_fraction: float = 0.5) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep_fraction)])
-
-
-def test_a_whole_checkpoint_has_no_problem(tmp_path):
-    from mpft_core.checkpoint import checkpoint_problem
-
-    assert checkpoint_problem(save_checkpoint(tiny_detector(), tmp_path / "ckpt")) is None
-
-
-@pytest.mark.parametrize("damage, reason", [
-    (lambda d: truncate(d / "model.safetensors"), "truncated"),
-    (lambda d: truncate(d / "model.safetensors", keep_fraction=0.0001), "not a safetensors file"),
-    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
-    (lambda d: (d / "mpft.json").unlink(), "mpft.json is missing"),
-    (lambda d: truncate(d / "mpft.json"), "not valid JSON"),
-    (lambda d: (d / "mpft.json").write_text('{"format": "something-else"}'), "not an MPFT checkpoint description"),
-])
-def test_a_damaged_checkpoint_is_named_with_the_reason_before_anything_loads_it(tmp_path, damage, reason):
-    from mpft_core.checkpoint import checkpoint_problem
-
-    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
-    damage(directory)
-
-    assert reason in checkpoint_problem(directory)
+# ---------------------------------------------------------------------------------------------------- no leftovers
 
 
 def test_a_save_that_fails_midway_leaves_no_hidden_half_written_file(tmp_path):
