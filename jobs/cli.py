@@ -8,8 +8,9 @@ infra.local_stack.<name>``), which tests and the demo start, and the benchmarks 
 
 Failures a person can fix (a missing file, an unknown URI scheme, a server that does not answer, a bad config key, a
 manifest with wrong labels) are one line on stderr and exit status 2, checked before anything starts where they can
-be; the traceback only with ``-v``. The object store failing mid-job is one line and status 1. SIGTERM unwinds like
-Ctrl-C, so every server and Ray instance a command started is stopped (status 143; 130 for Ctrl-C).
+be; the traceback only with ``-v``. Any other ValueError is an internal error: one line and status 1. The object
+store failing mid-job is one line and status 1. SIGTERM unwinds like Ctrl-C, so every server and Ray instance a
+command started is stopped (status 143; 130 for Ctrl-C).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ LOCATION_ARGUMENTS = {
 LOCATION_CHECKS = {"input": check_input_location, "model": check_model_reference, "output": check_location_scheme}
 USAGE_ERROR_STATUS = 2
 STORE_FAILURE_STATUS = 1
+INTERNAL_ERROR_STATUS = 1
 # The shell's convention: 128 + the signal's number.
 INTERRUPTED_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -114,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"mpft {args.command}: {failure}", file=sys.stderr)  # credentials or network: one line
                 return STORE_FAILURE_STATUS
             message = expected_failure(err, getattr(args, "config", None))
-            if message is None:
+            if message is not None:
+                fail(args.command, message, err)
+            if not isinstance(err, ValueError) or raised_in_ray_task(err):
                 raise  # a bug: its traceback is what a report needs
-            fail(args.command, message, err)
+            return report_internal_error(args.command, err, args.verbose)
 
 
 class CommandFailed(SystemExit):
@@ -137,6 +141,16 @@ def fail(command: str, message: str, err: BaseException) -> NoReturn:
     line = " ".join(message.split())
     print(line if line.startswith("mpft ") else f"mpft {command}: {line}", file=sys.stderr)
     raise CommandFailed(line) from None
+
+
+def report_internal_error(command: str, err: ValueError, verbose: bool) -> int:
+    """One line for a ValueError nobody expected (a shape mismatch, a bad parse): status 1, a bug rather than the
+    user's input; its traceback with -v."""
+    logging.getLogger(__name__).debug("mpft %s failed", command, exc_info=err)
+    hint = "" if verbose else " (run with -v for the traceback)"
+    print(f"mpft {command}: internal error: {type(err).__name__}: {' '.join(str(err).split())}{hint}",
+          file=sys.stderr)
+    return INTERNAL_ERROR_STATUS
 
 
 def report_interrupted(command: str, signum: int) -> int:
@@ -198,9 +212,18 @@ def expected_failure(err: Exception, config_file: Optional[str] = None) -> Optio
         return missing_path(err)
     if isinstance(err, FileNotFoundError):
         return str(err)
-    if isinstance(err, ValueError) and not raised_in_ray_task(err):
-        return str(err)  # this project's ValueErrors name a bad input: a manifest's labels, a layout, a subset
+    if isinstance(err, ValueError) and not raised_in_ray_task(err) and is_input_refusal(err):
+        return str(err)
     return mlflow_refusal(err)
+
+
+def is_input_refusal(err: ValueError) -> bool:
+    """Whether ``err`` is this project's refusal of a bad input (``InputError``; an output refused to this job), not a
+    ValueError from deeper down (numpy, int(), a library)."""
+    from mpft_core.config import InputError
+
+    scoring = sys.modules.get("pipelines.scoring")  # loaded whenever one of its refusals can have been raised
+    return isinstance(err, InputError) or (scoring is not None and isinstance(err, scoring.OutputRefused))
 
 
 def invalid_config(err, config_file: Optional[str]) -> str:

@@ -107,7 +107,13 @@ def check_reachable(url: str, what: str, timeout_s: float = REACHABLE_TIMEOUT_S)
             return
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
-        raise UsageError(f"cannot reach {what} at {url}: {reason}") from None
+        raise UsageError(f"cannot reach {what} at {shown_url(url)}: {reason}") from None
+
+
+def shown_url(url: str) -> str:
+    """``url`` without its ``user:password@`` and query string, which may carry a credential."""
+    parsed = urlparse(url)
+    return parsed._replace(netloc=parsed.netloc.rpartition("@")[2], query="", fragment="").geturl()
 
 
 def require_tracking_uri(uri: Optional[str], how_to_set: str) -> str:

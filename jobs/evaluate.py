@@ -31,17 +31,20 @@ def run_evaluate(model_ref: str, sources: Sequence, *, storage_cfg: Optional[Sto
                  output_uri: Optional[str] = None, tracking_uri: Optional[str] = None,
                  ray_address: Optional[str] = None, run_name: Optional[str] = None,
                  verbose: bool = False) -> tuple[EvalResult, Optional[str]]:
-    """Evaluate; write table + scores under ``output_uri`` if given; log to MLflow if a tracking URI is given;
+    """Evaluate (the sources' manifests are read, and refused, before Ray starts); write table + scores under
+    ``output_uri`` if given; log to MLflow if a tracking URI is given;
     ``verbose``: Ray's own progress on the console too.
 
     Returns the result and the MLflow run id (None when not logged).
     """
     from jobs.tracking import resolve_model
+    from pipelines.evaluation import build_eval_manifest
     from pipelines.runtime import init_ray
 
+    manifest = build_eval_manifest(sources, storage_cfg)  # bad labels, rows outside the corpus: refused before Ray
     model = resolve_model(model_ref, storage_cfg)
     init_ray(ray_address, verbose=verbose)
-    result = evaluate(model, sources, storage_cfg, perturbations, options)
+    result = evaluate(model, sources, storage_cfg, perturbations, options, manifest=manifest)
     print(to_markdown(result.table))
     if output_uri:
         write_outputs(result, output_uri, storage_cfg)

@@ -51,15 +51,20 @@ class PromotionOutcome:
     holdout_hash: str
 
 
-def default_evaluator(model_refs: list[str], holdout: list[SourceConfig], storage_cfg: Optional[StorageConfig]):
+def default_evaluator(model_refs: list[str], holdout: list[SourceConfig], storage_cfg: Optional[StorageConfig], *,
+                      start_ray: Optional[Callable[[], None]] = None):
     """Clean per-subset metrics of registered versions, by the same code path as `mpft evaluate` (fake-only holdout
     subsets scored with the real subset their source pairs them with); the models are compared in one pass over the
-    holdout (each image read and decoded once)."""
+    holdout (each image read and decoded once). ``start_ray``: called once the holdout manifest is built and the
+    models are resolved (None: Ray is up already)."""
     from pipelines.evaluation import CLEAN, EvalOptions, build_eval_manifest, evaluate_many
     from pipelines.sources import manifest_hash
 
     manifest = build_eval_manifest(holdout, storage_cfg)
-    results = evaluate_many([tracking.resolve_model(ref, storage_cfg) for ref in model_refs], holdout, storage_cfg,
+    models = [tracking.resolve_model(ref, storage_cfg) for ref in model_refs]
+    if start_ray is not None:
+        start_ray()
+    results = evaluate_many(models, holdout, storage_cfg,
                             options=EvalOptions(feature_space=False, resources=ONE_REPLICA), manifest=manifest)
     return [result.condition(CLEAN).results for result in results], manifest_hash(manifest)
 

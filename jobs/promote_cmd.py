@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import TYPE_CHECKING
 
 from jobs.common import add_stack_arguments, connect_tracking, storage_from_args
@@ -53,15 +54,17 @@ def holdout_sources(uris: list[str], layout: str | None, split: str | None) -> l
 
 
 def main(args: argparse.Namespace) -> int:
-    from jobs.promote import ChampionMoved, promote, render_decision
+    from jobs.promote import ChampionMoved, default_evaluator, promote, render_decision
     from pipelines.leakage import HoldoutLeakError
     from pipelines.runtime import init_ray
 
     connect_tracking(args, required=True)
-    init_ray(args.ray_address, verbose=args.verbose)
+    # Ray starts only once the leakage check has passed and the holdout manifest is built: their refusals come first.
+    evaluator = partial(default_evaluator, start_ray=partial(init_ray, args.ray_address, verbose=args.verbose))
     try:
         outcome = promote(args.model, holdout_sources(args.holdout, args.layout, args.split), gate_from_args(args),
-                          storage_cfg=storage_from_args(args), dry_run=args.dry_run, leakage=args.leakage)
+                          storage_cfg=storage_from_args(args), dry_run=args.dry_run, leakage=args.leakage,
+                          evaluator=evaluator)
     except (HoldoutLeakError, ChampionMoved) as err:
         raise SystemExit(f"mpft promote: refused: {err}") from None
     print(render_decision(outcome, args.model, args.dry_run))

@@ -23,7 +23,7 @@ from jobs import tracking
 from jobs.config import TrainJobConfig, load_yaml
 from jobs.gate import GateConfig
 from jobs.promote import PromotionOutcome, default_evaluator, promote, render_decision
-from mpft_core.config import StrictModel
+from mpft_core.config import InputError, StrictModel
 from mpft_core.metrics import MEAN_KEY
 from pipelines.leakage import LeakagePolicy, check_holdout_leakage
 from pipelines.sources import SourceConfig
@@ -63,7 +63,7 @@ def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] =
 
     model_name = cfg.train.tracking.registered_model
     if not model_name:
-        raise ValueError("retraining needs train.tracking.registered_model: promotion works on the registry")
+        raise InputError("retraining needs train.tracking.registered_model: promotion works on the registry")
     training_sources = [*cfg.train.train, *cfg.new_data]
     check_holdout_leakage(training_sources, cfg.holdout, cfg.train.storage, cfg.leakage)  # before hours of training
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S")

@@ -68,6 +68,7 @@ from mlflow.protos.databricks_pb2 import (
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ColSpec, Schema
 
+from mpft_core.config import InputError
 from pipelines.scoring_spec import ResolvedModel
 from pipelines.storage import SECRET_MASK
 
@@ -694,7 +695,7 @@ def _stage_checkpoint(source: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
     for file_name in CHECKPOINT_FILES:
         if not (source / file_name).is_file():
-            raise ValueError(f"{str(source)!r} is not an MPFT checkpoint: {file_name} is missing")
+            raise InputError(f"{str(source)!r} is not an MPFT checkpoint: {file_name} is missing")
         shutil.copy2(source / file_name, dest / file_name)
     return dest
 
@@ -795,7 +796,7 @@ def resolve_model(ref: str, storage_cfg=None, *, dst_dir: Optional[str] = None) 
         return ResolvedModel(_fetch_s3_checkpoint(ref, storage_cfg, cache), ref)
     local = Path(ref.removeprefix("file://")).resolve()
     if not local.is_dir():
-        raise ValueError(f"cannot resolve model {ref!r}: not a registry/run URI, s3:// prefix or local folder")
+        raise InputError(f"cannot resolve model {ref!r}: not a registry/run URI, s3:// prefix or local folder")
     return ResolvedModel(str(_find_checkpoint(local, ref)), str(local))
 
 
@@ -836,7 +837,7 @@ def _find_checkpoint(folder: Path, ref: str) -> Path:
     for candidate in (folder, folder / "artifacts" / CHECKPOINT_ARTIFACT):
         if _is_checkpoint(candidate):
             return candidate
-    raise ValueError(f"{ref!r} is not an MPFT checkpoint: no {' + '.join(CHECKPOINT_FILES)} in {folder} "
+    raise InputError(f"{ref!r} is not an MPFT checkpoint: no {' + '.join(CHECKPOINT_FILES)} in {folder} "
                      f"(nor in its artifacts/{CHECKPOINT_ARTIFACT}/)")
 
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from jobs import plots, tracking
 from jobs.config import TrainJobConfig
 from mpft_core.backbone import input_size, read_weights_metadata, resolve_architecture
-from mpft_core.config import BackboneConfig
+from mpft_core.config import BackboneConfig, InputError
 from pipelines import ingest, sources, storage, training
 from pipelines.runtime import init_ray
 
@@ -82,7 +82,7 @@ def check_backbone_weights(backbone: BackboneConfig, storage_cfg) -> None:
         raise RefusedToStart(str(err)) from err
 
 
-class RefusedToStart(ValueError):
+class RefusedToStart(InputError):
     """A training job that cannot be right, found before Ray or MLflow start (the CLI prints it as one line)."""
 
 
@@ -101,7 +101,7 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
     INFO lines on the console too (else one line per epoch). ``resume``: "auto" resumes a same-name run only if its
     settings and data are unchanged (ChangedRunError otherwise); "force" resumes it under the new ones."""
     if resume not in RESUME_MODES:
-        raise ValueError(f"resume must be one of {RESUME_MODES}, not {resume!r}")
+        raise InputError(f"resume must be one of {RESUME_MODES}, not {resume!r}")
     # Manifests first: a leaky validation set is refused before Ray or MLflow start.
     train_manifest = labelled_manifest(cfg.train, cfg.storage)
     val_manifest = labelled_manifest(cfg.val, cfg.storage)
@@ -286,7 +286,7 @@ def labelled_manifest(source_list, storage_cfg) -> pa.Table:
     merged = pa.concat_tables(tables).sort_by("path")
     labelled = merged.filter(pc.is_valid(merged["label"]))
     if labelled.num_rows == 0:
-        raise ValueError(f"no labelled images in {[s.uri for s in source_list]}")
+        raise InputError(f"no labelled images in {[s.uri for s in source_list]}")
     return labelled
 
 

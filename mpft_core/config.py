@@ -12,6 +12,11 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class InputError(ValueError):
+    """A bad input a person can fix (a manifest's rows, a location, a model reference): the CLI prints its message
+    as one line with exit status 2. Any other ValueError is a bug and keeps its traceback."""
+
+
 class StrictModel(BaseModel):
     """A config section: unknown keys are rejected, assignments validated, and it round-trips through plain dicts.
 

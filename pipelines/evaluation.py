@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from mpft_core.config import InputError
 from mpft_core.metrics import TABLE_COLUMNS, per_subset_metrics, table_from_results
 from mpft_core.perturb import Perturbation
 from pipelines import storage
@@ -125,14 +126,14 @@ def build_eval_manifest(sources: Sequence, storage_cfg: Optional[StorageConfig] 
 
     tables = [build_manifest(src, storage_cfg) for src in sources]
     if not tables:
-        raise ValueError("the evaluation sources list no images")
+        raise InputError("the evaluation sources list no images")
     _check_one_benchmark_per_subset(sources, tables)
     manifest = pa.concat_tables(tables)
     labelled = manifest.filter(pc.is_valid(manifest.column("label")))
     if labelled.num_rows < manifest.num_rows:
         log.warning("%d unlabelled rows left out of the evaluation", manifest.num_rows - labelled.num_rows)
     if labelled.num_rows == 0:
-        raise ValueError("no labelled images in the evaluation sources (layouts genimage/ufd/manifest carry labels)")
+        raise InputError("no labelled images in the evaluation sources (layouts genimage/ufd/manifest carry labels)")
     # Subset names must not collide with the summary rows, and a missing subset still needs a name.
     subsets = pc.fill_null(labelled.column("subset"), "default")
     labelled = _each_image_once(labelled.set_column(labelled.schema.get_field_index("subset"), "subset", subsets))
@@ -148,7 +149,7 @@ def _check_one_benchmark_per_subset(sources: Sequence, tables: Sequence[pa.Table
         for subset in pc.unique(table.column("subset")).to_pylist():
             first = layout_of.setdefault(subset, source.layout)
             if first != source.layout:
-                raise ValueError(f"subset {subset!r} comes from both a {first} source and a {source.layout} source: "
+                raise InputError(f"subset {subset!r} comes from both a {first} source and a {source.layout} source: "
                                  "evaluate the two benchmarks separately")
 
 
@@ -160,7 +161,7 @@ def _each_image_once(manifest: pa.Table) -> pa.Table:
     paths = unique.column("path")
     if pc.count_distinct(paths).as_py() != len(paths):
         repeated = next(c["values"] for c in pc.value_counts(paths).to_pylist() if c["counts"] > 1)
-        raise ValueError(f"{repeated} is listed by two sources with different labels, subsets or splits")
+        raise InputError(f"{repeated} is listed by two sources with different labels, subsets or splits")
     return unique
 
 

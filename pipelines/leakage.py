@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from mpft_core.config import InputError
 from mpft_core.imageio import DEFAULT_MAX_BYTES
 from pipelines import storage
 from pipelines.sources import SourceConfig, build_manifest
@@ -36,7 +37,7 @@ LeakagePolicy = Literal["error", "warn"]
 _EXAMPLES = 2  # examples named in the one-line report
 
 
-class HoldoutLeakError(ValueError):
+class HoldoutLeakError(InputError):
     """The training data holds holdout images and the policy is ``error``."""
 
 

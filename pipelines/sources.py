@@ -68,7 +68,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
-from mpft_core.config import StrictModel
+from mpft_core.config import InputError, StrictModel
 from mpft_core.metrics import pairing_problem
 from pipelines import storage
 from pipelines.storage import StorageConfig
@@ -113,13 +113,13 @@ class SourceConfig(StrictModel):
             return None
         normalised = sorted({_as_extension(ext) for ext in extensions})
         if not normalised:
-            raise ValueError("extensions is empty: name at least one, or leave it unset to list every file")
+            raise InputError("extensions is empty: name at least one, or leave it unset to list every file")
         return normalised
 
     @model_validator(mode="after")
     def _extensions_need_a_folder(self) -> SourceConfig:
         if self.layout == "manifest" and self.extensions is not None:
-            raise ValueError("extensions narrows a folder listing; a manifest names its files itself")
+            raise InputError("extensions narrows a folder listing; a manifest names its files itself")
         return self
 
 
@@ -128,7 +128,7 @@ def _as_extension(text: str) -> str:
     ext = text.strip().lower()
     ext = ext if ext.startswith(".") else "." + ext
     if ext == "." or "/" in ext or "." in ext[1:]:
-        raise ValueError(f"extension {text!r} is not a file-name suffix like .png")
+        raise InputError(f"extension {text!r} is not a file-name suffix like .png")
     return ext
 
 
@@ -148,7 +148,7 @@ def build_manifest(source: SourceConfig, storage_cfg: StorageConfig | None = Non
         table = _carve(table, source.carve)
     table = table.select(MANIFEST_SCHEMA.names)
     if table.num_rows == 0:
-        raise ValueError(f"no images found for {source.layout} source {source.uri} (split={source.split}, "
+        raise InputError(f"no images found for {source.layout} source {source.uri} (split={source.split}, "
                          f"subsets={source.subsets})")
     _check_unique_paths(table, source.uri)
     return table.sort_by("path")
@@ -163,7 +163,7 @@ def real_pairs_of(sources: Sequence[SourceConfig]) -> dict[str, str]:
         for fake, real in pairs.items():
             fake, real = canonical_subset(fake), canonical_subset(real)
             if merged.setdefault(fake, real) != real:
-                raise ValueError(f"subset {fake!r} is paired with both {merged[fake]!r} and {real!r}")
+                raise InputError(f"subset {fake!r} is paired with both {merged[fake]!r} and {real!r}")
     return merged
 
 
@@ -178,7 +178,7 @@ def check_real_pairs(manifest: pa.Table, real_pairs: dict[str, str]) -> None:
     problem = pairing_problem(labelled["label"].to_numpy(zero_copy_only=False), labelled["subset"].to_pylist(),
                               real_pairs)
     if problem:
-        raise ValueError(f"{problem}: list both subsets of each pair, each holding its own class only (point the "
+        raise InputError(f"{problem}: list both subsets of each pair, each holding its own class only (point the "
                          "source at the folder that holds both), or turn pairing off with `real_pairs: {}` on every "
                          "source")
 
@@ -254,7 +254,7 @@ def _parse(source: SourceConfig, parts: list[str], root_folders: list[str]):
                 subset = canonical_subset(above[at])
                 return UFD_CLASSES[folders[i]], subset, source.split, "/".join([subset, *above[at + 1:], *parts[i:]])
         return None
-    raise ValueError(f"unknown layout {source.layout!r}")
+    raise InputError(f"unknown layout {source.layout!r}")
 
 
 def _keep_subsets(table: pa.Table, subsets: Optional[list[str]], real_pairs: dict[str, str]) -> pa.Table:
@@ -264,7 +264,7 @@ def _keep_subsets(table: pa.Table, subsets: Optional[list[str]], real_pairs: dic
     present = set(table["subset"].to_pylist())
     missing = sorted(name for name in subsets if canonical_subset(name) not in present)
     if missing:
-        raise ValueError(f"subsets {missing} not found; available: {sorted(s for s in present if s is not None)}")
+        raise InputError(f"subsets {missing} not found; available: {sorted(s for s in present if s is not None)}")
     wanted = {canonical_subset(name) for name in subsets}
     wanted |= {real_pairs[name] for name in wanted if name in real_pairs}
     return table.filter(pc.is_in(table["subset"], value_set=pa.array(sorted(wanted), pa.string())))
@@ -292,7 +292,7 @@ def _check_unique_paths(table: pa.Table, uri: str) -> None:
     if pc.count_distinct(paths).as_py() != len(paths):
         counts = pc.value_counts(paths)
         dup = next(c["values"] for c in counts.to_pylist() if c["counts"] > 1)
-        raise ValueError(f"{uri}: path listed more than once, e.g. {dup}")
+        raise InputError(f"{uri}: path listed more than once, e.g. {dup}")
 
 
 # --------------------------------------------------------------------------------------------------- manifest files
@@ -308,10 +308,10 @@ def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None, allow_outsi
             column_types={"path": pa.string(), "label": pa.int8(), "subset": pa.string(), "split": pa.string()},
             strings_can_be_null=True))
     else:
-        raise ValueError(f"manifest {uri}: expected a .parquet or .csv file")
+        raise InputError(f"manifest {uri}: expected a .parquet or .csv file")
     missing = {"path", "label"} - set(table.column_names)
     if missing:
-        raise ValueError(f"manifest {uri} lacks column(s) {sorted(missing)}; it has {table.column_names}")
+        raise InputError(f"manifest {uri} lacks column(s) {sorted(missing)}; it has {table.column_names}")
     n = table.num_rows
     stem = posixpath.splitext(posixpath.basename(uri))[0]
     subset = table["subset"].cast(pa.string()) if "subset" in table.column_names else pa.array([stem] * n, pa.string())
@@ -320,7 +320,7 @@ def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None, allow_outsi
     labels = table["label"].cast(pa.int8())
     bad = pc.invert(pc.is_in(labels, value_set=pa.array([0, 1], pa.int8())))
     if pc.any(pc.and_(bad, pc.is_valid(labels))).as_py():
-        raise ValueError(f"manifest {uri}: label must be 0 (real), 1 (generated) or empty")
+        raise InputError(f"manifest {uri}: label must be 0 (real), 1 (generated) or empty")
     folder = posixpath.dirname(uri if storage.is_remote(uri) else storage.resolve(uri)[1])
     written = table["path"].cast(pa.string()).to_pylist()
     paths = [_absolute(p, folder, uri) for p in written]
@@ -333,14 +333,14 @@ def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None, allow_outsi
 
 def _absolute(path: Optional[str], folder: str, uri: str) -> str:
     if not path:
-        raise ValueError(f"manifest {uri} has an empty path")
+        raise InputError(f"manifest {uri} has an empty path")
     # normpath folds "./" and "../" everywhere: "/corpus/../etc/passwd" must not pass for a path below /corpus
     if storage.is_remote(path):
         return storage.S3_PREFIX + posixpath.normpath(path[len(storage.S3_PREFIX):])
     if path.startswith("/"):
         return posixpath.normpath(path)
     if "://" in path:
-        raise ValueError(f"manifest {uri}: unsupported location {path!r}")
+        raise InputError(f"manifest {uri}: unsupported location {path!r}")
     if storage.is_remote(folder):
         key = posixpath.normpath(posixpath.join(folder[len(storage.S3_PREFIX):], path))
         return storage.S3_PREFIX + key
@@ -351,7 +351,7 @@ def _refuse_rows_outside(uri: str, folder: str, written: list[str], paths: list[
     """ValueError naming how many rows of manifest ``uri`` resolve outside its ``folder``, and the first of them."""
     outside = [i for i, path in enumerate(paths) if not _is_inside(folder, path)]
     if outside:
-        raise ValueError(f"manifest {uri}: {len(outside)} of {len(paths)} rows point outside the manifest's folder "
+        raise InputError(f"manifest {uri}: {len(outside)} of {len(paths)} rows point outside the manifest's folder "
                          f"{folder}, e.g. {_shown_row(outside[0], written, paths)}; move the manifest to the folder "
                          "that holds its images, or set allow_outside_corpus: true on the source "
                          "(mpft score / evaluate: --allow-outside-corpus) if these files are meant")
@@ -361,7 +361,7 @@ def _refuse_special_files(uri: str, written: list[str], paths: list[str]) -> Non
     """ValueError naming how many rows of manifest ``uri`` name a special file, and the first of them."""
     special = [i for i, path in enumerate(paths) if _is_special_file(path)]
     if special:
-        raise ValueError(f"manifest {uri}: {len(special)} of {len(paths)} rows name a special file (a device, FIFO, "
+        raise InputError(f"manifest {uri}: {len(special)} of {len(paths)} rows name a special file (a device, FIFO, "
                          f"socket or a file under {', '.join(SPECIAL_FOLDERS)}), e.g. "
                          f"{_shown_row(special[0], written, paths)}; these are never images and are always refused")
 

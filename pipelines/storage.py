@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 from pydantic import SecretStr, field_validator
 
-from mpft_core.config import StrictModel
+from mpft_core.config import InputError, StrictModel
 from pipelines.store_errors import StoreUnavailable, aws_error, describe, is_store_wide
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def is_remote(uri: str) -> bool:
 
 def _local_path(uri: str) -> str:
     if "://" in uri and not uri.startswith("file://"):
-        raise ValueError(f"unsupported location {uri!r}: use s3://bucket/key or a local path")
+        raise InputError(f"unsupported location {uri!r}: use s3://bucket/key or a local path")
     # abspath, not resolve(): symlinked data folders keep the paths their users know
     return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
@@ -142,7 +142,7 @@ def resolve(uri: str, cfg: StorageConfig | dict | None = None) -> tuple[pafs.Fil
     if is_remote(uri):
         path = uri[len(S3_PREFIX):].strip("/")
         if not path:
-            raise ValueError(f"{uri!r} names no bucket")
+            raise InputError(f"{uri!r} names no bucket")
         return _s3_filesystem(_as_config(cfg)), path
     return pafs.LocalFileSystem(), _local_path(uri)
 
@@ -157,7 +157,7 @@ def join(uri: str, *parts: str) -> str:
     if tail in ("", "."):
         return uri
     if tail.startswith(".."):
-        raise ValueError(f"{parts!r} leaves {uri!r}")
+        raise InputError(f"{parts!r} leaves {uri!r}")
     if is_remote(uri):
         return uri.rstrip("/") + "/" + tail
     return os.path.join(uri, tail)
@@ -166,7 +166,7 @@ def join(uri: str, *parts: str) -> str:
 def create_bucket(uri: str, cfg: StorageConfig | dict | None = None) -> None:
     """Create the bucket of an ``s3://bucket[/...]`` URI (a no-op if it exists)."""
     if not is_remote(uri):
-        raise ValueError(f"{uri!r} is not an s3:// URI")
+        raise InputError(f"{uri!r} is not an s3:// URI")
     bucket = uri[len(S3_PREFIX):].split("/", 1)[0]
     fs = _s3_filesystem(_as_config(cfg), allow_bucket_creation=True)
     if fs.get_file_info(bucket).type == pafs.FileType.NotFound:

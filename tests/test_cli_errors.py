@@ -7,12 +7,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
 from jobs import cli
+from jobs.common import UsageError, check_reachable
 from jobs.config import TrainJobConfig
 from pipelines.storage import StorageConfig
 
@@ -111,6 +113,62 @@ def test_a_manifest_with_wrong_label_values_is_one_line_before_ray_starts(tmp_pa
     done = run_mpft("train", "--config", str(config), timeout=170)
     assert_one_line_usage_error(done, "label must be 0 (real), 1 (generated) or empty")
     assert not (tmp_path / "mlruns").exists()  # refused before MLflow (or Ray) started
+
+
+def no_ray(monkeypatch) -> None:
+    """Starting or joining Ray fails the test: these refusals must come first."""
+    import ray
+
+    from pipelines import runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this path must not start or join Ray")
+
+    monkeypatch.setattr(runtime, "init_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+def test_an_evaluation_manifest_reaching_outside_its_folder_is_refused_before_ray_starts(tmp_path, monkeypatch,
+                                                                                        capsys):
+    no_ray(monkeypatch)
+    (tmp_path / "corpus").mkdir()
+    manifest = tmp_path / "corpus" / "eval.csv"
+    manifest.write_text(f"path,label\na.png,0\n{tmp_path / 'elsewhere.png'},1\n")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", "--model", "models:/m/1", "--source", str(manifest), "--layout", "manifest", "--no-log"])
+
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("mpft evaluate: manifest ") and "point outside the manifest's folder" in line
+
+
+def test_a_value_error_from_deep_inside_is_an_internal_error_not_the_user_s(tmp_path, monkeypatch, capsys):
+    from tests.helpers.models import tiny_checkpoint
+
+    no_ray(monkeypatch)
+    checkpoint = tiny_checkpoint(tmp_path / "model", threshold=0.5)
+    meta = checkpoint / "mpft.json"
+    meta.write_text(meta.read_text().replace('"threshold": 0.5', '"threshold": "half"'))  # float() fails on load
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"")
+
+    status = cli.main(["score", "--model", str(checkpoint), "--input", str(image)])
+
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert lines[0].startswith("mpft score: internal error: ValueError:") and "half" in lines[0]
+    assert lines[0].endswith("(run with -v for the traceback)")
+
+
+def test_an_unreachable_server_s_credentials_are_not_echoed():
+    url = f"http://alice:{SECRET}@127.0.0.1:{closed_port()}/mlflow?token={ACCESS_KEY}"
+    with pytest.raises(UsageError) as refused:
+        check_reachable(url, "the MLflow tracking server")
+    message = str(refused.value)
+    assert SECRET not in message and ACCESS_KEY not in message and "alice" not in message
+    assert f"at http://127.0.0.1:{urlparse(url).port}/mlflow:" in message
 
 
 def test_validation_errors_never_quote_a_credential():

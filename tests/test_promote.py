@@ -204,6 +204,36 @@ def test_promote_refuses_a_holdout_that_leaks_into_the_challenger_s_training_dat
     assert "gate.decision" not in MlflowClient().get_model_version(model, challenger).tags
 
 
+def test_mpft_promote_refuses_a_leaky_holdout_before_ray_starts(tmp_path, mlflow_server, monkeypatch, capsys):
+    import ray
+
+    from pipelines import runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the leakage check must refuse before Ray starts")
+
+    monkeypatch.setattr(runtime, "init_ray", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+    tracking.set_tracking(mlflow_server.tracking_uri)
+    model = "promote-leak-cli"
+    write_genimage_tree(tmp_path / "data", subsets=("sdv14",), n_per_class=4, size=32, seed=3)
+    champion = bare_version(model)
+    tracking.set_alias(model, "champion", champion)
+    train_source = {"uri": str(tmp_path / "data"), "layout": "genimage", "split": "train"}
+    challenger = bare_version(model, train_config={"name": "leaky", "train": [train_source]})
+    tracking.set_alias(model, "challenger", challenger)
+
+    with pytest.raises(SystemExit) as exit_info:  # the holdout is train + val: half of it was trained on
+        cli.main(["promote", "--model", model, "--holdout", str(tmp_path / "data"),
+                  "--tracking-uri", mlflow_server.tracking_uri])
+
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("mpft promote: refused: 8 of 16 holdout images are in the training data"), line
+    assert champion_of(model) == champion
+    assert "gate.decision" not in MlflowClient().get_model_version(model, challenger).tags
+
+
 @pytest.mark.slow
 def test_retrain_runs_train_evaluate_promote_under_one_parent_run(tmp_path, s3_server, mlflow_server, ray_local):
     root = tmp_path / "corpus"
