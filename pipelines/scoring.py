@@ -9,9 +9,10 @@ Exactly-once, and what it rests on
 - The output folder is the checkpoint. Each run writes ``part-<run_id>-<write_uuid>-<task>-<i>.parquet`` files directly
   under the output; Ray names a write task's files deterministically, so a retried write task overwrites its own
   files instead of adding a copy.
-- Before running, every existing part's ``path`` column is read. A part that cannot be read (a local file torn by a
-  crash mid-write: Parquet writes its footer last, so a readable footer means a complete file) is deleted and its
-  rows are simply scored again; on S3 an object only appears once its upload completed, so there is nothing torn.
+- Before running, every existing part's ``path`` column is read. A part that is not valid Parquet (a local file torn
+  by a crash mid-write: Parquet writes its footer last, so a readable footer means a complete file) is deleted and
+  its rows are simply scored again; on S3 an object only appears once its upload completed, so there is nothing
+  torn. A part that cannot be read at all (an I/O error, a stale NFS handle) stops the run and nothing is deleted.
 - Inputs whose path is already in a committed part are skipped; the rest are scored. So after an interrupted run and
   a re-run, every input appears once: rows of the crashed run are either in a complete part (kept, skipped now) or
   nowhere (scored now).
@@ -35,8 +36,10 @@ Exactly-once, and what it rests on
   if unchanged (``If-Match`` on S3; locally a check then a rename, microseconds apart). A store that ignores
   conditional writes is caught by reading the lease back after ``settle_s``: two jobs could then both hold it only
   if one took longer than that between reading the old lease and writing its own. Expiry compares the holder's clock
-  with the reader's, so hosts' clocks must agree to well within the TTL. ``read_scores`` de-duplicates by path
-  anyway, keeping the latest ``scored_at``, as a last line of defence.
+  with the reader's, so hosts' clocks must agree to well within the TTL. A job whose lease was taken over, or ran
+  out while renewals failed, raises ``OutputLeased`` before its record or deletes and after scoring, rather than
+  report success over parts another job may have deleted. ``read_scores`` de-duplicates by path anyway, keeping the
+  latest ``scored_at``, as a last line of defence.
 - Ray Data's own checkpointing (``ray.data.checkpoint``) was not used: it keeps a second store of IDs next to the
   output, needs a shared network filesystem for local paths and reserves memory per filter actor, while the output
   here already says exactly which paths are done.
@@ -44,6 +47,7 @@ Exactly-once, and what it rests on
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -263,11 +267,13 @@ def _output_location(output_uri: str, cfg: Optional[StorageConfig]) -> tuple[paf
     return storage.resolve(output_uri, (cfg or StorageConfig()).resolved())
 
 
-def list_part_files(output_uri: str, cfg: Optional[StorageConfig] = None) -> list[str]:
-    """Filesystem paths (no scheme) of the Parquet parts directly under ``output_uri``, sorted."""
+def list_part_files(output_uri: str, cfg: Optional[StorageConfig] = None, *, files_only: bool = True) -> list[str]:
+    """Filesystem paths (no scheme) of the Parquet parts directly under ``output_uri``, sorted; with
+    ``files_only=False`` also anything else named like a part (a folder, a special file), which no reader can read."""
     fs, root = _output_location(output_uri, cfg)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
-    names = [i.path for i in infos if i.type == pafs.FileType.File]
+    kinds = {pafs.FileType.File} if files_only else {pafs.FileType.File, pafs.FileType.Directory, pafs.FileType.Unknown}
+    names = [i.path for i in infos if i.type in kinds]
     return sorted(p for p in names if Path(p).name.startswith(PART_PREFIX) and p.endswith(PART_SUFFIX))
 
 
@@ -282,22 +288,31 @@ MODEL_COLUMNS = ("model_uri", "model_name", "model_version")
 
 def scan_parts(output_uri: str, cfg: Optional[StorageConfig] = None) -> tuple[set, list, set]:
     """(scored paths, torn parts, distinct (model_uri, model_name, model_version) rows) of the parts; torn parts
-    are only listed (``delete_parts`` removes them)."""
+    are only listed (``delete_parts`` removes them).
+
+    Torn means not a valid Parquet file (no footer: a local write cut short). A part that cannot be read at all
+    (an I/O error, a stale NFS handle, no permission, not a file) raises: ``StoreUnavailable`` on S3, else an
+    ``OSError`` naming the part; its rows are not lost to a transient failure."""
     fs, _ = _output_location(output_uri, cfg)
     done: set[str] = set()
     torn: list[str] = []
     models: set[tuple] = set()
-    for part in list_part_files(output_uri, cfg):
+    # Not only files: something else named like a part may hold rows (a folder mounted there), so it stops the scan.
+    for part in list_part_files(output_uri, cfg, files_only=False):
         try:
             table = _read_part_keys(fs, part)
-        except (pa.ArrowInvalid, OSError) as err:
-            if isinstance(err, OSError) and storage.is_remote(output_uri):
-                # S3 parts are whole or absent, so this is the store failing: deleting the part would lose its rows
-                found = aws_error(err)
-                raise StoreUnavailable(describe(found) if found else f"cannot read {part}: {err}") from err
-            log.warning("output part %s is unreadable (%s): its rows will be scored again", part, err)
+        except pa.ArrowInvalid as err:
+            log.warning("output part %s is torn (%s): its rows will be scored again", part, err)
             torn.append(part)
             continue
+        except OSError as err:
+            reason = " ".join(str(err).split())
+            if storage.is_remote(output_uri):
+                # S3 parts are whole or absent, so this is the store failing: deleting the part would lose its rows
+                found = aws_error(err)
+                raise StoreUnavailable(describe(found) if found else f"cannot read {part}: {reason}") from err
+            raise OSError(err.errno or errno.EIO, f"cannot read output part ({reason}); nothing was deleted, rerun "
+                          "once it can be read", part) from err
         done.update(table.column("path").to_pylist())
         models.update(_distinct_models(table))
     return done, torn, models
@@ -498,6 +513,8 @@ def _changed_model_message(job: ScoreJob, record: OutputRecord, fingerprint: dic
 OUTPUT_LEASE = "_mpft_lease.json"
 # Rivals that keep changing the lease between our read and our write: after this many rounds, theirs is the win.
 LEASE_ATTEMPTS = 3
+# How long ``release`` waits for a renewal in flight before giving up on deleting the lease.
+RELEASE_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -705,6 +722,7 @@ class HeldLease:
 
     def __init__(self, file, uri: str, lease: Lease, version: str, settings: LeaseSettings):
         self.file, self.uri, self.lease, self.version, self.settings = file, uri, lease, version, settings
+        # Set by the renewer: another job took the lease over, or renewals failed until it expired.
         self.lost = False
         self._released = threading.Event()
         self._renewer = threading.Thread(target=self._renew_until_released, name="mpft-output-lease", daemon=True)
@@ -720,7 +738,15 @@ class HeldLease:
         renewed = replace(self.lease, expires_at=_utc_in(self.settings.ttl_s))
         try:
             version = self.file.replace(renewed.to_bytes(), self.version)
-        except OSError as err:  # the store hiccuped: the lease still has time left, try again at the next beat
+        except Exception as err:  # OSError, or botocore's (a refused connection is not one): the renewer must not die
+            if self.expired():
+                # Rivals see an expired lease as free: from now on another job may take it over at any time.
+                self.lost = True
+                log.error("lost %s: renewals failed (%s) until it expired at %s, so another job may take the output "
+                          "over; rerun this output once both have ended", self.uri, " ".join(str(err).split()),
+                          _when(self.lease.expires_at))
+                return False
+            # The store hiccuped: the lease still has time left, try again at the next beat.
             log.warning("could not renew %s (%s): retrying in %.0f s", self.uri, " ".join(str(err).split()),
                         self.settings.renew_every_s)
             return True
@@ -732,10 +758,29 @@ class HeldLease:
         self.lease, self.version = renewed, version
         return True
 
+    def expired(self) -> bool:
+        """Whether the lease as last written has run out (rivals then take it for a crashed job's)."""
+        return datetime.fromisoformat(self.lease.expires_at) <= datetime.now(timezone.utc)
+
+    def check(self) -> None:
+        """Raise ``OutputLeased`` (one line) once this job can no longer count on the output being its own: the
+        lease went to another job, or it expired (renewals failing or hung), so another job may take it."""
+        if self.lost or self.expired():
+            self.lost = True
+            raise OutputLeased(f"scoring run {self.lease.run_id} lost its lease {self.uri} (it expired at "
+                               f"{_when(self.lease.expires_at)}; another job may have taken the output over and "
+                               "deleted this run's parts): rerun once no other job writes this output")
+
     def release(self) -> None:
         """Stop renewing and delete the lease unless another job holds it now; never raises (it lapses anyway)."""
         self._released.set()
-        self._renewer.join(timeout=self.settings.ttl_s)
+        # Short: a renewal hung on the store must not hold up the end of the job (SIGTERM cleanup included).
+        self._renewer.join(timeout=RELEASE_WAIT_S)
+        if self._renewer.is_alive():
+            # Deleting now could race the hung renewal, which may still write the lease back; it lapses at its TTL.
+            log.warning("not releasing %s: its renewal is still hanging on the store; the output stays locked until "
+                        "%s", self.uri, _when(self.lease.expires_at))
+            return
         if self.lost:
             return
         try:
@@ -974,15 +1019,21 @@ def run_scoring(job: ScoreJob, model: ResolvedModel, *, scorer_cls=None) -> Scor
 
     Raises, before the output changes: ``OutputLeased`` while another job holds the output's lease,
     ``OutputModelMismatch`` when the output belongs to another model (``claim_output``), ``OutputRefused`` when it
-    cannot take its record, ValueError for a malformed checkpoint. ``scorer_cls`` swaps the actor class (tests use a
-    subclass that slows down or reports its handle).
+    cannot take its record, ValueError for a malformed checkpoint, an ``OSError`` naming a part it cannot read.
+    Raises ``OutputLeased`` after scoring too, when this job lost its lease meanwhile (``HeldLease.check``).
+    ``scorer_cls`` swaps the actor class (tests use a subclass that slows down or reports its handle).
     """
     # Taken before the scan: another job's parts in progress would look torn and be deleted.
-    with output_lease(job):
-        return _score_remaining(job, model, scorer_cls)
+    with output_lease(job) as held:
+        return _score_remaining(job, model, scorer_cls, held)
 
 
-def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls) -> ScoreSummary:
+def _check_lease(held: Optional[HeldLease]) -> None:
+    if held is not None:  # None: a read-only output, which this job cannot change
+        held.check()
+
+
+def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Optional[HeldLease]) -> ScoreSummary:
     started = time.perf_counter()
     manifest = input_manifest(job)
     done, torn, part_models = scan_parts(job.output_uri, job.storage)
@@ -991,8 +1042,10 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls) -> ScoreSu
     bundle = make_model_bundle(model)
     # Resuming with another model would skip files the first one scored and mix two models' verdicts: refused
     # before anything under the output changes.
+    _check_lease(held)  # the record and the deletes below are only this job's to make while it holds the output
     model = claim_output(job, model, checkpoint_sha256(model.checkpoint_dir, bundle), part_models,
                          scored_any=bool(done), write=todo.num_rows > 0)
+    _check_lease(held)
     delete_parts(job.output_uri, job.storage, torn)
     skipped = manifest.num_rows - todo.num_rows
     log.info("scoring %d of %d inputs (%d already in %s, %d torn parts removed)", todo.num_rows,
@@ -1009,6 +1062,8 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls) -> ScoreSu
             # Writing is light; a whole CPU per write task would starve decode on small machines.
             ray_remote_args={"num_cpus": 0.1},
         )
+        # A lease lost while scoring: another job may have deleted this run's parts, so the counts would lie.
+        _check_lease(held)
     written = read_scores(job.output_uri, job.storage, run_id=job.run_id) if todo.num_rows else None
     n_errors = 0 if written is None else int(written.column("error").is_valid().to_numpy(zero_copy_only=False).sum())
     n_rows = 0 if written is None else written.num_rows

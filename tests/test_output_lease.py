@@ -79,6 +79,77 @@ def test_an_expired_lease_is_taken_over_with_a_warning_and_its_old_holder_cannot
 
 
 @pytest.mark.timeout(120)
+def test_a_job_whose_lease_was_taken_over_is_stopped_in_one_line_and_leaves_the_new_holders_lease(output):
+    output_uri, cfg = output
+    stalled = acquire_output_lease(output_uri, cfg, "run-stalled",
+                                   LeaseSettings(ttl_s=0.5, renew_every_s=100.0, settle_s=0.0))
+    stalled.check()  # its own while the lease lasts
+    time.sleep(0.8)  # the holder never renewed: as if it had hung
+    taker = acquire_output_lease(output_uri, cfg, "run-taker", LONG)
+
+    with pytest.raises(OutputLeased) as stopped:
+        stalled.check()
+
+    message = str(stopped.value)
+    assert "\n" not in message and "run-stalled lost its lease" in message and "rerun" in message
+    stalled.release()
+    assert _lease_on(output_uri, cfg)["run_id"] == "run-taker"
+    taker.check()
+    taker.release()
+
+
+@pytest.mark.timeout(180)
+def test_renewals_failing_past_the_ttl_lose_the_lease_and_release_does_not_wait_on_the_store(tmp_path, caplog):
+    from infra.local_stack.s3 import LocalS3Server
+
+    server = LocalS3Server(root=tmp_path / "s3").start()
+    try:
+        server.create_bucket("scores")
+        holder = acquire_output_lease("s3://scores/out", server.storage_config(), "run-cut-off",
+                                      LeaseSettings(ttl_s=2.0, renew_every_s=0.2, settle_s=0.0))
+        server.stop(remove_root=False)  # every renewal fails from now on
+        deadline = time.monotonic() + 90
+        while not holder.lost:
+            assert time.monotonic() < deadline, "renewals failed past the TTL but the lease was not marked lost"
+            time.sleep(0.2)
+
+        with pytest.raises(OutputLeased, match="run-cut-off lost its lease"):
+            holder.check()
+        holder.release()
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_renewal_hanging_on_the_store_does_not_hold_up_release(tmp_path, caplog):
+    import os
+    import signal
+
+    from infra.local_stack.s3 import LocalS3Server
+
+    server = LocalS3Server(root=tmp_path / "s3").start()
+    try:
+        server.create_bucket("scores")
+        cfg = server.storage_config()
+        holder = acquire_output_lease("s3://scores/out", cfg, "run-hung", LeaseSettings(ttl_s=300.0, renew_every_s=0.2,
+                                                                                      settle_s=0.0))
+        os.kill(server.pid, signal.SIGSTOP)  # the store accepts connections but never answers: a renewal hangs
+        try:
+            time.sleep(1.0)  # a renewal is now in flight
+            started = time.monotonic()
+            with caplog.at_level("WARNING", logger="pipelines.scoring"):
+                holder.release()
+            took = time.monotonic() - started
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert took < 15, f"release waited {took:.0f} s on a hung renewal"
+        assert "not releasing" in caplog.text and "still hanging" in caplog.text
+        assert _lease_on("s3://scores/out", cfg)["run_id"] == "run-hung"  # left to lapse, not deleted mid-renewal
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(120)
 def test_the_holder_renews_its_lease_so_it_never_lapses_while_the_job_runs(output):
     output_uri, cfg = output
     holder = acquire_output_lease(output_uri, cfg, "run-long", LeaseSettings(ttl_s=1.0, renew_every_s=0.2,

@@ -158,6 +158,23 @@ def test_torn_part_is_removed_and_its_rows_count_as_not_scored(tmp_path):
     assert scoring.remaining_inputs(manifest, done).column("path").to_pylist() == ["/in/3.png"]
 
 
+def test_a_part_that_cannot_be_read_stops_the_scan_and_only_a_torn_one_is_ever_removed(tmp_path):
+    _write_part(tmp_path, "part-a-1.parquet", ["/in/1.png"])
+    good = (tmp_path / "part-a-1.parquet").read_bytes()
+    (tmp_path / "part-b-1.parquet").write_bytes(good[: len(good) // 2])  # a crash mid-write
+    # Named like a part but not readable as a file: an OSError that is no Parquet error, as EIO or ESTALE would be.
+    (tmp_path / "part-c-1.parquet").mkdir()
+
+    with pytest.raises(OSError, match="part-c-1.parquet") as failed:
+        scoring.scan_parts(str(tmp_path))
+
+    assert "nothing was deleted" in str(failed.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-a-1.parquet", "part-b-1.parquet", "part-c-1.parquet"]
+    (tmp_path / "part-c-1.parquet").rmdir()  # the storage answers again
+    done, torn, _ = scoring.scan_parts(str(tmp_path))
+    assert done == {"/in/1.png"} and [Path(p).name for p in torn] == ["part-b-1.parquet"]
+
+
 def test_resuming_an_output_of_another_model_is_refused(model, corpus, tmp_path):
     table = pa.table({"path": ["/in/1.png"], "model_uri": ["models:/other/1"]})
     pq.write_table(table, tmp_path / "part-old-1.parquet")
