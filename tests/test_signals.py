@@ -64,3 +64,47 @@ def test_sigterm_mid_training_stops_every_server_and_ray_process_the_demo_starte
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_sigterm_mid_scoring_stops_ray_and_releases_the_output(tmp_path):
+    from PIL import Image
+
+    from pipelines.scoring import OUTPUT_LEASE
+    from tests.helpers.images import fake_images
+    from tests.helpers.models import tiny_checkpoint
+
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    for i, pixels in enumerate(fake_images(400, 48, seed=1)):  # enough that the job is still scoring at SIGTERM
+        Image.fromarray(pixels).save(crawl / f"{i:04d}.png")
+    checkpoint = tiny_checkpoint(tmp_path / "model", threshold=0.5, seed=0)
+    out = tmp_path / "scores"
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    stderr_path = tmp_path / "stderr.txt"
+    with open(stderr_path, "w") as stderr_file:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "score", "--model", str(checkpoint), "--input",
+                                 str(crawl), "--output", str(out), "--batch-size", "4", "--num-actors", "1"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr_file,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / OUTPUT_LEASE).exists() and "raylet" in {p.name for p in descendants(proc.pid)}):
+            assert proc.poll() is None and time.monotonic() < deadline, stderr_path.read_text()[-3000:]
+            time.sleep(0.2)
+        started = descendants(proc.pid)
+
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        stderr = stderr_path.read_text()
+
+        assert code == 143, stderr[-3000:]
+        assert "stopped by SIGTERM" in stderr
+        assert gone_within(started, 30) == []
+        assert not (out / OUTPUT_LEASE).exists()  # released: a rerun need not wait for it to expire
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
