@@ -50,9 +50,22 @@ def tiled_window(img: np.ndarray, top: int, left: int, height: int, width: int) 
     50,000,000 x 2 image costs one window, not the whole image tiled up to the window's height.
     """
     h, w = img.shape[:2]
-    rows = (top + np.arange(height)) % h
-    cols = (left + np.arange(width)) % w
-    return img[np.ix_(rows, cols)]  # one fancy index on both axes: no intermediate wider or taller than the window
+    rows, cols = _span(top, height, h), _span(left, width, w)
+    # A slice first (a view), then the repeated indices: no intermediate wider or taller than the window, and the
+    # common case, a window inside the image, is a plain slice instead of a gather of every pixel.
+    if isinstance(rows, slice):
+        return np.array(img[rows][:, cols], order="C")
+    if isinstance(cols, slice):
+        return np.array(img[:, cols][rows], order="C")
+    return img[np.ix_(rows, cols)]
+
+
+def _span(start: int, length: int, size: int) -> slice | np.ndarray:
+    """Indices ``start .. start + length`` along an axis of ``size``, wrapping around: a slice when no wrap is
+    needed."""
+    if start + length <= size:
+        return slice(start, start + length)
+    return (start + np.arange(length)) % size
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
