@@ -37,6 +37,17 @@ def gone_within(processes, timeout_s: float) -> list:
     return left
 
 
+def assert_sigterm_stops_everything(proc: subprocess.Popen, started: list, stderr_path: Path, timeout_s: float):
+    """SIGTERM to ``proc``: it exits 143 saying so, and every process it ``started`` is gone soon after."""
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=timeout_s)
+    stderr = stderr_path.read_text()
+
+    assert code == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr
+    assert gone_within(started, 30) == []
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(420)
@@ -53,13 +64,7 @@ def test_sigterm_mid_training_stops_every_server_and_ray_process_the_demo_starte
         names = {p.name for p in started}
         assert "raylet" in names and "weed" in names, names
 
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=180)
-        stderr = stderr_path.read_text()
-
-        assert code == 143, stderr[-3000:]
-        assert "stopped by SIGTERM" in stderr
-        assert gone_within(started, 30) == []
+        assert_sigterm_stops_everything(proc, started, stderr_path, timeout_s=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -96,13 +101,7 @@ def test_sigterm_mid_scoring_stops_ray_and_releases_the_output(tmp_path):
             time.sleep(0.2)
         started = descendants(proc.pid)
 
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=120)
-        stderr = stderr_path.read_text()
-
-        assert code == 143, stderr[-3000:]
-        assert "stopped by SIGTERM" in stderr
-        assert gone_within(started, 30) == []
+        assert_sigterm_stops_everything(proc, started, stderr_path, timeout_s=120)
         assert not (out / OUTPUT_LEASE).exists()  # released: a rerun need not wait for it to expire
     finally:
         if proc.poll() is None:
