@@ -98,55 +98,55 @@ def test_a_job_whose_lease_was_taken_over_is_stopped_in_one_line_and_leaves_the_
     taker.release()
 
 
-@pytest.mark.timeout(180)
-def test_renewals_failing_past_the_ttl_lose_the_lease_and_release_does_not_wait_on_the_store(tmp_path, caplog):
+@pytest.fixture
+def own_s3_server(tmp_path):
+    """A SeaweedFS server of this test alone, with a bucket ``scores``: the test stops or freezes it."""
     from infra.local_stack.s3 import LocalS3Server
 
     server = LocalS3Server(root=tmp_path / "s3").start()
     try:
         server.create_bucket("scores")
-        holder = acquire_output_lease("s3://scores/out", server.storage_config(), "run-cut-off",
-                                      LeaseSettings(ttl_s=2.0, renew_every_s=0.2, settle_s=0.0))
-        server.stop(remove_root=False)  # every renewal fails from now on
-        deadline = time.monotonic() + 90
-        while not holder.lost:
-            assert time.monotonic() < deadline, "renewals failed past the TTL but the lease was not marked lost"
-            time.sleep(0.2)
-
-        with pytest.raises(OutputLeased, match="run-cut-off lost its lease"):
-            holder.check()
-        holder.release()
+        yield server
     finally:
         server.stop()
 
 
 @pytest.mark.timeout(180)
-def test_a_renewal_hanging_on_the_store_does_not_hold_up_release(tmp_path, caplog):
+def test_renewals_failing_past_the_ttl_lose_the_lease(own_s3_server):
+    server = own_s3_server
+    holder = acquire_output_lease("s3://scores/out", server.storage_config(), "run-cut-off",
+                                  LeaseSettings(ttl_s=2.0, renew_every_s=0.2, settle_s=0.0))
+    server.stop(remove_root=False)  # every renewal fails from now on
+    deadline = time.monotonic() + 90
+    while not holder.lost:
+        assert time.monotonic() < deadline, "renewals failed past the TTL but the lease was not marked lost"
+        time.sleep(0.2)
+
+    with pytest.raises(OutputLeased, match="run-cut-off lost its lease"):
+        holder.check()
+    holder.release()
+
+
+@pytest.mark.timeout(180)
+def test_a_renewal_hanging_on_the_store_does_not_hold_up_release(own_s3_server, caplog):
     import os
     import signal
 
-    from infra.local_stack.s3 import LocalS3Server
-
-    server = LocalS3Server(root=tmp_path / "s3").start()
+    server, cfg = own_s3_server, own_s3_server.storage_config()
+    holder = acquire_output_lease("s3://scores/out", cfg, "run-hung", LeaseSettings(ttl_s=300.0, renew_every_s=0.2,
+                                                                                  settle_s=0.0))
+    os.kill(server.pid, signal.SIGSTOP)  # the store accepts connections but never answers: a renewal hangs
     try:
-        server.create_bucket("scores")
-        cfg = server.storage_config()
-        holder = acquire_output_lease("s3://scores/out", cfg, "run-hung", LeaseSettings(ttl_s=300.0, renew_every_s=0.2,
-                                                                                      settle_s=0.0))
-        os.kill(server.pid, signal.SIGSTOP)  # the store accepts connections but never answers: a renewal hangs
-        try:
-            time.sleep(1.0)  # a renewal is now in flight
-            started = time.monotonic()
-            with caplog.at_level("WARNING", logger="pipelines.scoring"):
-                holder.release()
-            took = time.monotonic() - started
-        finally:
-            os.kill(server.pid, signal.SIGCONT)
-        assert took < 15, f"release waited {took:.0f} s on a hung renewal"
-        assert "not releasing" in caplog.text and "still hanging" in caplog.text
-        assert _lease_on("s3://scores/out", cfg)["run_id"] == "run-hung"  # left to lapse, not deleted mid-renewal
+        time.sleep(1.0)  # a renewal is now in flight
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="pipelines.scoring"):
+            holder.release()
+        took = time.monotonic() - started
     finally:
-        server.stop()
+        os.kill(server.pid, signal.SIGCONT)
+    assert took < 15, f"release waited {took:.0f} s on a hung renewal"
+    assert "not releasing" in caplog.text and "still hanging" in caplog.text
+    assert _lease_on("s3://scores/out", cfg)["run_id"] == "run-hung"  # left to lapse, not deleted mid-renewal
 
 
 @pytest.mark.timeout(120)
