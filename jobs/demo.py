@@ -37,7 +37,7 @@ from jobs.score import run_score_job
 from jobs.tracking import resolve_model
 from jobs.train import TrainOutcome, run_train
 from mpft_core.config import MethodConfig
-from mpft_core.perturb import parse_perturb_specs
+from mpft_core.perturb import parse_align_specs, parse_perturb_specs
 from pipelines.evaluation import EvalOptions, EvalResult
 from pipelines.runtime import init_ray, shutdown_ray
 from pipelines.scoring import ScoreJob, read_scores
@@ -51,6 +51,8 @@ TRAIN_GENERATORS = ("ae_up",)
 TEST_GENERATORS = ("ae_up", "ae_nn")
 GENIMAGE = f"s3://{BUCKET}/genimage"
 CRAWL = f"s3://{BUCKET}/crawl"
+# Both classes re-encoded as JPEG q96 (the format-aligned protocol): evaluated, and gated, beside the clean holdout.
+ALIGNMENT = "jpeg=96"
 # Written into every workdir the demo makes: the only folders it will ever empty.
 WORKDIR_MARKER = ".mpft-demo"
 
@@ -78,7 +80,7 @@ def demo_method(sizes: DemoSizes) -> MethodConfig:
                      "trainable": "full", "dropout": 0.1},
         "optim": {"epochs": sizes.epochs, "batch_size": sizes.batch_size, "backbone_lr": 1e-3, "head_lr": 3e-3,
                   "schedule": "cosine", "seed": 0},
-        "threshold": {"target_fpr": 0.05},
+        "threshold": {"target_fpr": 0.05, "target_miss_rate": 0.05},
     })
 
 
@@ -199,15 +201,20 @@ def holdout() -> list[SourceConfig]:
 
 
 def evaluate_challenger(storage: StorageConfig, tracking_uri: str) -> tuple[EvalResult, str | None]:
-    """The challenger on the holdout, clean and degraded, logged to MLflow; the result and its run id."""
+    """The challenger on the holdout, clean, degraded and format-aligned, logged to MLflow; the result and its run
+    id."""
     return run_evaluate(f"models:/{MODEL_NAME}@challenger", holdout(), storage_cfg=storage,
-                        perturbations=parse_perturb_specs(["jpeg=65", "blur=1", "downscale=24"]),
+                        perturbations=[*parse_perturb_specs(["jpeg=65", "blur=1", "downscale=24"]),
+                                       *parse_align_specs([ALIGNMENT])],
                         options=EvalOptions(resources=ONE_REPLICA), tracking_uri=tracking_uri, run_name="demo-evaluate")
 
 
 def promote_challenger(storage: StorageConfig) -> PromotionOutcome:
-    """The gate against the champion (none yet: the first challenger above 60 % mean accuracy passes)."""
-    outcome = promote(MODEL_NAME, holdout(), GateConfig(min_mean_acc=0.6), storage_cfg=storage)
+    """The gate against the champion (none yet: the first challenger above 60 % mean accuracy passes), on the clean
+    and the format-aligned holdout."""
+    [aligned] = parse_align_specs([ALIGNMENT])
+    gate = GateConfig(min_mean_acc=0.6, conditions={aligned.name: {}})
+    outcome = promote(MODEL_NAME, holdout(), gate, storage_cfg=storage)
     print(render_decision(outcome, MODEL_NAME, dry_run=False), flush=True)
     return outcome
 

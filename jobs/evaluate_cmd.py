@@ -1,4 +1,5 @@
-"""`mpft evaluate --model REF --source URI [--source URI ...] [--perturb jpeg=65,30 blur=3,5 downscale=112,64]`."""
+"""`mpft evaluate --model REF --source URI [--source URI ...] [--perturb jpeg=65,30 blur=3,5 downscale=112,64]
+[--align jpeg=96 resize=256+jpeg=96]`."""
 
 from __future__ import annotations
 
@@ -31,11 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--layout manifest: let rows name files outside the manifest's folder")
     parser.add_argument("--perturb", nargs="+", default=[], metavar="KIND=V1,V2",
                         help="also evaluate degraded copies, e.g. jpeg=65,30 blur=3,5 downscale=112,64")
+    parser.add_argument("--align", nargs="+", default=[], metavar="KIND=V[+KIND=V]",
+                        help="also evaluate format-aligned copies: every image of both classes re-encoded the same "
+                             "way, steps joined by + in order, e.g. jpeg=96 or resize=256+jpeg=96 (kinds: jpeg, "
+                             "resize = shorter side to N px, blur, downscale)")
     parser.add_argument("--output", help="folder or s3:// prefix for eval_metrics.{parquet,md} and eval_scores")
     parser.add_argument("--no-log", dest="log", action="store_false", help="do not log to MLflow")
     parser.add_argument("--no-feature-space", dest="feature_space", action="store_false",
                         help="skip the PCA plots of the frozen and fine-tuned embeddings")
     parser.add_argument("--max-feature-points", type=int, default=1000)
+    parser.add_argument("--no-format-check", dest="format_check", action="store_false",
+                        help="skip reading the first bytes of up to 200 files per class to warn when the classes "
+                             "differ in file format")
     parser.add_argument("--run-name", default=None, help="MLflow run name")
     add_resource_arguments(parser)
     add_stack_arguments(parser)
@@ -43,12 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from jobs.evaluate import run_evaluate
-    from mpft_core.perturb import parse_perturb_specs
+    from mpft_core.perturb import parse_align_specs, parse_perturb_specs
     from pipelines.evaluation import EvalOptions
     from pipelines.sources import SourceConfig
 
     try:
-        perturbations = parse_perturb_specs(args.perturb)
+        perturbations = [*parse_perturb_specs(args.perturb), *parse_align_specs(args.align)]
     except ValueError as err:
         raise SystemExit(str(err)) from None
     tracking_uri = connect_tracking(args, required=args.log)
@@ -56,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
                             extensions=args.extensions, allow_outside_corpus=args.allow_outside_corpus)
                for uri in args.source]
     options = EvalOptions(resources=resources_from_args(args), feature_space=args.feature_space,
-                          max_feature_points=args.max_feature_points)
+                          max_feature_points=args.max_feature_points, format_check=args.format_check)
     _, run_id = run_evaluate(args.model, sources, storage_cfg=storage_from_args(args), perturbations=perturbations,
                              options=options, output_uri=args.output,
                              tracking_uri=tracking_uri if args.log else None, ray_address=args.ray_address,

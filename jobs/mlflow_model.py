@@ -1,10 +1,11 @@
 """The registry artefact: an MLflow pyfunc that scores raw encoded images with an MPFT safetensors checkpoint.
 
     model = mlflow.pyfunc.load_model("models:/mpft-detector@champion")
-    model.predict(pd.DataFrame({"image": [png_bytes, jpeg_bytes]}))
-    #    score  verdict    threshold  error
-    # 0  0.912  generated  0.37       None
-    # 1  0.103  real       0.37       None
+    model.predict(pd.DataFrame({"image": [png_bytes, jpeg_bytes, webp_bytes]}))
+    #    score  verdict    threshold  real_threshold  error
+    # 0  0.912  generated  0.37       0.21            None
+    # 1  0.294  uncertain  0.37       0.21            None
+    # 2  0.103  real       0.37       0.21            None
 
 Preprocessing travels with the model, in ``mpft_core.scoring`` (the kernel of the Ray scoring actor too): decode
 (``mpft_core.imageio.decode_rgb``, EXIF applied, pixel limit enforced), tile + centre crop to the model's input size
@@ -31,13 +32,14 @@ from mpft_core.scoring import decode_views, score_rows, verdicts
 # Name of the pyfunc artifact holding model.safetensors + mpft.json (jobs.tracking logs and resolves it).
 CHECKPOINT_ARTIFACT = "checkpoint"
 IMAGE_COLUMN = "image"
-OUTPUT_COLUMNS = ("score", "verdict", "threshold", "error")
+OUTPUT_COLUMNS = ("score", "verdict", "threshold", "real_threshold", "error")
 # Rows decoded and scored together: bounds memory for large inputs while keeping the model's matmuls batched.
 SCORE_BATCH_SIZE = 32
 
 
 class MPFTImageScorer(mlflow.pyfunc.PythonModel):
-    """pyfunc model: DataFrame with an ``image`` column of encoded bytes -> score / verdict / threshold / error."""
+    """pyfunc model: DataFrame with an ``image`` column of encoded bytes -> score / verdict / threshold /
+    real_threshold / error."""
 
     def load_context(self, context) -> None:
         # Imported here so that unpickling the (stateless) model object does not need the checkpoint machinery.
@@ -61,9 +63,10 @@ def score_encoded_images(detector, images: list, *, max_pixels: int = DEFAULT_MA
     """Score encoded images (bytes-like, or base64 text as sent through MLflow's REST API) in input order.
 
     Returns a DataFrame with ``OUTPUT_COLUMNS``; an undecodable image gives score NaN, verdict None and a message in
-    ``error`` (None on every good row).
+    ``error`` (None on every good row). The verdict is "generated" from ``threshold`` up, "real" below
+    ``real_threshold``, "uncertain" in between (``mpft_core.scoring.verdicts``).
     """
-    threshold = float(detector.threshold)
+    threshold, real_threshold = float(detector.threshold), float(detector.real_threshold)
     scores = np.full(len(images), np.nan, dtype=np.float64)
     errors: list[Optional[str]] = [None] * len(images)
     for start in range(0, len(images), batch_size):
@@ -73,7 +76,8 @@ def score_encoded_images(detector, images: list, *, max_pixels: int = DEFAULT_MA
         # float32 -> float64 is exact, so the output equals the detector's own numbers bit for bit.
         scores[chunk] = score_rows(detector, views, chunk_errors)
     return pd.DataFrame(
-        {"score": scores, "verdict": verdicts(scores, errors, threshold), "threshold": np.full(len(images), threshold),
+        {"score": scores, "verdict": verdicts(scores, errors, threshold, real_threshold),
+         "threshold": np.full(len(images), threshold), "real_threshold": np.full(len(images), real_threshold),
          "error": errors},
         index=index if index is not None else pd.RangeIndex(len(images)),
         columns=list(OUTPUT_COLUMNS),

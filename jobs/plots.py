@@ -6,6 +6,8 @@ interactive backend would try to open a display.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -15,6 +17,9 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+if TYPE_CHECKING:
+    from mpft_core.metrics import ReliabilityBins
 
 ACCURACY_BARS = (("acc", "accuracy"), ("acc_real", "accuracy on real"), ("acc_fake", "accuracy on generated"))
 MEAN_KEY = "mean"  # mpft_core.metrics.MEAN_KEY / POOLED_KEY (not imported: keeps this module free of torch)
@@ -72,6 +77,30 @@ def subset_accuracy_bars(results: dict) -> Figure:
     ax.set(ylim=(0, 1.05), ylabel="accuracy", title="Accuracy per subset")
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(bins: ReliabilityBins, title: str) -> Figure:
+    """Observed fraction generated against mean predicted probability per non-empty score bin, beside the diagonal
+    of perfect calibration, with the images per bin underneath and the ECE in the title.
+
+    ``bins`` is ``mpft_core.metrics.reliability_bins`` output; every number drawn is taken from it as it is. A point
+    below the diagonal means over-confident "generated" scores there, above it under-confident ones.
+    """
+    fig, (ax, counts_ax) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    filled = np.asarray(bins.count) > 0
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="perfectly calibrated")
+    if filled.any():
+        ax.plot(bins.mean_score[filled], bins.fraction_generated[filled], marker="o", label="observed")
+    else:
+        ax.text(0.5, 0.5, "no scored images", ha="center", va="center", transform=ax.transAxes)
+    ece = "n/a" if np.isnan(bins.ece) else f"{bins.ece:.4f}"
+    ax.set(ylabel="fraction generated", xlim=(0, 1), ylim=(-0.01, 1.01), title=f"{title} (ECE {ece})")
+    ax.legend(loc="upper left", fontsize="small")
+    counts_ax.bar(bins.lower, bins.count, width=bins.upper - bins.lower, align="edge", color="grey",
+                  edgecolor="white")
+    counts_ax.set(xlabel="predicted probability of generated", ylabel="images per bin")
     fig.tight_layout()
     return fig
 

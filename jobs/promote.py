@@ -4,7 +4,9 @@
                 ├─ same holdout manifest, same evaluation code as `mpft evaluate` ─▶ gate ─▶ tags on the challenger
     champion  ──┘                                                                        └▶ alias `champion` (if passed)
 
-Both results are recorded as tags on the challenger version whether or not it passes, so the registry says why a
+Both models are evaluated on the clean holdout and under every degraded or format-aligned condition the gate rules on
+(``GateConfig.conditions``, e.g. ``aligned-jpeg96``). Both results are recorded as tags on the challenger version
+whether or not it passes, so the registry says why a
 version was (not) promoted. `--dry-run` evaluates and prints the table but writes nothing.
 
 Before anything is evaluated, the holdout is checked against the challenger's training data (`pipelines.leakage`):
@@ -23,6 +25,7 @@ from typing import Optional
 from jobs import tracking
 from jobs.gate import GateConfig, GateDecision, decide
 from mpft_core.metrics import MEAN_KEY, to_markdown
+from mpft_core.perturb import CLEAN, Condition
 from pipelines.leakage import LeakagePolicy, check_holdout_leakage
 from pipelines.scoring_spec import ScoringResources
 from pipelines.sources import SourceConfig
@@ -34,8 +37,10 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 # The gate scores both models on CPU beside whatever else the cluster runs: one model replica, not one per core.
 ONE_REPLICA = ScoringResources(num_actors=1)
 
-# model refs, holdout sources, storage -> (per-subset results of each model, holdout manifest hash)
-Evaluator = Callable[[list[str], list[SourceConfig], Optional[StorageConfig]], tuple[list[dict], str]]
+# model refs, holdout sources, storage, conditions besides clean -> (per model {condition: per-subset results},
+# holdout manifest hash)
+Evaluator = Callable[[list[str], list[SourceConfig], Optional[StorageConfig], list[Condition]],
+                     tuple[list[dict[str, dict]], str]]
 
 
 class ChampionMoved(RuntimeError):
@@ -51,22 +56,24 @@ class PromotionOutcome:
     holdout_hash: str
 
 
-def default_evaluator(model_refs: list[str], holdout: list[SourceConfig], storage_cfg: Optional[StorageConfig], *,
-                      start_ray: Optional[Callable[[], None]] = None):
-    """Clean per-subset metrics of registered versions, by the same code path as `mpft evaluate` (fake-only holdout
-    subsets scored with the real subset their source pairs them with); the models are compared in one pass over the
-    holdout (each image read and decoded once). ``start_ray``: called once the holdout manifest is built and the
-    models are resolved (None: Ray is up already)."""
-    from pipelines.evaluation import CLEAN, EvalOptions, build_eval_manifest, evaluate_many
+def default_evaluator(model_refs: list[str], holdout: list[SourceConfig], storage_cfg: Optional[StorageConfig],
+                      conditions: list[Condition] = (), *, start_ray: Optional[Callable[[], None]] = None):
+    """Per model, ``{condition: per-subset metrics}`` on the clean holdout and under each of ``conditions``
+    (degradations, alignments), by the same code path as `mpft evaluate` (fake-only holdout subsets scored with the
+    real subset their source pairs them with); the models are compared in one pass over the holdout (each image read
+    and decoded once per condition). ``start_ray``: called once the holdout manifest is built and the models are
+    resolved (None: Ray is up already)."""
+    from pipelines.evaluation import EvalOptions, build_eval_manifest, evaluate_many
     from pipelines.sources import manifest_hash
 
     manifest = build_eval_manifest(holdout, storage_cfg)
     models = [tracking.resolve_model(ref, storage_cfg) for ref in model_refs]
     if start_ray is not None:
         start_ray()
-    results = evaluate_many(models, holdout, storage_cfg,
-                            options=EvalOptions(feature_space=False, resources=ONE_REPLICA), manifest=manifest)
-    return [result.condition(CLEAN).results for result in results], manifest_hash(manifest)
+    results = evaluate_many(models, holdout, storage_cfg, perturbations=list(conditions),
+                            options=EvalOptions(feature_space=False, resources=ONE_REPLICA, format_check=False),
+                            manifest=manifest)
+    return [{cond.name: cond.results for cond in result.conditions} for result in results], manifest_hash(manifest)
 
 
 def promote(model_name: str, holdout: list[SourceConfig], gate: GateConfig, *, storage_cfg=None,
@@ -88,7 +95,8 @@ def promote(model_name: str, holdout: list[SourceConfig], gate: GateConfig, *, s
     refs = [f"models:/{model_name}/{challenger_version}"]
     if champion_version is not None and champion_version != challenger_version:
         refs.append(f"models:/{model_name}/{champion_version}")
-    results, holdout_hash = evaluator(refs, holdout, storage_cfg)  # both on the same holdout, in one pass
+    # Both on the same holdout, in one pass, clean and under every condition the gate rules on.
+    results, holdout_hash = evaluator(refs, holdout, storage_cfg, gate.extra_conditions())
     challenger, champion = results[0], (results[1] if len(results) > 1 else None)
     decision = decide(challenger, champion, gate)
     if champion_version == challenger_version:
@@ -165,18 +173,21 @@ def _refused_tags(tags: dict[str, str], reason: str) -> dict[str, str]:
 
 def _gate_tags(decision: GateDecision, challenger: dict, champion: Optional[dict], champion_version: Optional[str],
                holdout_hash: str, gate: GateConfig) -> dict[str, str]:
+    """The registry's record of a decision: its rules and reasons, and each model's mean accuracy and AP on each gated
+    condition (``gate.challenger_mean_acc`` on clean images, ``gate.aligned-jpeg96.challenger_mean_acc``, ...)."""
     tags = {
         "gate.decision": "promoted" if decision.passed else "refused",
         "gate.reasons": "; ".join(decision.reasons) or "all rules pass",  # set_version_tags truncates
         "gate.config": json.dumps(gate.to_dict(), sort_keys=True),
         "gate.holdout_manifest_hash": holdout_hash,
         "gate.compared_to_version": champion_version or "none",
-        "gate.challenger_mean_acc": f"{challenger[MEAN_KEY]['acc']:.6f}",
-        "gate.challenger_mean_ap": f"{challenger[MEAN_KEY]['ap']:.6f}",
     }
-    if champion is not None:
-        tags["gate.champion_mean_acc"] = f"{champion[MEAN_KEY]['acc']:.6f}"
-        tags["gate.champion_mean_ap"] = f"{champion[MEAN_KEY]['ap']:.6f}"
+    for condition in gate.rules():
+        prefix = "gate." if condition == CLEAN else f"gate.{condition}."
+        for role, results in (("challenger", challenger), ("champion", champion)):
+            if results is not None:
+                tags[f"{prefix}{role}_mean_acc"] = f"{results[condition][MEAN_KEY]['acc']:.6f}"
+                tags[f"{prefix}{role}_mean_ap"] = f"{results[condition][MEAN_KEY]['ap']:.6f}"
     return tags
 
 

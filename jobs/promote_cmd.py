@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (rule, help_line) in rules.items():
         parser.add_argument(flag, dest=rule, type=float, metavar="FRACTION",
                             help=f"{help_line}, as a fraction (0.01 = 1 point; default: the gate's)")
+    parser.add_argument("--condition", dest="conditions", action="append", default=[], metavar="NAME[:RULE=V,...]",
+                        help="also gate on a degraded or format-aligned condition, named as in `mpft evaluate` tables "
+                             "(aligned-jpeg96, jpeg65, blur3); its rules default to the clean ones given above, "
+                             "or e.g. aligned-jpeg96:max_subset_acc_drop=0.05,mean_acc_tolerance=0.01; repeatable")
     parser.add_argument("--leakage", choices=["error", "warn"], default="error",
                         help="holdout images in the challenger's training data (same path or same bytes): refuse "
                              "(error, the default) or only warn")
@@ -37,11 +41,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def gate_from_args(args: argparse.Namespace) -> GateConfig:
-    """The GateConfig with the rules given as flags; the others keep GateConfig's defaults."""
-    from jobs.gate import GateConfig
+    """The GateConfig with the rules given as flags; the others keep GateConfig's defaults. A ``--condition``'s own
+    ``RULE=V`` apply to it; its other regression rules are the clean ones (``GateConfig``)."""
+    from pydantic import ValidationError
 
-    given = {rule: getattr(args, rule) for rule in GateConfig.model_fields if getattr(args, rule) is not None}
-    return GateConfig(**given)
+    from jobs.gate import ConditionRules, GateConfig
+
+    given = {rule: getattr(args, rule) for rule in GateConfig.model_fields
+             if rule != "conditions" and getattr(args, rule) is not None}
+    conditions = {}
+    for spec in args.conditions:
+        name, _, rules_text = spec.partition(":")
+        if name in conditions:
+            raise SystemExit(f"--condition {name} is given twice: give its rules once, e.g. {name}:RULE=V,RULE=V")
+        own = {}
+        for item in filter(None, rules_text.split(",")):
+            rule, sep, value = item.partition("=")
+            if not sep or rule not in ConditionRules.model_fields:
+                raise SystemExit(f"--condition {spec}: expected NAME[:RULE=V,...] with rules among "
+                                 f"{', '.join(ConditionRules.model_fields)}")
+            own[rule] = value
+        conditions[name] = own
+    try:
+        return GateConfig(**given, conditions=conditions)
+    except ValidationError as err:
+        raise SystemExit("gate rules: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                    for e in err.errors())) from None
 
 
 def holdout_sources(uris: list[str], layout: str | None, split: str | None) -> list[SourceConfig]:

@@ -25,6 +25,7 @@ from jobs.gate import GateConfig
 from jobs.promote import PromotionOutcome, default_evaluator, promote, render_decision
 from mpft_core.config import InputError, StrictModel
 from mpft_core.metrics import MEAN_KEY
+from mpft_core.perturb import CLEAN
 from pipelines.leakage import LeakagePolicy, check_holdout_leakage
 from pipelines.sources import SourceConfig
 
@@ -54,6 +55,17 @@ def load_retrain_config(path: str | Path) -> RetrainConfig:
     return RetrainConfig.from_dict(load_yaml(path))
 
 
+def holdout_metrics(results: dict[str, dict]) -> dict[str, float]:
+    """Flat MLflow metrics of ``{condition: per-subset results}``: ``holdout_{subset}_{acc,ap,auc}`` on the clean
+    holdout, ``holdout_{condition}_{subset}_{...}`` under each gated condition."""
+    metrics = {}
+    for condition, per_subset in results.items():
+        prefix = "holdout_" if condition == CLEAN else f"holdout_{condition}_"
+        metrics.update({f"{prefix}{subset}_{k}": v for subset, row in per_subset.items()
+                        for k, v in row.items() if k in ("acc", "ap", "auc")})
+    return metrics
+
+
 def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] = None,
                 verbose: bool = False) -> RetrainOutcome:
     """The three child runs under one parent run named after ``stamp`` (default: now); ``verbose`` as for
@@ -80,17 +92,17 @@ def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] =
 
         with tracking.start_run(experiment, run_name="evaluate", parent_run_id=parent_id):
             challenger_ref = f"models:/{model_name}/{trained.model_version}"
-            [results], holdout_hash = default_evaluator([challenger_ref], cfg.holdout, cfg.train.storage)
+            [results], holdout_hash = default_evaluator([challenger_ref], cfg.holdout, cfg.train.storage,
+                                                        cfg.gate.extra_conditions())
             tracking.log_params({"model_uri": challenger_ref, "holdout_manifest_hash": holdout_hash})
-            tracking.log_metrics({f"holdout_{subset}_{k}": v for subset, row in results.items()
-                                  for k, v in row.items() if k in ("acc", "ap", "auc")})
+            tracking.log_metrics(holdout_metrics(results))
 
-        def reuse_challenger_result(refs, holdout, storage_cfg):
+        def reuse_challenger_result(refs, holdout, storage_cfg, conditions):
             # promote() asks for [challenger] or [challenger, champion]; the challenger was just evaluated on this
-            # holdout, so only the champion needs a pass.
+            # holdout under the same conditions, so only the champion needs a pass.
             if len(refs) == 1:
                 return [results], holdout_hash
-            [champion], champion_hash = default_evaluator(refs[1:], holdout, storage_cfg)
+            [champion], champion_hash = default_evaluator(refs[1:], holdout, storage_cfg, conditions)
             if champion_hash != holdout_hash:
                 raise RuntimeError("the holdout changed between the challenger's and the champion's evaluation")
             return [results, champion], holdout_hash
@@ -103,7 +115,7 @@ def run_retrain(cfg: RetrainConfig, tracking_uri: str, *, stamp: Optional[str] =
             tracking.log_params({"challenger_version": outcome.challenger_version,
                                  "champion_version_before": outcome.champion_version or "none"})
             tracking.log_metrics({"promoted": float(outcome.promoted),
-                                  "challenger_mean_acc": results[MEAN_KEY]["acc"]})
+                                  "challenger_mean_acc": results[CLEAN][MEAN_KEY]["acc"]})
             tracking.log_text(render_decision(outcome, model_name, dry_run=False), "gate.md")
         tracking.set_run_tags({"retrain.decision": "promoted" if outcome.promoted else "refused"})
     return RetrainOutcome(parent_id, trained.model_version, outcome)

@@ -657,13 +657,15 @@ def _first_line(err: Exception) -> str:
 
 
 def model_signature() -> ModelSignature:
-    """Input: ``image`` (encoded bytes). Output: score, verdict, threshold, error (null when the row is fine)."""
+    """Input: ``image`` (encoded bytes). Output: score, verdict, threshold, real_threshold, error (null when the
+    row is fine)."""
     return ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),
         outputs=Schema([
             ColSpec("double", "score"),
             ColSpec("string", "verdict", required=False),
             ColSpec("double", "threshold"),
+            ColSpec("double", "real_threshold"),
             ColSpec("string", "error", required=False),
         ]),
     )

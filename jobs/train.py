@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from jobs import plots, tracking
 from jobs.config import TrainJobConfig
 from mpft_core.backbone import input_size, read_weights_metadata, resolve_architecture
-from mpft_core.config import BackboneConfig, InputError
+from mpft_core.config import BackboneConfig, InputError, ThresholdConfig
 from pipelines import ingest, sources, storage, training
 from pipelines.runtime import init_ray
 
@@ -106,6 +106,7 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
     train_manifest = labelled_manifest(cfg.train, cfg.storage)
     val_manifest = labelled_manifest(cfg.val, cfg.storage)
     check_validation_is_held_out(train_manifest, val_manifest)
+    check_calibration_classes(cfg.method.threshold, val_manifest)
     val_pairs = validation_pairs(cfg.val, val_manifest)
     check_backbone_weights(cfg.method.detector.backbone, cfg.storage)
     record = run_record(cfg, train_manifest, val_manifest)
@@ -217,7 +218,7 @@ def check_resumable(cfg: TrainJobConfig, record: dict, *, force: bool) -> None:
         log.warning("run %r has no %s (started by an older version): resuming it without checking its settings",
                     cfg.name, RUN_RECORD_FILE)
         return
-    changes = run_changes(saved, record)
+    changes = run_changes(with_current_defaults(saved), record)
     if not changes:
         return
     if force:
@@ -226,6 +227,21 @@ def check_resumable(cfg: TrainJobConfig, record: dict, *, force: bool) -> None:
     raise ChangedRunError(
         f"run {cfg.name!r} in {run_folder(cfg)} was trained with other settings: {'; '.join(changes)}. "
         "Resume it anyway with `--resume force`, or start a separate run with a new name (--name)")
+
+
+def with_current_defaults(saved: dict) -> dict:
+    """A run record with the settings this version added filled in at their defaults (validated through today's
+    config), so that a run recorded before a new, default-off setting existed still resumes; a record today's config
+    refuses (a removed setting) is compared as it is."""
+    from pydantic import ValidationError
+
+    config = saved.get("config", {})
+    try:
+        # name, train and val are required fields: any valid stand-ins do, only the defining keys are kept.
+        full = TrainJobConfig.from_dict({"name": "saved", "train": [], "val": [], **config}).to_dict()
+    except ValidationError:
+        return saved
+    return {**saved, "config": {key: full[key] for key in config}}
 
 
 def run_changes(saved: dict, new: dict) -> list[str]:
@@ -250,6 +266,17 @@ def differing_keys(old, new, prefix: str = "") -> set[str]:
         pairs = enumerate(zip(old, new, strict=True))
         return {key for i, (a, b) in pairs for key in differing_keys(a, b, f"{prefix}[{i}]")}
     return set() if old == new else {prefix}
+
+
+def check_calibration_classes(threshold: ThresholdConfig, val_manifest: pa.Table) -> None:
+    """Refuse, before Ray starts, a calibration target whose class the validation set lacks (it would fail after the
+    first epoch): ``target_fpr`` needs real images, ``target_miss_rate`` generated ones."""
+    labels = set(pc.unique(val_manifest.column("label")).to_pylist())
+    for target, value, label, kind in (("target_fpr", threshold.target_fpr, 0, "real"),
+                                       ("target_miss_rate", threshold.target_miss_rate, 1, "generated")):
+        if value is not None and label not in labels:
+            raise InputError(f"method.threshold.{target} is set, but the validation sources hold no {kind} images to "
+                             "calibrate it on")
 
 
 def check_validation_is_held_out(train_manifest: pa.Table, val_manifest: pa.Table) -> None:

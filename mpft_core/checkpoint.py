@@ -7,7 +7,8 @@ access or the original weights, as the same function that was trained.
 
 Format versions: 2 records the ``architecture``. Version 1 did not; its towers were built with QuickGELU when the
 recorded open_clip tag or the architecture config named it (OpenAI weights, ``*-quickgelu`` models) and with GELU
-otherwise (weight files, random init), and are rebuilt so.
+otherwise (weight files, random init), and are rebuilt so. ``real_threshold`` (the lower end of the uncertain
+band) is optional in both: a checkpoint without it has no band.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def save_checkpoint(detector: MPFTDetector, directory: PathLike, extra: dict | N
         "architecture": detector.architecture.to_dict(),
         "preprocess": detector.preprocess.to_dict(),
         "threshold": detector.threshold,
+        "real_threshold": detector.real_threshold,
         "extra": extra or {},
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
     }
@@ -84,6 +86,7 @@ def parse_checkpoint_meta(data: bytes, *, origin: str) -> dict:
         raise ValueError(f"unsupported MPFT checkpoint format version {meta.get('format_version')!r}")
     if not isinstance(meta.get("detector"), dict) or not isinstance(meta.get("preprocess"), dict):
         raise ValueError(f"{origin!r} lacks the detector or preprocess description")
+    recorded_real_threshold(meta)  # an inverted band is refused where the file is read, not inside a scoring actor
     return meta
 
 
@@ -141,7 +144,24 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     # The recorded preprocessing wins: a random-init rebuild only knows open_clip's defaults, not the tag's.
     detector.preprocess = Preprocess.from_dict(meta["preprocess"])
     detector.threshold = float(meta["threshold"])
+    real_threshold = recorded_real_threshold(meta)
+    # No band recorded: keep following ``threshold``, so a caller that moves the threshold opens no band by accident.
+    detector.real_threshold = None if real_threshold == detector.threshold else real_threshold
     return detector.to(map_location).eval()
+
+
+def recorded_real_threshold(meta: dict) -> float:
+    """The checkpoint's ``real_threshold``; one written without it (before the uncertain band existed, or with the
+    key null) has no band, so it equals ``threshold``. ValueError if it lies above ``threshold``."""
+    if not isinstance(meta.get("threshold"), (int, float)):
+        raise ValueError(f"inconsistent {META_FILE}: no numeric threshold")
+    threshold = float(meta["threshold"])
+    if meta.get("real_threshold") is None:
+        return threshold
+    real_threshold = float(meta["real_threshold"])
+    if not real_threshold <= threshold:
+        raise ValueError(f"inconsistent {META_FILE}: real_threshold {real_threshold} is above threshold {threshold}")
+    return real_threshold
 
 
 def _config_for(architecture: Architecture, config: DetectorConfig) -> DetectorConfig:

@@ -7,9 +7,9 @@ rejected: a typo in a sweep config must fail loudly instead of silently training
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class InputError(ValueError):
@@ -80,6 +80,58 @@ class OptimConfig(StrictModel):
         return 5e-5 if trainable == "last-k" else 1e-5
 
 
+def _low_to_high(bounds: tuple) -> tuple:
+    """A ``[lo, hi]`` range with ``lo > hi`` is a typo, not an empty range: refuse it."""
+    low, high = bounds
+    if low > high:
+        raise ValueError(f"a [lo, hi] range needs lo <= hi, got [{low}, {high}]")
+    return bounds
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Quality = Annotated[int, Field(ge=1, le=100)]  # libjpeg's scale
+Sigma = Annotated[float, Field(gt=0.0)]  # pixels of the model input
+Scale = Annotated[float, Field(gt=0.0, lt=1.0)]  # a shrink factor; 1 would be no degradation
+
+
+class JpegDegrade(StrictModel):
+    """With probability ``p``, re-encode the crop as JPEG at a quality drawn uniformly from ``quality`` (ends
+    included)."""
+
+    p: Probability = 0.0
+    quality: Annotated[tuple[Quality, Quality], AfterValidator(_low_to_high)] = (50, 95)
+
+
+class BlurDegrade(StrictModel):
+    """With probability ``p``, Gaussian-blur the crop with a σ drawn uniformly from ``sigma``."""
+
+    p: Probability = 0.0
+    sigma: Annotated[tuple[Sigma, Sigma], AfterValidator(_low_to_high)] = (0.5, 2.0)
+
+
+class DownscaleDegrade(StrictModel):
+    """With probability ``p``, shrink the crop by a factor drawn uniformly from ``scale`` and scale it back up to its
+    size (bicubic both ways; ``mpft_core.degrade.shrink_and_restore`` says why)."""
+
+    p: Probability = 0.0
+    scale: Annotated[tuple[Scale, Scale], AfterValidator(_low_to_high)] = (0.5, 0.9)
+
+
+class DegradeConfig(StrictModel):
+    """Per-sample degradations of the training crops, so that the detector cannot learn a pristine file's format
+    traces (real photos are found recompressed and resized). Every ``p`` is 0 by default: the paper's recipe
+    trains on pristine files. Applied in the order downscale, blur, JPEG (``mpft_core.degrade``)."""
+
+    downscale: DownscaleDegrade = Field(default_factory=DownscaleDegrade)
+    blur: BlurDegrade = Field(default_factory=BlurDegrade)
+    jpeg: JpegDegrade = Field(default_factory=JpegDegrade)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any degradation can happen at all (otherwise the training loop leaves crops untouched)."""
+        return any(op.p > 0 for op in (self.downscale, self.blur, self.jpeg))
+
+
 class AugmentConfig(StrictModel):
     """Training-time crops. The decode stage cuts one random window per file, ``crop_jitter`` x the input size
     larger than the model input; every epoch the training loop takes a fresh random crop of the input size from it,
@@ -87,9 +139,10 @@ class AugmentConfig(StrictModel):
     blocks) then differ between epochs even when the decoded set is cached.
 
     The default 0 keeps one crop per file (flipped anew each epoch): jitter helped the training generator but hurt
-    held-out ones on the demo corpus (README, crop jitter)."""
+    held-out ones on the demo corpus (README, crop jitter). ``degrade`` (off by default) then degrades each crop."""
 
     crop_jitter: float = Field(0.0, ge=0.0, le=1.0)
+    degrade: DegradeConfig = Field(default_factory=DegradeConfig)
 
     def window(self, image_size: int) -> int:
         """Side of the decoded training window for a model input of ``image_size``."""
@@ -97,10 +150,16 @@ class AugmentConfig(StrictModel):
 
 
 class ThresholdConfig(StrictModel):
-    """How the decision threshold is chosen on the validation split (never on test labels)."""
+    """How the decision thresholds are chosen on the validation split (never on test labels).
+
+    ``threshold``: score >= it is "generated" (the binary decision the metrics use). ``real_threshold`` (never above
+    it): score < it is "real"; scores in between are "uncertain"."""
 
     # None keeps 0.5; otherwise the threshold that gives this false-positive rate on real validation images.
     target_fpr: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    # None: no uncertain band (real_threshold = threshold). Otherwise the real_threshold below which at most this
+    # fraction of generated validation images fall, lowered to threshold if it lands above it.
+    target_miss_rate: Optional[float] = Field(None, gt=0.0, lt=1.0)
 
 
 class MethodConfig(StrictModel):

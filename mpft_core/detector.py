@@ -101,13 +101,17 @@ class MPFTDetector(nn.Module):
         config: the ``DetectorConfig`` it was built from (saved in checkpoints).
         architecture: how the tower was built beyond its weights (activation, vision config; saved in checkpoints).
         preprocess: image size and normalisation the tower expects.
-        threshold: decision threshold on the sigmoid probability (0.5 unless calibrated; saved in checkpoints).
+        threshold: decision threshold on the sigmoid probability (0.5 unless calibrated; saved in checkpoints):
+            score >= threshold is "generated", the binary decision the metrics use.
+        real_threshold: score < real_threshold is "real", scores in between "uncertain" (saved in checkpoints).
+            Until set it follows ``threshold`` (no uncertain band); setting it to None restores that. It never
+            exceeds ``threshold``: lowering ``threshold`` below it narrows the band to nothing rather than invert it.
         patch_size: ViT patch side in pixels; grid_size: patches per image side (P = grid_size ** 2).
     """
 
     def __init__(
         self, visual: VisionTransformer, preprocess: Preprocess, config: DetectorConfig, *,
-        architecture: Architecture, threshold: float = 0.5,
+        architecture: Architecture, threshold: float = 0.5, real_threshold: Optional[float] = None,
     ):
         super().__init__()
         self.visual = visual
@@ -117,11 +121,21 @@ class MPFTDetector(nn.Module):
         self.config = config
         self.preprocess = preprocess
         self.threshold = float(threshold)
+        self.real_threshold = real_threshold
         self.patch_size = int(visual.patch_size[0])
         self.grid_size = int(visual.grid_size[0])
         # Some towers ship deliberately fixed parameters (e.g. sin-cos position tables); no policy unfreezes them.
         self._fixed_parameters = {name for name, p in self.named_parameters() if not p.requires_grad}
         self.apply_trainable_policy(config.trainable, config.last_k)
+
+    @property
+    def real_threshold(self) -> float:
+        # Code that sets only ``threshold`` must not open an uncertain band by accident, nor invert one.
+        return self.threshold if self._real_threshold is None else min(self._real_threshold, self.threshold)
+
+    @real_threshold.setter
+    def real_threshold(self, value: Optional[float]) -> None:
+        self._real_threshold = None if value is None else float(value)
 
     # --- trainable policies -------------------------------------------------------------------------------------
     def apply_trainable_policy(self, trainable: str, last_k: int = 2) -> None:

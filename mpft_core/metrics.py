@@ -1,4 +1,4 @@
-"""Detection metrics per subset (generator) and decision-threshold calibration.
+"""Detection metrics per subset (generator), calibration of the scores, and decision-threshold calibration.
 
 Conventions used throughout:
 
@@ -11,23 +11,28 @@ Average precision and ROC AUC need both classes, so they are NaN on a subset tha
 a test folder of one generator's fakes only); per-class accuracies are NaN when that class is absent. Benchmarks that
 ship fake-only test sets pair each with a real-only set (UniversalFakeDetect: guided with ImageNet, LDM / Glide /
 DALL-E with LAION): ``pairs`` scores a fake-only subset together with its real subset's images.
+
+Expected calibration error (``ece``) asks whether the scores can be read as probabilities: among images scored about
+0.8, are about 80 % generated? It needs no threshold and is defined on a single-class subset too.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-RATE_METRICS = ("acc", "acc_real", "acc_fake", "ap", "auc")
+RATE_METRICS = ("acc", "acc_real", "acc_fake", "ap", "auc", "ece")
 COUNT_FIELDS = ("n", "n_real", "n_fake")
 MEAN_KEY = "mean"
 POOLED_KEY = "all"
 TABLE_COLUMNS = ("subset",) + COUNT_FIELDS + RATE_METRICS
+CALIBRATION_BINS = 15  # as in Guo et al. 2017 ("On Calibration of Modern Neural Networks"), so ECEs compare
 
 
 # --- input checks -------------------------------------------------------------------------------------------------
@@ -49,6 +54,13 @@ def _as_scores(scores) -> np.ndarray:
     return arr
 
 
+def _as_probabilities(scores) -> np.ndarray:
+    arr = _as_scores(scores)
+    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
+        raise ValueError(f"calibration needs probabilities in [0, 1], got scores in [{arr.min()}, {arr.max()}]")
+    return arr
+
+
 def _checked_pair(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     y, s = _as_labels(labels), _as_scores(scores)
     if y.shape != s.shape:
@@ -62,10 +74,12 @@ def _fraction_correct(correct: np.ndarray) -> float:
 
 
 def binary_metrics(labels, scores, threshold: float = 0.5) -> dict:
-    """Accuracy (overall / real only / fake only) at ``threshold``, AP, ROC AUC and counts for one set of images.
+    """Accuracy (overall / real only / fake only) at ``threshold``, AP, ROC AUC, expected calibration error (which
+    ignores ``threshold``) and counts for one set of images.
 
-    Returns a dict with keys ``acc, acc_real, acc_fake, ap, auc, n, n_real, n_fake``. Rates are floats and may be
-    NaN (see module docstring); counts are ints.
+    Returns a dict with keys ``acc, acc_real, acc_fake, ap, auc, ece, n, n_real, n_fake``. Rates are floats and may
+    be NaN (see module docstring; ``ece`` only when there are no images); counts are ints. ValueError if a score is
+    outside [0, 1].
     """
     y, s = _checked_pair(labels, scores)
     predicted = (s >= threshold).astype(np.int64)
@@ -78,10 +92,85 @@ def binary_metrics(labels, scores, threshold: float = 0.5) -> dict:
         "acc_fake": _fraction_correct(correct[is_fake]),
         "ap": float(average_precision_score(y, s)) if both_classes else math.nan,
         "auc": float(roc_auc_score(y, s)) if both_classes else math.nan,
+        "ece": expected_calibration_error(y, s),
         "n": int(y.size),
         "n_real": int((~is_fake).sum()),
         "n_fake": int(is_fake.sum()),
     }
+
+
+# --- calibration of the scores ------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ReliabilityBins:
+    """Images grouped by score into equal-width bins on [0, 1]: the data behind a reliability diagram.
+
+    Arrays of one entry per bin, lowest scores first. A bin holds the scores in ``[lower, upper)``; the last one also
+    holds 1.0. ``mean_score`` and ``fraction_generated`` are NaN for a bin without images.
+    """
+
+    lower: np.ndarray
+    upper: np.ndarray
+    count: np.ndarray
+    mean_score: np.ndarray
+    fraction_generated: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error of the binned images (see ``expected_calibration_error``); NaN if none."""
+        total = int(self.count.sum())
+        if total == 0:
+            return math.nan
+        filled = self.count > 0
+        gaps = np.abs(self.fraction_generated[filled] - self.mean_score[filled])
+        return float(np.sum(self.count[filled] * gaps) / total)
+
+
+def _check_bin_count(n_bins) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+
+
+def _mean_per_bin(totals: np.ndarray, count: np.ndarray) -> np.ndarray:
+    means = np.full(count.shape, math.nan)
+    np.divide(totals, count, out=means, where=count > 0)
+    return means
+
+
+def reliability_bins(labels, scores, n_bins: int = CALIBRATION_BINS) -> ReliabilityBins:
+    """Per equal-width score bin on [0, 1]: its bounds, how many images fall in it, their mean score and the
+    fraction of them that is generated (``ReliabilityBins``).
+
+    ``scores`` are the probability of "generated" (label 1); a score of exactly 1.0 goes in the last bin, a score on
+    an inner edge in the bin above it. ValueError on a score outside [0, 1] or ``n_bins`` < 1.
+    """
+    _check_bin_count(n_bins)
+    y, s = _as_labels(labels), _as_probabilities(scores)
+    if y.shape != s.shape:
+        raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Against the very edges reported as bounds, so a score is always inside the bin it is counted in.
+    index = np.minimum(np.searchsorted(edges, s, side="right") - 1, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    return ReliabilityBins(
+        lower=edges[:-1],
+        upper=edges[1:],
+        count=count,
+        mean_score=_mean_per_bin(np.bincount(index, weights=s, minlength=n_bins), count),
+        fraction_generated=_mean_per_bin(np.bincount(index, weights=y, minlength=n_bins), count),
+    )
+
+
+def expected_calibration_error(labels, scores, n_bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error of the scores as probabilities of "generated", in [0, 1] (0 = calibrated).
+
+    The standard binary-class definition on the positive-class probability: the scores are put in ``n_bins``
+    equal-width bins on [0, 1] (a score of exactly 1.0 in the last), and
+    ``ECE = sum over bins of (images in bin / n) * |fraction generated in bin - mean score in bin|``.
+    It is not the multi-class "top-label confidence" ECE, which would bin max(score, 1 - score) instead.
+    No threshold is involved. On a single-class subset it stays defined (the fraction generated is then 0 or 1 in
+    every bin); it is NaN only when there are no images. ValueError on a score outside [0, 1] or ``n_bins`` < 1.
+    """
+    return reliability_bins(labels, scores, n_bins).ece
 
 
 # --- several subsets ----------------------------------------------------------------------------------------------
@@ -235,3 +324,29 @@ def calibrate_threshold(real_scores, target_fpr: float) -> float:
     return _just_above(float(highest_passing), float32_exact)
 
 
+def calibrate_real_threshold(fake_scores, target_miss_rate: float) -> float:
+    """The highest threshold below which at most ``target_miss_rate`` of these generated images would score, i.e.
+    be called real.
+
+    With the rule "real iff score < real_threshold", missing at most ``k = floor(target_miss_rate * n)`` of ``n``
+    generated images allows a threshold up to the (k+1)-th lowest generated score and no higher (a score equal to
+    the threshold is not below it); the result is that score itself. Ties are never split: if several generated
+    images share that score none of them is missed (the miss rate may land below the target).
+
+    Being one of the scores, the result is a float32 number whenever the scores are (the detector's output), so a
+    consumer comparing in float32 draws the same line as one comparing in float64; no step is needed, unlike
+    ``calibrate_threshold``.
+
+    Use validation images only — never test labels (docs/METHOD.md).
+
+    Raises:
+        ValueError: no scores, non-finite scores, or ``target_miss_rate`` outside [0, 1).
+    """
+    scores = _as_scores(fake_scores)
+    if scores.size == 0:
+        raise ValueError("cannot calibrate a real threshold on an empty set of generated scores")
+    if not 0.0 <= target_miss_rate < 1.0:
+        raise ValueError(f"target_miss_rate must be in [0, 1), got {target_miss_rate}")
+    # The epsilon keeps products like 0.29 * 100 = 28.999999999999996 from losing an allowed miss.
+    allowed = min(int(math.floor(target_miss_rate * scores.size + 1e-9)), scores.size - 1)
+    return float(np.sort(scores)[allowed])

@@ -2,7 +2,8 @@
 the registered MLflow model (``jobs/mlflow_model.py``), so both give the same scores, verdicts and error texts.
 
     encoded image ─decode_views─▶ uint8 view [S, S, 3] | error text ─score_rows─▶ probability of "generated"
-                                                                     ─verdicts─▶ "generated" / "real" (None on error)
+                                                                     ─verdicts─▶ "generated" / "uncertain" / "real"
+                                                                                 (None on error)
 
 A view is the image tiled if smaller than the model input, then centre-cropped to it, never resized
 (``mpft_core.transforms.eval_view``). An image that cannot be scored gets an error text, no score and no verdict; it
@@ -22,6 +23,7 @@ from mpft_core.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_rgb
 from mpft_core.transforms import eval_view
 
 VERDICT_GENERATED = "generated"
+VERDICT_UNCERTAIN = "uncertain"
 VERDICT_REAL = "real"
 
 
@@ -80,8 +82,24 @@ def scored_mask(errors: Sequence[Optional[str]]) -> np.ndarray:
     return np.array([err is None for err in errors], dtype=bool)
 
 
-def verdicts(scores: np.ndarray, errors: Sequence[Optional[str]], threshold: float) -> list[Optional[str]]:
-    """"generated" where ``score >= threshold``, else "real"; None on rows with an error. Compared in float64, as
-    the metrics compare, whatever the scores' dtype (a float32 score next to a float64 threshold)."""
-    return [None if err is not None else VERDICT_GENERATED if float(score) >= threshold else VERDICT_REAL
+def verdicts(scores: np.ndarray, errors: Sequence[Optional[str]], threshold: float,
+             real_threshold: Optional[float] = None) -> list[Optional[str]]:
+    """"generated" where ``score >= threshold``, "real" where ``score < real_threshold``, "uncertain" in between;
+    None on rows with an error. ``real_threshold`` None (or equal to ``threshold``) leaves no band: every scored row
+    is "generated" or "real". Compared in float64, as the metrics compare, whatever the scores' dtype (a float32
+    score next to a float64 threshold).
+
+    Raises:
+        ValueError: ``real_threshold`` above ``threshold`` (the bands would overlap).
+    """
+    real_threshold = threshold if real_threshold is None else real_threshold
+    if real_threshold > threshold:
+        raise ValueError(f"real_threshold {real_threshold} is above threshold {threshold}")
+    return [None if err is not None else _verdict(float(score), threshold, real_threshold)
             for score, err in zip(scores, errors, strict=True)]
+
+
+def _verdict(score: float, threshold: float, real_threshold: float) -> str:
+    if score >= threshold:
+        return VERDICT_GENERATED
+    return VERDICT_REAL if score < real_threshold else VERDICT_UNCERTAIN

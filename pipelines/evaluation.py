@@ -7,10 +7,13 @@ Scores go through the same actor as ``mpft score`` (pipelines/scoring.py), so an
 production scoring produces. Only the score rows (no pixels) are collected on the driver: metrics need every score
 of a subset at once (docs/METHOD.md: no per-batch averaging).
 
-Degraded copies (``--perturb``): the degradation is applied to the whole decoded image, before the usual tile +
-center crop, through the decode stage's per-row ``degrade`` hook (pipelines/decode.py knows nothing about
-perturbations, only of an image-to-image function per row).
-Files that cannot be decoded are reported (``n_errors``) and left out of the metrics.
+Degraded copies (``--perturb``) and format-aligned copies (``--align``: both classes re-encoded the same way,
+``mpft_core.perturb.Alignment``) are conditions beside the clean one: the degradation is applied to the whole
+decoded image, before the usual tile + center crop, through the decode stage's per-row ``degrade`` hook
+(pipelines/decode.py knows nothing about perturbations, only of an image-to-image function per row).
+Files that cannot be decoded are reported (``n_errors``) and left out of the metrics. Before scoring, the first bytes
+of a sample of each class tell their file formats (``format_mix``): when the classes differ (GenImage's JPEG photos
+against PNG fakes) the result carries a warning that the as-is numbers may measure the format.
 
 Fake-only subsets are scored together with the real-only subset they are paired with (``real_pairs`` of all the
 sources together, ``pipelines.sources.real_pairs_of``: UFD's diffusion sets with LAION / ImageNet by default); every
@@ -37,8 +40,8 @@ import pyarrow.compute as pc
 import ray
 
 from mpft_core.config import InputError
-from mpft_core.metrics import TABLE_COLUMNS, per_subset_metrics, table_from_results
-from mpft_core.perturb import Perturbation
+from mpft_core.metrics import MEAN_KEY, TABLE_COLUMNS, per_subset_metrics, table_from_results
+from mpft_core.perturb import CLEAN, Condition
 from pipelines import storage
 from pipelines.scoring import DetectorScorer, bundle_image_size, bundle_threshold, make_model_bundle, scored_dataset
 from pipelines.scoring_spec import ResolvedModel, ScoringResources
@@ -46,7 +49,6 @@ from pipelines.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
-CLEAN = "clean"
 EVAL_COLUMNS = ("condition",) + TABLE_COLUMNS + ("n_errors",)
 
 
@@ -58,6 +60,7 @@ class EvalOptions:
     feature_space: bool = True
     max_feature_points: int = 1000  # PCA of a few hundred points per subset is as readable as of all of them
     seed: int = 0
+    format_check: bool = True  # sample each class's file formats and warn when they differ (``format_mix``)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class EvalResult:
     conditions: list[ConditionResult]
     feature_spaces: list[FeatureSpace] = field(default_factory=list)
     real_pairs: dict[str, str] = field(default_factory=dict)  # {fake-only subset: real subset scored with it}
+    format_mix: Optional[FormatMix] = None  # the classes' file formats (``EvalOptions.format_check``)
 
     @property
     def table(self) -> pd.DataFrame:
@@ -98,6 +102,17 @@ class EvalResult:
                                  for s in frame["subset"]]
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)[list(EVAL_COLUMNS)]
+
+    def side_by_side(self, metrics: Sequence[str] = ("acc", "ap", "auc")) -> pd.DataFrame:
+        """One row per subset (then ``mean``), and for each metric one column per condition, ``acc [clean]`` beside
+        ``acc [aligned-jpeg96]``: how far each number moves when the images are degraded or format-aligned."""
+        table = self.table
+        wide = table.pivot(index="subset", columns="condition", values=list(metrics))
+        order = [name for name in table["subset"].drop_duplicates() if name != MEAN_KEY] + [MEAN_KEY]
+        wide = wide.reindex(order)
+        names = [cond.name for cond in self.conditions]
+        columns = {f"{metric} [{name}]": wide[(metric, name)].to_numpy() for metric in metrics for name in names}
+        return pd.DataFrame({"subset": order, **columns})
 
     def condition(self, name: str) -> ConditionResult:
         return next(c for c in self.conditions if c.name == name)
@@ -165,6 +180,85 @@ def _each_image_once(manifest: pa.Table) -> pa.Table:
     return unique
 
 
+# ---------------------------------------------------------------------------------------------- format mix
+
+# Files per class whose first bytes are read to tell their formats: enough to see a container shortcut, cheap on S3.
+FORMAT_SAMPLE_PER_CLASS = 200
+# Above this total-variation distance between the classes' format shares, the file format alone separates much of
+# the set (GenImage: 1.0, JPEG photos against PNG fakes).
+FORMAT_SHORTCUT_DISTANCE = 0.5
+_CLASS_NAMES = {0: "real", 1: "generated"}
+
+
+@dataclass
+class FormatMix:
+    """The file formats of a sample of each class (``{"real": {"JPEG": 180, "PNG": 20}, "generated": {...}}``)."""
+
+    counts: dict[str, dict[str, int]]
+
+    @property
+    def distance(self) -> float:
+        """Total-variation distance between the classes' format shares: 0 = same mix, 1 = no format in common."""
+        shares = [self._shares(name) for name in _CLASS_NAMES.values()]
+        if not all(shares):
+            return math.nan
+        formats = set(shares[0]) | set(shares[1])
+        return 0.5 * sum(abs(shares[0].get(f, 0.0) - shares[1].get(f, 0.0)) for f in formats)
+
+    def _shares(self, name: str) -> dict[str, float]:
+        counts = self.counts.get(name, {})
+        total = sum(counts.values())
+        return {fmt: n / total for fmt, n in counts.items()} if total else {}
+
+    def describe(self) -> str:
+        """``real: JPEG 100 %; generated: PNG 100 %`` (largest share first)."""
+        return "; ".join(f"{name}: " + ", ".join(f"{fmt} {share:.0%}".replace("%", " %") for fmt, share in
+                                                 sorted(self._shares(name).items(), key=lambda kv: -kv[1]))
+                         for name in _CLASS_NAMES.values() if self.counts.get(name))
+
+    def warning(self) -> Optional[str]:
+        """A line for the person reading the table when the format could stand in for the class, else None."""
+        if not self.distance >= FORMAT_SHORTCUT_DISTANCE:
+            return None
+        return (f"the classes differ in file format ({self.describe()}): as-is numbers may measure the format, not "
+                "the generator; compare a format-aligned condition (--align jpeg=96)")
+
+    def table(self) -> pd.DataFrame:
+        rows = [{"class": name, "format": fmt, "files": n}
+                for name, counts in self.counts.items() for fmt, n in sorted(counts.items())]
+        return pd.DataFrame(rows, columns=["class", "format", "files"])
+
+
+def format_mix(manifest: pa.Table, storage_cfg: Optional[StorageConfig] = None,
+               per_class: int = FORMAT_SAMPLE_PER_CLASS, seed: int = 0) -> FormatMix:
+    """The formats of up to ``per_class`` files of each class of a labelled ``manifest``, told from their first bytes
+    (``mpft_core.imageio.sniff_format``: signature checks only, nothing parsed). A missing or unreadable file counts
+    as ``unreadable`` (the scoring pass reports it as an error row); a store that fails (refused keys, outage)
+    raises, as the scoring pass would. Files no format claims count as ``unknown``."""
+    from mpft_core.imageio import sniff_format
+    from pipelines.store_errors import store_failure
+
+    labels = manifest.column("label").to_numpy(zero_copy_only=False)
+    paths = manifest.column("path").to_pylist()
+    rng = np.random.default_rng(seed)
+    counts: dict[str, dict[str, int]] = {}
+    for label, name in _CLASS_NAMES.items():
+        rows = np.flatnonzero(labels == label)
+        chosen = rows if rows.size <= per_class else np.sort(rng.choice(rows, size=per_class, replace=False))
+        tally: dict[str, int] = {}
+        for row in chosen:
+            try:
+                fmt = sniff_format(storage.read_prefix(paths[row], 16, storage_cfg)) or "unknown"
+            except OSError as err:
+                if store_failure(err) is not None and not isinstance(err, FileNotFoundError):
+                    raise
+                fmt = "unreadable"
+            tally[fmt] = tally.get(fmt, 0) + 1
+        if tally:
+            counts[name] = tally
+    return FormatMix(counts)
+
+
 # ------------------------------------------------------------------------------------------ degraded decode stage
 
 
@@ -227,8 +321,8 @@ class ModelsScorer:
 def score_conditions(manifest: pa.Table, perturbations: dict, bundle_refs: list, image_size: int,
                      resources: ScoringResources, storage_cfg: Optional[StorageConfig] = None,
                      embed: bool = False) -> list[dict[str, pa.Table]]:
-    """Every manifest row scored under every condition (``{name: Perturbation or None}``) by every model, in one
-    pipeline run; returns, per model, ``{condition: rows sorted by path}``.
+    """Every manifest row scored under every condition (``{name: Perturbation, Alignment or None}``) by every model,
+    in one pipeline run; returns, per model, ``{condition: rows sorted by path}``.
 
     One run instead of one per condition and model: the scoring actors start (and load the models) once, each
     image is read and decoded once per condition, and decode of the next blocks overlaps with scoring.
@@ -271,14 +365,15 @@ def condition_metrics(scores: pa.Table, threshold: float,
 
 
 def evaluate(model: ResolvedModel, sources: Sequence, storage_cfg: Optional[StorageConfig] = None,
-             perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
+             perturbations: Sequence[Condition] = (), options: Optional[EvalOptions] = None,
              manifest: Optional[pa.Table] = None) -> EvalResult:
-    """Score the labelled ``sources`` (or a ready ``manifest``) clean and under each perturbation; Ray must be up."""
+    """Score the labelled ``sources`` (or a ready ``manifest``) clean and under each perturbation or alignment
+    (``perturbations``); Ray must be up."""
     return evaluate_many([model], sources, storage_cfg, perturbations, options, manifest)[0]
 
 
 def evaluate_many(models: Sequence[ResolvedModel], sources: Sequence, storage_cfg: Optional[StorageConfig] = None,
-                  perturbations: Sequence[Perturbation] = (), options: Optional[EvalOptions] = None,
+                  perturbations: Sequence[Condition] = (), options: Optional[EvalOptions] = None,
                   manifest: Optional[pa.Table] = None) -> list[EvalResult]:
     """``evaluate`` for several models of the same input size on the same images, in one pass over them.
 
@@ -297,6 +392,9 @@ def evaluate_many(models: Sequence[ResolvedModel], sources: Sequence, storage_cf
     image_size = bundle_image_size(bundles[0])
     if any(bundle_image_size(b) != image_size for b in bundles):
         raise ValueError("models compared in one pass must share their input size")
+    mix = format_mix(manifest, storage_cfg, seed=options.seed) if options.format_check else None
+    if mix is not None and mix.warning():
+        log.warning("%s", mix.warning())
     named = {CLEAN: None, **{p.name: p for p in perturbations}}
     log.info("evaluating %s on %d images under %d conditions (%s)", ", ".join(m.uri for m in models),
              manifest.num_rows, len(named), ", ".join(named))
@@ -310,7 +408,8 @@ def evaluate_many(models: Sequence[ResolvedModel], sources: Sequence, storage_cf
         for name, scores in per_condition.items():
             metrics, n_errors = condition_metrics(scores, threshold, real_pairs)
             conditions.append(ConditionResult(name=name, scores=scores, results=metrics, n_errors=n_errors))
-        result = EvalResult(model=model, threshold=threshold, conditions=conditions, real_pairs=real_pairs)
+        result = EvalResult(model=model, threshold=threshold, conditions=conditions, real_pairs=real_pairs,
+                            format_mix=mix)
         if options.feature_space:
             result.feature_spaces = feature_spaces(bundle, ref, manifest, image_size, options, storage_cfg)
         results.append(result)

@@ -62,11 +62,27 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, *, v
         # runtime env passed here would replace it, so workers there keep Ray Data's default console logging.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env_vars},
+        runtime_env = {"env_vars": env_vars}
+        if not verbose:
+            runtime_env["worker_process_setup_hook"] = f"{__name__}.{quiet_worker_logging.__name__}"
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=True)
         _started_locally = True
         atexit.register(shutdown_ray)  # runs before Ray's own exit hook (registered earlier, run later)
     keep_sigterm_handler(callers_sigterm)
+
+
+# Ray Train's placement-group cleaner asks the State API, served by the dashboard, whether the train controller
+# lives; a private instance runs without a dashboard, so it would warn about every check, once a second.
+NEEDS_DASHBOARD_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logging() -> None:
+    """Run in every worker process of a private instance (``worker_process_setup_hook``): silence the warnings that
+    only say the dashboard is off. Without it the cleaner cannot tell and does nothing; the placement groups of a
+    private instance end with it anyway, when the command stops Ray."""
+    for name in NEEDS_DASHBOARD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def keep_sigterm_handler(handler) -> None:

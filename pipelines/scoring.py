@@ -89,8 +89,12 @@ OUTPUT_RECORD = "_mpft_output.json"
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
     ("score", pa.float32()),          # probability of "generated"; null when the file could not be scored
-    ("verdict", pa.string()),         # "generated" / "real"; null on error
+    # score >= threshold: "generated"; real_threshold <= score < threshold: "uncertain"; score < real_threshold:
+    # "real"; null on error. real_threshold equals threshold when the model has no uncertain band. Parts written
+    # before the band existed lack the column (read_scores gives null there; their verdicts used threshold alone).
+    ("verdict", pa.string()),
     ("threshold", pa.float64()),
+    ("real_threshold", pa.float64()),
     ("model_name", pa.string()),
     ("model_version", pa.string()),
     ("model_uri", pa.string()),
@@ -129,7 +133,7 @@ def make_model_bundle(model: ResolvedModel) -> dict:
 
 def checkpoint_sha256(checkpoint_dir: str, bundle: dict) -> dict[str, str]:
     """sha256 of each checkpoint file by name: the weights (the bundle's bytes, which the actors load) and mpft.json
-    (its threshold sets the verdicts)."""
+    (its thresholds set the verdicts)."""
     meta = (Path(checkpoint_dir) / bundle["meta_file"]).read_bytes()
     return {bundle["weights_file"]: hashlib.sha256(bundle["weights"]).hexdigest(),
             bundle["meta_file"]: hashlib.sha256(meta).hexdigest()}
@@ -186,6 +190,7 @@ class DetectorScorer:
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.detector = _load_bundle(model_bundle, device)
         self.threshold = float(self.detector.threshold)
+        self.real_threshold = float(self.detector.real_threshold)
         self.model_name = model_bundle.get("name")
         self.model_version = None if model_bundle.get("version") is None else str(model_bundle["version"])
         self.model_uri = model_bundle.get("uri")
@@ -228,8 +233,9 @@ class DetectorScorer:
         columns = {
             "path": pa.array([str(p) for p in batch["path"]], pa.string()),
             "score": pa.array(scores, pa.float32(), mask=~ok),
-            "verdict": pa.array(verdicts(scores, errors, self.threshold), pa.string()),
+            "verdict": pa.array(verdicts(scores, errors, self.threshold, self.real_threshold), pa.string()),
             "threshold": pa.array(np.full(n, self.threshold), pa.float64()),
+            "real_threshold": pa.array(np.full(n, self.real_threshold), pa.float64()),
             "model_name": pa.array([self.model_name] * n, pa.string()),
             "model_version": pa.array([self.model_version] * n, pa.string()),
             "model_uri": pa.array([self.model_uri] * n, pa.string()),
@@ -346,7 +352,16 @@ def read_scores(output_uri: str, cfg: Optional[StorageConfig] = None, run_id: Op
     if not parts:
         return OUTPUT_SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts], promote_options="permissive")
-    return _latest_per_path(table)
+    return _latest_per_path(with_every_output_column(table))
+
+
+def with_every_output_column(table: pa.Table) -> pa.Table:
+    """``table`` with each ``OUTPUT_SCHEMA`` column it lacks added as nulls (parts written before the column
+    existed, e.g. ``real_threshold``), so readers of any output find the same columns."""
+    for column in OUTPUT_SCHEMA:
+        if column.name not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+    return table
 
 
 def _latest_per_path(table: pa.Table) -> pa.Table:

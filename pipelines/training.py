@@ -16,7 +16,9 @@ Design notes
   so the driver can draw plots and calibrate from the best epoch without another pass.
 - Training rows may be larger windows than the model input (``AugmentConfig.crop_jitter``): each worker cuts a
   fresh random crop + flip of the input size every epoch (``mpft_core.transforms.crop_generator``), so augmentation
-  varies per epoch even when the decoded set is cached, and a restarted epoch repeats its crops exactly.
+  varies per epoch even when the decoded set is cached, and a restarted epoch repeats its crops exactly. Optional
+  per-sample degradations of each crop (``AugmentConfig.degrade``: downscale, blur, JPEG) draw from their own
+  stream per (seed, epoch, rank) (``mpft_core.degrade.degrade_rng``), so they repeat too and change no crop.
 - Device placement, DDP wrapping, checkpoint saving and the restore order live in ``mpft_core.distributed`` (plain
   torch.distributed), which ``make gpu-check`` drives on a GPU without Ray; this loop only adds Ray's data shards,
   Ray Train's per-worker device and the reports.
@@ -59,7 +61,8 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from mpft_core.checkpoint import META_FILE, WEIGHTS_FILE, check_safetensors_layout, parse_checkpoint_meta
-from mpft_core.config import MethodConfig
+from mpft_core.config import DegradeConfig, MethodConfig, ThresholdConfig
+from mpft_core.degrade import degrade_batch, degrade_rng
 from mpft_core.detector import MPFTDetector
 from mpft_core.distributed import (
     TRAIN_STATE_FILE,
@@ -68,7 +71,13 @@ from mpft_core.distributed import (
     save_training_checkpoint,
     setup_training,
 )
-from mpft_core.metrics import MEAN_KEY, calibrate_threshold, per_subset_metrics
+from mpft_core.metrics import (
+    MEAN_KEY,
+    RATE_METRICS,
+    calibrate_real_threshold,
+    calibrate_threshold,
+    per_subset_metrics,
+)
 from mpft_core.optim import train_step
 from mpft_core.tam import compute_mask
 from mpft_core.transforms import crop_generator, normalize, random_crops
@@ -144,9 +153,11 @@ def _train(config: dict, logger: Optional[RankZeroLogger]) -> None:
     for epoch in range(setup.start_epoch, method.optim.epochs):
         setup.model.train()
         crops = crop_generator(method.optim.seed, epoch, rank)
+        degradations = degrade_rng(method.optim.seed, epoch, rank)
         epoch_start, epoch_samples, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
         for batch in epoch_batches(train_shard, batch_size, device, shuffle_seed=method.optim.seed + epoch):
-            images = training_crops(batch, detector.preprocess.image_size, crops)
+            images = training_crops(batch, detector.preprocess.image_size, crops,
+                                    degrade=method.augment.degrade, degrade_stream=degradations)
             if rank == 0 and logger is not None and setup.global_step == 0:
                 _log_mask_examples(detector, images, method, logger)
             loss = train_step(setup.model, images, batch["label"], setup.optimizer, scheduler=setup.scheduler,
@@ -280,9 +291,23 @@ def epoch_batches(shard, batch_size: int, device, *, shuffle_seed: int):
                                     local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=shuffle_seed)
 
 
-def training_crops(batch: dict, size: int, generator: torch.Generator) -> torch.Tensor:
-    """This epoch's random crops + flips of a batch's windows, inside each picture's extent (never its padding)."""
-    return random_crops(batch["image"], size, generator, heights=batch["view_height"], widths=batch["view_width"])
+def training_crops(batch: dict, size: int, generator: torch.Generator, *, degrade: Optional[DegradeConfig] = None,
+                   degrade_stream: Optional[np.random.Generator] = None) -> torch.Tensor:
+    """This epoch's random crops + flips of a batch's windows, inside each picture's extent (never its padding),
+    then each crop degraded per ``degrade`` with draws from ``degrade_stream`` (``mpft_core.degrade``; the labels
+    are never read, so both classes are degraded alike).
+
+    Degrading the uint8 crop, before normalisation, means TAM ranks the patches by the texture of the degraded
+    image, the one the model is shown (a blurred patch is no longer the most textured one). Disabled degradations
+    cost nothing: the crops stay where they are, unconverted."""
+    crops = random_crops(batch["image"], size, generator, heights=batch["view_height"], widths=batch["view_width"])
+    if degrade is None or not degrade.enabled:
+        return crops
+    if degrade_stream is None:
+        raise ValueError("degradations are enabled but no degrade_stream was given (mpft_core.degrade.degrade_rng)")
+    # PIL works on host memory: the crop batch (uint8, a few MB) goes there and back once per batch.
+    degraded = degrade_batch(crops.cpu().numpy(), degrade, degrade_stream)
+    return torch.from_numpy(degraded).to(crops.device)
 
 
 def _log_mask_examples(detector: MPFTDetector, images: torch.Tensor, method: MethodConfig, logger) -> None:
@@ -313,30 +338,49 @@ def predict_batches(detector: MPFTDetector, batches, device) -> dict[str, np.nda
     return {k: (np.concatenate(v) if v else np.array([])) for k, v in cols.items()}
 
 
+def _calibrated_thresholds(labels: np.ndarray, scores: np.ndarray, config: ThresholdConfig) -> tuple[float, float]:
+    """(threshold, real_threshold) from the validation scores: ``threshold`` at ``target_fpr`` on the real images
+    (0.5 without one), ``real_threshold`` at ``target_miss_rate`` on the generated ones (``threshold`` without one).
+
+    A real_threshold above threshold is lowered to it: at these targets the classes separate on validation, so no
+    score needs the "uncertain" verdict. A target set for a class the split lacks raises the calibration's
+    ValueError (empty set of scores)."""
+    threshold = 0.5
+    if config.target_fpr is not None:
+        threshold = calibrate_threshold(scores[labels == 0], config.target_fpr)
+    if config.target_miss_rate is None:
+        return float(threshold), float(threshold)
+    real_threshold = calibrate_real_threshold(scores[labels == 1], config.target_miss_rate)
+    if real_threshold > threshold:
+        log.info("real_threshold %.6g at target_miss_rate %g lies above threshold %.6g: the classes separate on "
+                 "validation, so the uncertain band is empty (real_threshold = threshold)", real_threshold,
+                 config.target_miss_rate, threshold)
+        real_threshold = threshold
+    return float(threshold), float(real_threshold)
+
+
 def _validate(detector, val_iter, method: MethodConfig, batch_size: int, device, out: Path,
               real_pairs: Optional[dict] = None) -> dict[str, float]:
-    """Score the whole validation set, calibrate the threshold, and write predictions and metrics into ``out``
+    """Score the whole validation set, calibrate the thresholds, and write predictions and metrics into ``out``
     (fake-only subsets scored with the real subset ``real_pairs`` pairs them with)."""
     batches = val_iter.iter_batches(batch_size=batch_size, batch_format="numpy")
     batches = ({**b, "image": torch.from_numpy(b["image"])} for b in batches)
     preds = predict_batches(detector, batches, device)
     if len(preds["score"]) == 0:
         raise RuntimeError("the validation split has no decodable images")
-    threshold = 0.5
-    if method.threshold.target_fpr is not None:
-        real = preds["score"][preds["label"] == 0]
-        threshold = calibrate_threshold(real, method.threshold.target_fpr)
-    detector.threshold = float(threshold)
+    threshold, real_threshold = _calibrated_thresholds(preds["label"], preds["score"], method.threshold)
+    detector.threshold = threshold
+    detector.real_threshold = real_threshold
     per_subset = per_subset_metrics(preds["label"], preds["score"], preds["subset"], threshold=threshold,
                                     pairs=real_pairs)
 
     pq.write_table(pa.table({k: preds[k] for k in ("path", "label", "subset", "score")}), out / VAL_PREDICTIONS_FILE)
     (out / "val_metrics.json").write_text(json.dumps(per_subset, indent=2, default=float))
 
-    summary = {"val_loss": float(np.mean(preds["loss"])), "threshold": float(threshold)}
+    summary = {"val_loss": float(np.mean(preds["loss"])), "threshold": threshold, "real_threshold": real_threshold}
     for subset, metrics in per_subset.items():
         for name, value in metrics.items():
-            if name in ("acc", "acc_real", "acc_fake", "ap", "auc"):
+            if name in RATE_METRICS:
                 summary[f"val_{subset}_{name}"] = float(value)
     return summary
 

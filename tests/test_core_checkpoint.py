@@ -48,6 +48,7 @@ def trained_tiny_detector():
 def test_round_trip_reproduces_logits_bit_for_bit(tmp_path):
     detector = trained_tiny_detector()
     detector.threshold = 0.73
+    detector.real_threshold = 0.41
     detector.preprocess = Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -59,7 +60,7 @@ def test_round_trip_reproduces_logits_bit_for_bit(tmp_path):
     with torch.no_grad():
         assert torch.equal(restored(x), expected)
     assert not restored.training
-    assert restored.threshold == 0.73
+    assert (restored.threshold, restored.real_threshold) == (0.73, 0.41)
     assert restored.preprocess == detector.preprocess
     assert restored.config == detector.config  # including the recorded pretrained source
     assert {n for n, p in restored.named_parameters() if p.requires_grad} == {
@@ -76,6 +77,65 @@ def test_checkpoint_directory_holds_only_safetensors_and_json(tmp_path):
     assert meta["detector"]["backbone"]["pretrained"] == "openai-like-tag-recorded-only"
     assert meta["preprocess"]["image_size"] == 32
     assert meta["threshold"] == 0.5
+    assert meta["real_threshold"] == 0.5  # never set: no uncertain band
+
+
+def test_a_detector_whose_real_threshold_was_never_set_keeps_no_uncertain_band(tmp_path):
+    detector = tiny_detector()
+    detector.threshold = 0.62
+    restored = load_checkpoint(save_checkpoint(detector, tmp_path / "ckpt"))
+    assert restored.real_threshold == restored.threshold == 0.62
+
+
+def _rewrite_meta(directory, **changes) -> None:
+    """Edit ``mpft.json`` in place; a value of None removes that key (a file written by an older version)."""
+    meta = read_checkpoint_meta(directory)
+    for key, value in changes.items():
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
+    (directory / "mpft.json").write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_written_without_real_threshold_loads_with_no_uncertain_band(tmp_path):
+    detector = tiny_detector()
+    detector.threshold, detector.real_threshold = 0.66, 0.3
+    directory = save_checkpoint(detector, tmp_path / "ckpt")
+    _rewrite_meta(directory, real_threshold=None)
+
+    restored = load_checkpoint(directory)
+    assert restored.real_threshold == restored.threshold == 0.66
+
+
+def test_a_checkpoint_whose_real_threshold_is_above_its_threshold_is_refused(tmp_path):
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
+    _rewrite_meta(directory, threshold=0.4, real_threshold=0.6)
+    with pytest.raises(ValueError, match="real_threshold 0.6 is above threshold 0.4"):
+        load_checkpoint(directory)
+
+
+def test_moving_a_loaded_detector_s_threshold_never_inverts_its_band_or_breaks_its_checkpoint(tmp_path):
+    from mpft_core.scoring import verdicts
+
+    detector = tiny_detector()
+    detector.threshold, detector.real_threshold = 0.7, 0.4
+    banded = load_checkpoint(save_checkpoint(detector, tmp_path / "banded"))
+    banded.threshold = 0.3  # below the recorded real_threshold: the band closes
+    assert banded.real_threshold == 0.3
+    assert verdicts([0.29, 0.3], [None, None], banded.threshold, banded.real_threshold) == ["real", "generated"]
+    assert load_checkpoint(save_checkpoint(banded, tmp_path / "moved")).real_threshold == 0.3
+
+    unbanded = load_checkpoint(save_checkpoint(tiny_detector(), tmp_path / "plain"))
+    unbanded.threshold = 0.8  # no band was recorded: none opens
+    assert unbanded.real_threshold == 0.8
+
+
+def test_an_inverted_band_is_refused_when_the_description_is_read_before_any_weights_load(tmp_path):
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
+    _rewrite_meta(directory, threshold=0.4, real_threshold=0.6)
+    with pytest.raises(ValueError, match="real_threshold 0.6 is above threshold 0.4"):
+        read_checkpoint_meta(directory)
 
 
 def test_loader_accepts_the_safetensors_file_path(tmp_path):

@@ -75,3 +75,34 @@ def test_the_verdict_is_generated_from_the_threshold_up_compared_in_float64():
     # float32(0.47) is 0.46999999880...: below a float64 threshold of 0.47, although equal to it in float32.
     assert verdicts(scores, errors, 0.5) == ["generated", "real", None, "real"]
     assert verdicts(scores, errors, 0.47) == ["generated", "generated", None, "real"]
+
+
+def test_scores_between_the_two_thresholds_are_uncertain_with_each_boundary_on_its_side():
+    scores = np.array([0.9, 0.7, 0.5, 0.3, 0.29, 0.1, 0.6], dtype=np.float64)
+    errors = [None, None, None, None, None, None, "truncated JPEG"]
+
+    # threshold itself is "generated", real_threshold itself "uncertain": only scores strictly below it are "real".
+    assert verdicts(scores, errors, 0.7, real_threshold=0.3) == [
+        "generated", "generated", "uncertain", "uncertain", "real", "real", None]
+
+
+def test_without_a_real_threshold_or_with_it_at_threshold_there_is_no_uncertain_band():
+    scores = np.array([0.5, 0.4999, 0.9, np.float32(0.47)], dtype=np.float32)
+    errors = [None, None, "truncated JPEG", None]
+    two_verdicts = ["generated", "real", None, "real"]
+
+    assert verdicts(scores, errors, 0.5) == two_verdicts
+    assert verdicts(scores, errors, 0.5, real_threshold=None) == two_verdicts
+    assert verdicts(scores, errors, 0.5, real_threshold=0.5) == two_verdicts
+
+
+def test_the_band_edge_compares_float32_scores_in_float64():
+    score = np.float32(0.3)  # 0.30000001192...: above a float64 real_threshold of 0.3
+    assert verdicts(np.array([score]), [None], 0.5, real_threshold=0.3) == ["uncertain"]
+    assert verdicts(np.array([score]), [None], 0.5, real_threshold=float(score)) == ["uncertain"]
+    assert verdicts(np.array([score]), [None], 0.5, real_threshold=0.30000002) == ["real"]
+
+
+def test_a_real_threshold_above_the_threshold_is_refused():
+    with pytest.raises(ValueError, match="real_threshold 0.6 is above threshold 0.5"):
+        verdicts(np.array([0.55]), [None], 0.5, real_threshold=0.6)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
 from mlflow import MlflowClient
 
@@ -15,6 +16,7 @@ from infra.local_stack.mlflow_server import ARTIFACTS_BUCKET
 from infra.local_stack.s3 import LocalS3Server
 from jobs.demo import MODEL_NAME
 from pipelines import storage
+from pipelines.scoring import read_scores
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -50,6 +52,7 @@ def test_demo_runs_every_stage_and_stops_the_stack(tmp_path):
     assert all(f"[demo] {stage} done in" in done.stdout for stage in stages)
     assert "epoch 1/2: train loss" in console and "epoch 2/2: train loss" in console
     assert "execution finished" not in console
+    assert "Failed to query Ray Train Controller actor state" not in console  # the dashboard is off on purpose
 
     assert "MPFT demo finished" in done.stdout and "infra.local_stack.mlflow_server --root" in done.stdout
     assert processes_mentioning(str(workdir)) == []  # the MLflow server (rooted in workdir) is gone
@@ -64,6 +67,15 @@ def test_demo_runs_every_stage_and_stops_the_stack(tmp_path):
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
     tags = client.get_model_version(MODEL_NAME, report["model_version"]).tags
     assert tags["gate.decision"] == ("promoted" if report["promoted"] else "refused")
+    assert "gate.aligned-jpeg96.challenger_mean_acc" in tags  # gated on the format-aligned holdout too
+
+    # The uncertain band flows from training (both thresholds calibrated on validation) to every score row.
+    rows = read_scores(report["scores"]).filter(pc.is_null(pc.field("error"))).to_pylist()
+    [(threshold, real_threshold)] = {(r["threshold"], r["real_threshold"]) for r in rows}
+    assert real_threshold <= threshold
+    for r in rows:
+        band = "generated" if r["score"] >= threshold else "real" if r["score"] < real_threshold else "uncertain"
+        assert r["verdict"] == band, r
     assert {"mpft-demo", "mpft-evaluation", "mpft-scoring"} <= {e.name for e in client.search_experiments()}
 
     # MLflow's artefacts went to the object store, as in production, and outlive it: started again on the demo's

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 
 from mpft_core.perturb import Perturbation
 from pipelines.decode import decode_batch
-from pipelines.evaluation import EvalOptions, build_eval_manifest, evaluate, evaluate_many
+from pipelines.evaluation import EvalOptions, build_eval_manifest, evaluate, evaluate_many, format_mix
 from pipelines.scoring_spec import ResolvedModel, ScoringResources
 from pipelines.sources import SourceConfig
 from tests.helpers.images import (
@@ -72,6 +72,63 @@ def test_perturbed_decode_degrades_the_whole_image_before_the_crop(genimage):
     assert out["error"][1] and out["width"][1] == -1 and not out["image"][1].any()
 
 
+def test_side_by_side_puts_each_condition_s_number_beside_the_as_is_one():
+    import pyarrow as pa
+
+    from mpft_core.metrics import per_subset_metrics
+    from pipelines.evaluation import ConditionResult, EvalResult
+
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    subsets = np.array(["adm"] * 4 + ["sdv14"] * 4)
+    as_is = np.array([0.1, 0.9, 0.2, 0.8, 0.1, 0.9, 0.3, 0.7])
+    aligned = np.array([0.6, 0.4, 0.2, 0.8, 0.1, 0.9, 0.6, 0.7])  # the shortcut gone: adm drops to chance
+
+    def condition(name, scores):
+        rows = pa.table({"path": [f"/{i}" for i in range(8)], "subset": subsets.tolist(),
+                         "error": pa.nulls(8, pa.string())})
+        return ConditionResult(name=name, scores=rows, results=per_subset_metrics(labels, scores, subsets),
+                               n_errors=0)
+
+    result = EvalResult(model=ResolvedModel(checkpoint_dir="/x", uri="/x"), threshold=0.5,
+                        conditions=[condition("clean", as_is), condition("aligned-jpeg96", aligned)])
+    side = result.side_by_side().set_index("subset")
+
+    assert list(side.index) == ["adm", "sdv14", "mean"]
+    assert list(side.columns)[:2] == ["acc [clean]", "acc [aligned-jpeg96]"]
+    assert side.loc["adm", "acc [clean]"] == 1.0 and side.loc["adm", "acc [aligned-jpeg96]"] == 0.5
+    assert side.loc["mean", "acc [aligned-jpeg96]"] == pytest.approx((0.5 + 0.75) / 2)
+    long = result.table.set_index(["condition", "subset"])
+    assert side.loc["sdv14", "auc [aligned-jpeg96]"] == long.loc[("aligned-jpeg96", "sdv14"), "auc"]
+
+
+def test_a_holdout_whose_classes_differ_in_file_format_is_flagged_and_one_that_does_not_is_not(tmp_path):
+    """GenImage's shortcut: real photos as JPEG, generated images as PNG. The evaluation must say so."""
+    write_ufd_single_class(tmp_path / "confounded", "real", label=0, n=6, fmt="jpg")
+    write_ufd_single_class(tmp_path / "confounded", "fake", label=1, n=6, fmt="png")
+    write_ufd_single_class(tmp_path / "aligned", "real", label=0, n=6, fmt="png")
+    write_ufd_single_class(tmp_path / "aligned", "fake", label=1, n=6, fmt="png")
+    (tmp_path / "aligned" / "fake" / "1_fake" / "0000.png").write_bytes(b"<html>not found</html>")
+
+    def mix_of(root):
+        manifest = build_eval_manifest([SourceConfig(uri=str(root), layout="ufd", real_pairs={})])
+        return format_mix(manifest)
+
+    confounded, aligned = mix_of(tmp_path / "confounded"), mix_of(tmp_path / "aligned")
+
+    assert confounded.counts == {"real": {"JPEG": 6}, "generated": {"PNG": 6}}
+    assert confounded.distance == pytest.approx(1.0)
+    assert "real: JPEG 100 %; generated: PNG 100 %" in confounded.warning()
+    assert aligned.counts == {"real": {"PNG": 6}, "generated": {"PNG": 5, "unknown": 1}}
+    assert aligned.distance == pytest.approx(1 / 6) and aligned.warning() is None
+
+
+def test_the_format_sample_is_bounded_per_class(tmp_path):
+    write_ufd_single_class(tmp_path, "real", label=0, n=9, fmt="jpg")
+    write_ufd_single_class(tmp_path, "fake", label=1, n=3, fmt="webp")
+    manifest = build_eval_manifest([SourceConfig(uri=str(tmp_path), layout="ufd", real_pairs={})])
+    assert format_mix(manifest, per_class=4).counts == {"real": {"JPEG": 4}, "generated": {"WEBP": 3}}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_metrics_equal_sklearn_on_the_output_scores(ray_local, checkpoint, genimage, tmp_path):
@@ -115,7 +172,8 @@ def test_cli_evaluate_logs_table_and_plots_to_mlflow(ray_local, mlflow_server, c
     from jobs.evaluate import EVALUATION_EXPERIMENT
 
     code = cli.main(["evaluate", "--model", str(checkpoint), "--source", str(genimage), "--split", "val",
-                     "--perturb", "blur=3", "--tracking-uri", mlflow_server.tracking_uri, "--output", str(tmp_path),
+                     "--perturb", "blur=3", "--align", "jpeg=96", "--tracking-uri", mlflow_server.tracking_uri,
+                     "--output", str(tmp_path),
                      "--run-name", "eval-cli-test", "--actor-cpus", "0.5", "--batch-size", "8",
                      "--max-feature-points", "12"])
     assert code == 0
@@ -132,6 +190,22 @@ def test_cli_evaluate_logs_table_and_plots_to_mlflow(ray_local, mlflow_server, c
     for row in table[table.condition == "blur3"].itertuples():
         assert logged[f"blur3/{row.subset}/acc"] == pytest.approx(row.acc)
     assert "| condition | subset |" in (tmp_path / "eval_metrics.md").read_text()
+    assert run.data.params["alignments"] == "aligned-jpeg96" and run.data.params["perturbations"] == "blur3"
+
+    # The format-aligned condition: every image of both classes re-encoded as JPEG q96, beside the as-is numbers.
+    aligned = table[table.condition == "aligned-jpeg96"].set_index("subset")
+    assert list(aligned.index) == ["adm", "sdv14", "mean"] and (aligned["n"] > 0).all()
+    for subset, row in aligned.iterrows():
+        assert logged[f"aligned-jpeg96/{subset}/acc"] == pytest.approx(row.acc)
+    side = pq.read_table(tmp_path / "eval_conditions.parquet").to_pandas().set_index("subset")
+    assert {"acc [clean]", "acc [blur3]", "acc [aligned-jpeg96]", "auc [aligned-jpeg96]"} <= set(side.columns)
+    assert side.loc["sdv14", "acc [aligned-jpeg96]"] == pytest.approx(aligned.loc["sdv14", "acc"])
+    assert side.loc["mean", "acc [clean]"] == pytest.approx(table.set_index(["condition", "subset"]).loc[
+        ("clean", "mean"), "acc"])
+    assert {"eval_conditions.parquet", "eval_conditions.md", "accuracy_aligned-jpeg96.png",
+            "reliability_clean.png", "reliability_aligned-jpeg96.png"} <= artifacts
+    assert logged["clean/mean/ece"] == pytest.approx(table.set_index(["condition", "subset"]).loc[
+        ("clean", "mean"), "ece"])
 
 
 @pytest.mark.slow

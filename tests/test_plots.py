@@ -8,6 +8,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from jobs import plots
+from mpft_core.metrics import reliability_bins
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +58,35 @@ def test_subset_accuracy_bars_heights_are_the_accuracies_including_mean_not_pool
     # groups: acc for each subset, then acc_real, then acc_fake
     assert heights == [0.75, 0.9, 0.825, 0.5, 0.0, 0.5, 1.0, 0.9, 0.95]
     assert any(t.get_text() == "n/a" for t in ax.texts)  # biggan has no real images
+
+
+def test_reliability_diagram_draws_each_filled_bin_the_diagonal_the_counts_and_the_ece():
+    rng = np.random.default_rng(3)
+    scores = rng.uniform(0.3, 1.0, 200)  # the lowest bins stay empty
+    labels = (rng.uniform(size=200) < scores ** 2).astype(int)  # over-confident scores
+    bins = reliability_bins(labels, scores, n_bins=10)
+
+    fig = plots.reliability_diagram(bins, "Reliability, clean")
+    fig.canvas.draw()
+    ax, counts_ax = fig.axes
+
+    filled = bins.count > 0
+    diagonal, observed = ax.lines
+    np.testing.assert_array_equal(diagonal.get_xdata(), [0, 1])
+    np.testing.assert_array_equal(diagonal.get_ydata(), [0, 1])
+    np.testing.assert_array_equal(observed.get_xdata(), bins.mean_score[filled])
+    np.testing.assert_array_equal(observed.get_ydata(), bins.fraction_generated[filled])
+    assert len(observed.get_xdata()) == 7 and bins.ece > 0.05
+    assert ax.get_title() == f"Reliability, clean (ECE {bins.ece:.4f})"
+    assert [p.get_height() for p in counts_ax.patches] == bins.count.tolist()
+
+
+def test_reliability_diagram_without_images_says_so():
+    ax = plots.reliability_diagram(reliability_bins([], []), "Reliability, blur3").axes[0]
+
+    assert ax.get_title() == "Reliability, blur3 (ECE n/a)"
+    assert len(ax.lines) == 1  # the diagonal only
+    assert any("no scored images" in t.get_text() for t in ax.texts)
 
 
 def test_mask_grid_greys_exactly_the_masked_patches():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -109,13 +110,18 @@ def test_gate_moves_champion_only_for_a_better_challenger(tmp_path, mlflow_serve
     dry = capsys.readouterr()
     assert "dry run: nothing changed" in dry.out
     assert "gate.decision" not in client.get_model_version(MODEL, v2).tags  # --dry-run wrote nothing
-    assert promote_cli(mlflow_server, holdout) == 1
+    # ...and gated on the format-aligned holdout too: both models are scored on it, and it is in table and tags.
+    assert promote_cli(mlflow_server, holdout, "--condition", "aligned-jpeg96:max_subset_acc_drop=0.5") == 1
     refused = capsys.readouterr()
     assert "promotion refused" in refused.err and "accuracy drops" in refused.err
+    assert "| aligned-jpeg96 | sdv14 |" in refused.out
     assert client.get_model_version_by_alias(MODEL, "champion").version == v1
     tags = client.get_model_version(MODEL, v2).tags
     assert tags["gate.decision"] == "refused" and tags["gate.compared_to_version"] == v1
     assert float(tags["gate.champion_mean_acc"]) > float(tags["gate.challenger_mean_acc"])
+    assert json.loads(tags["gate.config"])["conditions"]["aligned-jpeg96"]["max_subset_acc_drop"] == 0.5
+    aligned = {role: float(tags[f"gate.aligned-jpeg96.{role}_mean_acc"]) for role in ("champion", "challenger")}
+    assert all(0.0 <= acc <= 1.0 for acc in aligned.values())
 
     # v3: the same weights as v1 with a sensible threshold: higher accuracy, same AP -> promoted.
     v3 = register(trained, tmp_path, "v3", threshold=0.5)
@@ -156,8 +162,8 @@ def test_promotion_refuses_when_the_champion_moves_during_evaluation(tmp_path, m
     strong = register(trained_detector(steps=60), tmp_path, "strong", threshold=0.5, model=model)
     promoted_meanwhile = bare_version(model)
 
-    def evaluate_while_another_job_promotes(refs, holdout_sources_, storage_cfg):
-        results = default_evaluator(refs, holdout_sources_, storage_cfg)
+    def evaluate_while_another_job_promotes(refs, holdout_sources_, storage_cfg, conditions):
+        results = default_evaluator(refs, holdout_sources_, storage_cfg, conditions)
         tracking.set_alias(model, "champion", promoted_meanwhile)
         return results
 
@@ -258,7 +264,7 @@ def test_retrain_runs_train_evaluate_promote_under_one_parent_run(tmp_path, s3_s
         },
         "new_data": [{"uri": "s3://retrain/data/new", "layout": "genimage", "split": "train"}],
         "holdout": [{"uri": "s3://retrain/data/holdout", "layout": "genimage", "split": "val"}],
-        "gate": {"min_mean_acc": 0.0},
+        "gate": {"min_mean_acc": 0.0, "conditions": {"aligned-jpeg96": {}}},
     }
     path = tmp_path / "retrain.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -277,3 +283,7 @@ def test_retrain_runs_train_evaluate_promote_under_one_parent_run(tmp_path, s3_s
     assert int(train_run.data.params["data.train_rows"]) == 128  # base + new generator merged
     assert client.get_model_version_by_alias("retrain-test", "champion").version == "1"
     assert parent.data.tags["retrain.decision"] == "promoted"
+    evaluate_run = next(r for r in children if r.info.run_name == "evaluate")
+    assert {"holdout_sdv14_acc", "holdout_aligned-jpeg96_sdv14_acc",
+            "holdout_aligned-jpeg96_newgen_acc"} <= set(evaluate_run.data.metrics)
+    assert "gate.aligned-jpeg96.challenger_mean_acc" in client.get_model_version("retrain-test", "1").tags

@@ -121,9 +121,30 @@ def test_scorer_scores_good_rows_and_keeps_errors_with_null_score(model, checkpo
     verdicts = [out.column("verdict").to_pylist()[i] for i in (0, 2, 3)]
     assert verdicts == ["generated" if s >= THRESHOLD else "real" for s in expected]
     assert set(out.column("threshold").to_pylist()) == {THRESHOLD}
+    assert set(out.column("real_threshold").to_pylist()) == {THRESHOLD}  # only threshold was set: no band
     row = out.slice(0, 1).to_pylist()[0]
     assert (row["model_name"], row["model_version"], row["model_uri"]) == ("tiny", "3", model.uri)
     assert (row["width"], row["height"]) == (40, 30) and row["scored_at"] is not None
+
+
+def test_scores_between_the_checkpoint_s_two_thresholds_get_the_uncertain_verdict(checkpoint, tmp_path):
+    from mpft_core.checkpoint import load_checkpoint, save_checkpoint
+
+    images = np.stack(real_photo_crops(3, 32) + fake_images(3, 32))
+    detector = load_checkpoint(checkpoint)
+    scores = detector.score_uint8(torch.from_numpy(images)).numpy()
+    ranked = np.sort(scores)
+    # The band runs from the second-lowest score (itself uncertain) up to the highest (itself generated).
+    detector.real_threshold, detector.threshold = float(ranked[1]), float(ranked[-1])
+    banded = save_checkpoint(detector, tmp_path / "banded")
+
+    bundle = scoring.make_model_bundle(ResolvedModel(checkpoint_dir=str(banded), uri=str(banded)))
+    out = DetectorScorer(bundle)(_decoded_batch(images, [None] * len(images)))
+
+    by_score = dict(zip(out.column("score").to_pylist(), out.column("verdict").to_pylist(), strict=True))
+    assert [by_score[float(s)] for s in ranked] == ["real"] + ["uncertain"] * (len(ranked) - 2) + ["generated"]
+    assert set(out.column("real_threshold").to_pylist()) == {float(ranked[1])}
+    assert set(out.column("threshold").to_pylist()) == {float(ranked[-1])}
 
 
 def test_scorer_writes_its_schema(model):
@@ -180,6 +201,21 @@ def test_resuming_an_output_of_another_model_is_refused(model, corpus, tmp_path)
     pq.write_table(table, tmp_path / "part-old-1.parquet")
     with pytest.raises(ValueError, match="fresh --output"):
         run_scoring(_job(corpus[0], tmp_path), model)
+
+
+def test_read_scores_reads_parts_written_before_real_threshold_with_null_there(tmp_path):
+    _write_part(tmp_path, "part-old-1.parquet", ["/in/1.png"])  # no real_threshold column
+    new = pa.table({"path": ["/in/2.png"], "score": pa.array([0.5], pa.float32()),
+                    "real_threshold": pa.array([0.3], pa.float64())})
+    pq.write_table(new, tmp_path / "part-new-1.parquet")
+
+    done, torn, _ = scoring.scan_parts(str(tmp_path))
+    rows = {r["path"]: r["real_threshold"] for r in read_scores(str(tmp_path)).to_pylist()}
+
+    assert done == {"/in/1.png", "/in/2.png"} and not torn  # a resumed run skips both
+    assert rows == {"/in/1.png": None, "/in/2.png": 0.3}
+    (tmp_path / "part-new-1.parquet").unlink()  # only old parts: the column is there, null, all the same
+    assert read_scores(str(tmp_path)).column("real_threshold").to_pylist() == [None]
 
 
 def test_read_scores_keeps_one_row_per_path_the_latest(tmp_path):
@@ -271,6 +307,7 @@ def test_every_input_appears_exactly_once_and_a_rerun_adds_nothing(ray_local, mo
 
     first = run_scoring(tight, model)
     rows = _assert_exactly_once(out, expected)
+    assert set(rows.column("real_threshold").to_pylist()) == {THRESHOLD}
     second = run_scoring(_job(root, out), model)
 
     assert (first.n_inputs, first.n_errors, first.n_scored) == (len(expected), len(BAD_CORPUS_FAILURES),

@@ -296,11 +296,12 @@ def test_registered_pyfunc_scores_raw_image_bytes_like_the_detector(registered, 
     out = model.predict(pd.DataFrame({"image": images}))
 
     expected = reference_scores(registered["detector"], images).numpy()
-    assert list(out.columns) == ["score", "verdict", "threshold", "error"]
+    assert list(out.columns) == ["score", "verdict", "threshold", "real_threshold", "error"]
     np.testing.assert_array_equal(out["score"].to_numpy(), expected.astype(np.float64))  # bit-identical
     assert out["verdict"].tolist() == expected_verdicts(expected)
     assert set(out["verdict"]) == {"generated", "real"}, "test images should exercise both verdicts"
     assert (out["threshold"] == THRESHOLD).all()
+    assert (out["real_threshold"] == THRESHOLD).all()  # only threshold was set: no uncertain band
     assert out["error"].isna().all()
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -277,3 +279,31 @@ def test_changed_settings_are_listed_as_dotted_keys():
     saved = {"method": {"optim": {"lr": 1, "epochs": 2}}, "train": [{"uri": "a", "split": "train"}]}
     new = {"method": {"optim": {"lr": 2, "epochs": 2}}, "train": [{"uri": "b", "split": "train"}], "max_pixels": 9}
     assert differing_keys(saved, new) == {"method.optim.lr", "train[0].uri", "max_pixels"}
+
+
+def test_a_run_recorded_before_a_new_default_setting_existed_still_resumes_and_a_real_change_is_still_seen():
+    from jobs.config import TrainJobConfig
+    from jobs.train import run_changes, with_current_defaults
+
+    cfg = TrainJobConfig.from_dict({"name": "r", "train": [{"uri": "/data", "split": "train"}],
+                                    "val": [{"uri": "/data", "split": "val"}]})
+    data = {"train_manifest_hash": "t", "val_manifest_hash": "v"}
+    new = {"config": {key: cfg.to_dict()[key] for key in ("method", "train", "val", "max_pixels")}, "data": data}
+    old = json.loads(json.dumps(new))
+    del old["config"]["method"]["augment"]["degrade"]  # recorded by a version without degradation augmentation
+    del old["config"]["method"]["threshold"]["target_miss_rate"]
+
+    assert run_changes(old, new) != []  # compared raw, the missing keys look like changes
+    assert run_changes(with_current_defaults(old), new) == []
+    old["config"]["method"]["optim"]["head_lr"] = 0.5
+    assert run_changes(with_current_defaults(old), new) == ["config method.optim.head_lr changed"]
+
+
+def test_a_calibration_target_for_a_class_validation_lacks_is_refused_before_ray_starts():
+    from jobs.train import check_calibration_classes
+    from mpft_core.config import InputError, ThresholdConfig
+
+    real_only = pa.table({"path": ["/v/a.png", "/v/b.png"], "label": pa.array([0, 0], pa.int8())})
+    check_calibration_classes(ThresholdConfig(target_fpr=0.05), real_only)
+    with pytest.raises(InputError, match="target_miss_rate is set, but the validation sources hold no generated"):
+        check_calibration_classes(ThresholdConfig(target_fpr=0.05, target_miss_rate=0.05), real_only)

@@ -10,11 +10,22 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 
 from mpft_core.checkpoint import load_checkpoint
-from mpft_core.config import BackboneConfig, DetectorConfig, MaskConfig, MethodConfig, OptimConfig
+from mpft_core.config import (
+    BackboneConfig,
+    DegradeConfig,
+    DetectorConfig,
+    MaskConfig,
+    MethodConfig,
+    OptimConfig,
+    ThresholdConfig,
+)
+from mpft_core.metrics import calibrate_real_threshold, calibrate_threshold
 from pipelines import training
 from pipelines.storage import StorageConfig
 
@@ -83,7 +94,9 @@ def test_two_workers_learn_the_toy_task_and_checkpoint_the_best_epoch(tmp_path, 
     from mpft_core.backbone import tower_activation
 
     weights = openai_like_weights(tmp_path / "clip-tiny-openai-like.safetensors")
-    result = fit(tmp_path, "learns", method_config(epochs=3, pretrained=weights))
+    method = method_config(epochs=3, pretrained=weights)
+    method.threshold = ThresholdConfig(target_miss_rate=0.1)
+    result = fit(tmp_path, "learns", method)
 
     assert result.error is None
     assert result.metrics["epoch"] == 2
@@ -91,18 +104,28 @@ def test_two_workers_learn_the_toy_task_and_checkpoint_the_best_epoch(tmp_path, 
     with training.best_checkpoint(result) as best:
         detector = load_checkpoint(best.local_dir)
         per_subset = json.loads((best.local_dir / "val_metrics.json").read_text())
+        val = pq.read_table(best.local_dir / training.VAL_PREDICTIONS_FILE).to_pydict()
     assert detector.preprocess.image_size == SIZE
+    # Both thresholds are stored: 0.5 (no target_fpr) and the one at 10 % missed fakes, never above it.
+    fake = np.array([s for s, label in zip(val["score"], val["label"], strict=True) if label == 1], dtype=np.float32)
+    assert detector.threshold == 0.5
+    assert detector.real_threshold == min(calibrate_real_threshold(fake, 0.1), 0.5)
+    assert "real_threshold" in result.metrics
     assert tower_activation(detector.visual) == "quick_gelu"  # the function that was trained, not a GELU twin
     # Validation is exact: rank 0 saw every validation row once (64), not a per-worker shard.
     assert per_subset["val_toy"]["n"] == 64
     assert len(result.best_checkpoints) <= 2
     assert not best.local_dir.exists()  # the temporary copy is gone; the checkpoint stays in the run folder
     assert Path(best.location).is_relative_to(tmp_path / "runs" / "learns")
-    assert load_checkpoint(best.location).threshold == detector.threshold
+    stored = load_checkpoint(best.location)
+    assert (stored.threshold, stored.real_threshold) == (detector.threshold, detector.real_threshold)
 
 
 def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint_and_continues_the_step_count(tmp_path, ray_local):
     method = method_config(epochs=2, strategy="random")
+    # With degradation augmentation on, as a robust recipe would run: the loop degrades every batch's crops.
+    method.augment.degrade = DegradeConfig.from_dict({"jpeg": {"p": 0.5}, "blur": {"p": 0.5},
+                                                      "downscale": {"p": 0.5}})
     steps = training.steps_per_epoch(128, method.optim.batch_size, 2)
     # Fail in the second epoch, after the first epoch's checkpoint exists.
     result = fit(tmp_path, "crashes", method, inject_failure_at_step=steps + 2)
@@ -229,6 +252,57 @@ def test_validation_scores_a_fake_only_subset_with_its_paired_real_subset(tmp_pa
 
     assert np.isfinite(summary["val_guided_auc"]) and not any(key.startswith("val_imagenet") for key in summary)
     assert json.loads((tmp_path / "val_metrics.json").read_text())["guided"]["n"] == 16
+
+
+def validate_with_targets(tmp_path: Path, rows: list[dict], **targets) -> tuple[dict, object]:
+    """``_validate`` of a seeded random-init detector on ``rows`` with these threshold targets: (summary, detector)."""
+    from mpft_core.detector import build_detector
+
+    method = method_config()
+    method.threshold = ThresholdConfig(**targets)
+    torch.manual_seed(0)
+    detector = build_detector(method.detector)
+    return training._validate(detector, InMemoryShard(rows), method, 16, "cpu", tmp_path), detector
+
+
+def validation_scores(out: Path, label: int) -> np.ndarray:
+    val = pq.read_table(out / training.VAL_PREDICTIONS_FILE).to_pydict()
+    return np.array([s for s, y in zip(val["score"], val["label"], strict=True) if y == label], dtype=np.float32)
+
+
+@pytest.mark.timeout(120)
+def test_validation_calibrates_an_uncertain_band_below_the_threshold(tmp_path):
+    # An untrained detector: real and generated scores overlap, so the band between the thresholds is not empty.
+    summary, detector = validate_with_targets(tmp_path, learnable_rows(8, seed=3), target_fpr=0.125,
+                                              target_miss_rate=0.125)
+
+    threshold = calibrate_threshold(validation_scores(tmp_path, 0), 0.125)
+    real_threshold = calibrate_real_threshold(validation_scores(tmp_path, 1), 0.125)
+    assert (summary["threshold"], summary["real_threshold"]) == (threshold, real_threshold)
+    assert (detector.threshold, detector.real_threshold) == (threshold, real_threshold)
+    assert real_threshold < threshold
+
+
+@pytest.mark.timeout(120)
+def test_a_real_threshold_that_lands_above_the_threshold_is_lowered_to_it_and_logged(tmp_path, caplog):
+    # 87.5 % of real images may be flagged and 87.5 % of fakes missed: the two targets cross.
+    with caplog.at_level("INFO", logger="pipelines.training"):
+        summary, detector = validate_with_targets(tmp_path, learnable_rows(8, seed=3), target_fpr=0.875,
+                                                  target_miss_rate=0.875)
+
+    assert calibrate_real_threshold(validation_scores(tmp_path, 1), 0.875) > summary["threshold"]
+    assert summary["real_threshold"] == summary["threshold"] == detector.real_threshold
+    assert any("uncertain band is empty" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(120)
+def test_a_miss_rate_target_without_generated_validation_images_is_an_error(tmp_path):
+    real_only = [row for row in learnable_rows(8, seed=3) if row["label"] == 0]
+    with pytest.raises(ValueError, match="empty set of generated scores"):
+        validate_with_targets(tmp_path, real_only, target_miss_rate=0.1)
+    # Without the target such a split still validates, with no band.
+    summary, _ = validate_with_targets(tmp_path, real_only)
+    assert summary["real_threshold"] == summary["threshold"] == 0.5
 
 
 def padded_window_rows(n: int, window: int = 40) -> list[dict]:
