@@ -116,7 +116,7 @@ def make_model_bundle(model: ResolvedModel) -> dict:
 
     Actors on other nodes then need neither the driver's disk nor MLflow access.
     """
-    from mpft_core.checkpoint import META_FILE, WEIGHTS_FILE, read_checkpoint_meta
+    from mpft_core.checkpoint_format import META_FILE, WEIGHTS_FILE, read_checkpoint_meta
 
     directory = Path(model.checkpoint_dir)
     meta = read_checkpoint_meta(directory)
@@ -511,7 +511,7 @@ def _changed_model_message(job: ScoreJob, record: OutputRecord, fingerprint: dic
         version = f"version {record.model_version}"
         return (f"{job.output_uri} was started with {record.model_ref} = {version}; rerun with that reference "
                 f"(continues with {version}) or use a fresh --output")
-    from mpft_core.checkpoint import WEIGHTS_FILE
+    from mpft_core.checkpoint_format import WEIGHTS_FILE
 
     changed = next(name for name in fingerprint if record.checkpoint_sha256.get(name) != fingerprint[name])
     what = "weights" if changed == WEIGHTS_FILE else changed

@@ -60,7 +60,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 
-from mpft_core.checkpoint import META_FILE, WEIGHTS_FILE, check_safetensors_layout, parse_checkpoint_meta
+from mpft_core.checkpoint_format import META_FILE, WEIGHTS_FILE, check_safetensors_layout, parse_checkpoint_meta
 from mpft_core.config import DegradeConfig, MethodConfig, ThresholdConfig
 from mpft_core.degrade import degrade_batch, degrade_rng
 from mpft_core.detector import MPFTDetector

@@ -16,7 +16,8 @@ from mpft_core.backbone import (
     save_clip_weights,
     tower_activation,
 )
-from mpft_core.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from mpft_core.checkpoint import load_checkpoint, save_checkpoint
+from mpft_core.checkpoint_format import read_checkpoint_meta
 from mpft_core.config import BackboneConfig, DetectorConfig, MaskConfig, OptimConfig
 from mpft_core.detector import build_detector
 from mpft_core.optim import make_optimizer, train_step
@@ -458,3 +459,17 @@ def test_a_save_that_fails_midway_leaves_no_hidden_half_written_file(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         _atomic_write(tmp_path / "model.safetensors", write_then_run_out_of_space)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_s_description_is_read_without_importing_torch_or_open_clip(tmp_path):
+    """Drivers (a scoring job shipping the model to its actors) read it before any detector exists: importing torch
+    and open_clip for that cost seconds before the first row."""
+    import subprocess
+    import sys
+
+    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
+    code = ("import sys; from mpft_core.checkpoint_format import read_checkpoint_meta; "
+            f"meta = read_checkpoint_meta({str(directory)!r}); "
+            "print(meta['format'], 'torch' in sys.modules, 'open_clip' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["mpft-detector", "False", "False"]
