@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also evaluate degraded copies, e.g. jpeg=65,30 blur=3,5 downscale=112,64")
     parser.add_argument("--align", nargs="+", default=[], metavar="KIND=V[+KIND=V]",
                         help="also evaluate format-aligned copies: every image of both classes re-encoded the same "
-                             "way, steps joined by + in order, e.g. jpeg=96 or resize=256+jpeg=96 (kinds: jpeg, "
-                             "resize = shorter side to N px, blur, downscale)")
+                             "way, steps joined by + in order, e.g. jpeg=96 or resize=256+jpeg=96 (steps: jpeg = "
+                             "re-encode at quality Q, resize = shorter side to N px)")
     parser.add_argument("--output", help="folder or s3:// prefix for eval_metrics.{parquet,md} and eval_scores")
     parser.add_argument("--no-log", dest="log", action="store_false", help="do not log to MLflow")
     parser.add_argument("--no-feature-space", dest="feature_space", action="store_false",

@@ -57,8 +57,10 @@ class GateConfig(ConditionRules):
         shared = {rule: data[rule] for rule in REGRESSION_RULES if rule in data}
         conditions = {}
         for name, rules in data["conditions"].items():
-            own = rules.model_dump(exclude_unset=True) if isinstance(rules, ConditionRules) else rules
-            conditions[name] = {**shared, **own} if isinstance(own, dict) else own
+            if isinstance(rules, ConditionRules):  # kept an instance: assignments re-run this validator
+                conditions[name] = ConditionRules(**{**shared, **rules.model_dump(exclude_unset=True)})
+            else:
+                conditions[name] = {**shared, **rules} if isinstance(rules, dict) else rules
         return {**data, "conditions": conditions}
 
     @field_validator("conditions")

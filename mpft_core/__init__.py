@@ -32,7 +32,7 @@ _EXPORTS = {
     "train_step": "optim",
     "save_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
-    "read_checkpoint_meta": "checkpoint",
+    "read_checkpoint_meta": "checkpoint_format",
 }
 
 __all__ = sorted(_EXPORTS)

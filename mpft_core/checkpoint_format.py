@@ -50,11 +50,13 @@ def parse_checkpoint_meta(data: bytes, *, origin: str) -> dict:
 def recorded_real_threshold(meta: dict) -> float:
     """The checkpoint's ``real_threshold``; one written without it (before the uncertain band existed, or with the
     key null) has no band, so it equals ``threshold``. ValueError if it lies above ``threshold``."""
-    if not isinstance(meta.get("threshold"), (int, float)):
-        raise ValueError(f"inconsistent {META_FILE}: no numeric threshold")
+    if isinstance(meta.get("threshold"), bool) or not isinstance(meta.get("threshold"), (int, float)):
+        raise ValueError(f"inconsistent {META_FILE}: threshold {meta.get('threshold')!r} is not a number")
     threshold = float(meta["threshold"])
     if meta.get("real_threshold") is None:
         return threshold
+    if isinstance(meta["real_threshold"], bool) or not isinstance(meta["real_threshold"], (int, float)):
+        raise ValueError(f"inconsistent {META_FILE}: real_threshold {meta['real_threshold']!r} is not a number")
     real_threshold = float(meta["real_threshold"])
     if not real_threshold <= threshold:
         raise ValueError(f"inconsistent {META_FILE}: real_threshold {real_threshold} is above threshold {threshold}")

@@ -121,6 +121,8 @@ def _check_strength(kind: str, value) -> None:
         raise ValueError(f"JPEG quality must be in 1..100, got {value}")
     if kind == "blur" and not 0.1 <= value <= MAX_BLUR_SIGMA:  # below 0.1 px a Gaussian changes no 8-bit pixel
         raise ValueError(f"blur sigma must be in 0.1..{MAX_BLUR_SIGMA:g}, got {value}")
+    if kind == "blur" and round(value, 2) != value:  # so that two sigmas never share a condition name
+        raise ValueError(f"blur sigma takes at most two decimals, got {value}")
     if kind == "downscale" and value < 1:
         raise ValueError(f"downscale size must be >= 1, got {value}")
     if kind == "resize":

@@ -232,11 +232,11 @@ class FormatMix:
 def format_mix(manifest: pa.Table, storage_cfg: Optional[StorageConfig] = None,
                per_class: int = FORMAT_SAMPLE_PER_CLASS, seed: int = 0) -> FormatMix:
     """The formats of up to ``per_class`` files of each class of a labelled ``manifest``, told from their first bytes
-    (``mpft_core.imageio.sniff_format``: signature checks only, nothing parsed). A missing or unreadable file counts
-    as ``unreadable`` (the scoring pass reports it as an error row); a store that fails (refused keys, outage)
-    raises, as the scoring pass would. Files no format claims count as ``unknown``."""
+    (``mpft_core.imageio.sniff_format``: signature checks only, nothing parsed), read as the scoring pass reads
+    (``storage.BytesReader``: one client, a few at a time): a file that cannot be read counts as ``unreadable`` (the
+    scoring pass makes it an error row), the store failing raises ``StoreUnavailable``. Files no format claims count
+    as ``unknown``."""
     from mpft_core.imageio import sniff_format
-    from pipelines.store_errors import store_failure
 
     labels = manifest.column("label").to_numpy(zero_copy_only=False)
     paths = manifest.column("path").to_pylist()
@@ -246,13 +246,9 @@ def format_mix(manifest: pa.Table, storage_cfg: Optional[StorageConfig] = None,
         rows = np.flatnonzero(labels == label)
         chosen = rows if rows.size <= per_class else np.sort(rng.choice(rows, size=per_class, replace=False))
         tally: dict[str, int] = {}
-        for row in chosen:
-            try:
-                fmt = sniff_format(storage.read_prefix(paths[row], 16, storage_cfg)) or "unknown"
-            except OSError as err:
-                if store_failure(err) is not None and not isinstance(err, FileNotFoundError):
-                    raise
-                fmt = "unreadable"
+        reads = storage.BytesReader(storage_cfg, head_bytes=16).read_each([paths[row] for row in chosen])
+        for head, error in reads:
+            fmt = "unreadable" if error is not None else sniff_format(head) or "unknown"
             tally[fmt] = tally.get(fmt, 0) + 1
         if tally:
             counts[name] = tally

@@ -241,12 +241,13 @@ class BytesReader:
     """Reads many URIs through one filesystem per kind (an S3 client is built once, not once per file)."""
 
     def __init__(self, cfg: StorageConfig | dict | None = None, read_ahead: int = READ_AHEAD,
-                 max_bytes: Optional[int] = None):
+                 max_bytes: Optional[int] = None, head_bytes: Optional[int] = None):
         self._cfg = _as_config(cfg)
         self._s3: Optional[pafs.S3FileSystem] = None
         self._local = pafs.LocalFileSystem()
         self.read_ahead = read_ahead
         self.max_bytes = max_bytes  # a bigger file is that file's error (``TooLarge``), read no further
+        self.head_bytes = head_bytes  # read only each file's first bytes (a format's signature)
 
     def read_each(self, uris: Sequence[str]) -> Iterator[tuple[Optional[bytes], Optional[Exception]]]:
         """``(bytes, None)`` or ``(None, error)`` per URI, in order; never raises for one file, raises
@@ -291,9 +292,11 @@ class BytesReader:
         return True
 
     def read(self, uri: str) -> bytes:
-        if is_remote(uri):
-            return _read(self._s3_client(), uri[len(S3_PREFIX):], self.max_bytes)
-        return _read(self._local, _local_path(uri), self.max_bytes)
+        fs, path = (self._s3_client(), uri[len(S3_PREFIX):]) if is_remote(uri) else (self._local, _local_path(uri))
+        if self.head_bytes is not None:
+            with fs.open_input_file(path) as handle:
+                return handle.read(self.head_bytes)
+        return _read(fs, path, self.max_bytes)
 
     def _s3_client(self) -> pafs.S3FileSystem:
         if self._s3 is None:

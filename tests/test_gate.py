@@ -120,3 +120,11 @@ def test_a_condition_s_unset_rules_are_the_clean_ones_and_its_own_override_them(
     assert (jpeg65.max_subset_acc_drop, jpeg65.mean_acc_tolerance) == (0.05, 0.03)
     assert aligned.min_mean_acc is None  # a first champion's floor applies only where it is written
     assert GateConfig.from_dict(gate.to_dict()) == gate
+
+
+def test_changing_a_rule_later_keeps_every_condition_a_rules_object():
+    gate = GateConfig(max_subset_acc_drop=0.1, conditions={"jpeg65": {}})
+    gate.min_mean_acc = 0.3  # assignments are validated again
+    assert gate.conditions["jpeg65"].max_subset_acc_drop == 0.1
+    challenger = {"clean": results({"a": 0.9}), "jpeg65": results({"a": 0.9})}
+    assert decide(challenger, None, gate).passed

@@ -74,7 +74,7 @@ def test_parse_specs_accepts_fractional_blur_and_drops_duplicates():
 
 
 @pytest.mark.parametrize("spec", ["jpeg", "jpeg=", "jpeg=abc", "jpeg=0", "jpeg=101", "jpeg=65.5", "blur=0",
-                                  "blur=0.00001", "blur=1000", "downscale=-3", "sharpen=2", "resize=256"])
+                                  "blur=0.00001", "blur=1000", "blur=0.125", "downscale=-3", "sharpen=2", "resize=256"])
 def test_parse_specs_rejects_bad_specs_naming_them(spec):
     with pytest.raises(ValueError, match="bad perturbation spec"):
         parse_perturb_specs([spec])
