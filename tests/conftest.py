@@ -43,7 +43,7 @@ def ray_local():
 @pytest.hookimpl(tryfirst=True)  # the marks must be in place before `-m` deselects by them
 def pytest_collection_modifyitems(items):
     """Every test using ``ray_local`` (directly or through another fixture) is marked ``ray``; then the files holding
-    end-to-end (``slow``) tests go first, in a stable order.
+    end-to-end (``slow``) tests go first, those with the most end-to-end and Ray tests first, in a stable order.
 
     ``make test`` runs two pytest workers that take whole files (``-n 2 --dist loadfile``); they hand out files in
     collection order, so the long files start early and the short ones fill in at the end.
@@ -51,5 +51,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+    weight: dict = {}
+    for item in items:
+        heavy = 2 * bool(item.get_closest_marker("slow")) + bool(item.get_closest_marker("ray"))
+        weight[item.path] = weight.get(item.path, 0) + heavy
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    items.sort(key=lambda item: (item.path not in slow_files, -weight[item.path]))

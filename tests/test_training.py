@@ -90,6 +90,7 @@ def openai_like_weights(path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # a two-worker Ray Train run
 def test_two_workers_learn_the_toy_task_and_checkpoint_the_best_epoch(tmp_path, ray_local):
     from mpft_core.backbone import tower_activation
 
@@ -121,6 +122,7 @@ def test_two_workers_learn_the_toy_task_and_checkpoint_the_best_epoch(tmp_path, 
     assert (stored.threshold, stored.real_threshold) == (detector.threshold, detector.real_threshold)
 
 
+@pytest.mark.slow  # a two-worker Ray Train run
 def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint_and_continues_the_step_count(tmp_path, ray_local):
     method = method_config(epochs=2, strategy="random")
     # With degradation augmentation on, as a robust recipe would run: the loop degrades every batch's crops.
@@ -137,6 +139,7 @@ def test_a_crash_mid_epoch_resumes_from_the_last_checkpoint_and_continues_the_st
     assert result.metrics["global_step"] == 2 * steps
 
 
+@pytest.mark.slow  # a two-worker Ray Train run
 def test_resuming_after_the_latest_checkpoint_was_truncated_continues_from_the_one_before(tmp_path, ray_local):
     method = method_config(epochs=2, strategy="random")
     steps = training.steps_per_epoch(128, method.optim.batch_size, 2)
