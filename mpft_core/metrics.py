@@ -311,13 +311,7 @@ def calibrate_threshold(real_scores, target_fpr: float) -> float:
     Raises:
         ValueError: no scores, non-finite scores, or ``target_fpr`` outside [0, 1).
     """
-    scores = _as_scores(real_scores)
-    if scores.size == 0:
-        raise ValueError("cannot calibrate a threshold on an empty set of real scores")
-    if not 0.0 <= target_fpr < 1.0:
-        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
-    # The epsilon keeps products like 0.29 * 100 = 28.999999999999996 from losing an allowed false positive.
-    allowed = min(int(math.floor(target_fpr * scores.size + 1e-9)), scores.size - 1)
+    scores, allowed = _scores_and_allowance(real_scores, target_fpr, "target_fpr", "a threshold", "real")
     highest_first = np.sort(scores)[::-1]
     highest_passing = highest_first[allowed]
     float32_exact = bool((scores.astype(np.float32).astype(np.float64) == scores).all())
@@ -342,11 +336,18 @@ def calibrate_real_threshold(fake_scores, target_miss_rate: float) -> float:
     Raises:
         ValueError: no scores, non-finite scores, or ``target_miss_rate`` outside [0, 1).
     """
-    scores = _as_scores(fake_scores)
-    if scores.size == 0:
-        raise ValueError("cannot calibrate a real threshold on an empty set of generated scores")
-    if not 0.0 <= target_miss_rate < 1.0:
-        raise ValueError(f"target_miss_rate must be in [0, 1), got {target_miss_rate}")
-    # The epsilon keeps products like 0.29 * 100 = 28.999999999999996 from losing an allowed miss.
-    allowed = min(int(math.floor(target_miss_rate * scores.size + 1e-9)), scores.size - 1)
+    scores, allowed = _scores_and_allowance(fake_scores, target_miss_rate, "target_miss_rate", "a real threshold",
+                                            "generated")
     return float(np.sort(scores)[allowed])
+
+
+def _scores_and_allowance(scores, rate: float, rate_name: str, what: str, kind: str) -> tuple[np.ndarray, int]:
+    """(the checked scores, how many of them a calibration at ``rate`` may put on the wrong side: floor(rate * n),
+    at most n - 1); ValueError on no scores, non-finite scores or a rate outside [0, 1)."""
+    checked = _as_scores(scores)
+    if checked.size == 0:
+        raise ValueError(f"cannot calibrate {what} on an empty set of {kind} scores")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{rate_name} must be in [0, 1), got {rate}")
+    # The epsilon keeps products like 0.29 * 100 = 28.999999999999996 from losing an allowed image.
+    return checked, min(int(math.floor(rate * checked.size + 1e-9)), checked.size - 1)

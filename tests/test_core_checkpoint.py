@@ -109,11 +109,12 @@ def test_a_checkpoint_written_without_real_threshold_loads_with_no_uncertain_ban
     assert restored.real_threshold == restored.threshold == 0.66
 
 
-def test_a_checkpoint_whose_real_threshold_is_above_its_threshold_is_refused(tmp_path):
+@pytest.mark.parametrize("read", [load_checkpoint, read_checkpoint_meta], ids=["load", "description only"])
+def test_a_checkpoint_whose_real_threshold_is_above_its_threshold_is_refused_before_any_weights_load(tmp_path, read):
     directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
     _rewrite_meta(directory, threshold=0.4, real_threshold=0.6)
     with pytest.raises(ValueError, match="real_threshold 0.6 is above threshold 0.4"):
-        load_checkpoint(directory)
+        read(directory)
 
 
 def test_moving_a_loaded_detector_s_threshold_never_inverts_its_band_or_breaks_its_checkpoint(tmp_path):
@@ -130,13 +131,6 @@ def test_moving_a_loaded_detector_s_threshold_never_inverts_its_band_or_breaks_i
     unbanded = load_checkpoint(save_checkpoint(tiny_detector(), tmp_path / "plain"))
     unbanded.threshold = 0.8  # no band was recorded: none opens
     assert unbanded.real_threshold == 0.8
-
-
-def test_an_inverted_band_is_refused_when_the_description_is_read_before_any_weights_load(tmp_path):
-    directory = save_checkpoint(tiny_detector(), tmp_path / "ckpt")
-    _rewrite_meta(directory, threshold=0.4, real_threshold=0.6)
-    with pytest.raises(ValueError, match="real_threshold 0.6 is above threshold 0.4"):
-        read_checkpoint_meta(directory)
 
 
 def test_loader_accepts_the_safetensors_file_path(tmp_path):
