@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         except Terminated:
             return report_interrupted(args.command, signal.SIGTERM)
         except KeyboardInterrupt:
-            return report_interrupted(args.command, signal.SIGINT)
+            # Code between the handler and here (Ray's waits) may turn Terminated into a plain KeyboardInterrupt.
+            return report_interrupted(args.command, signal.SIGTERM if sigterm_received() else signal.SIGINT)
         except SystemExit as err:
             if not isinstance(err.code, str):  # argparse's status, or a command's own
                 raise
@@ -180,6 +181,11 @@ def raise_terminated(signum, frame) -> None:
 
 def ignore_signal(signum, frame) -> None:
     pass
+
+
+def sigterm_received() -> bool:
+    """Whether a SIGTERM arrived while ``sigterm_unwinds`` was in force (its handler then ignores further ones)."""
+    return signal.getsignal(signal.SIGTERM) is ignore_signal
 
 
 def check_locations(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -211,3 +212,26 @@ def test_demo_empties_only_its_own_earlier_workdir(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (fresh_workdir(empty) / WORKDIR_MARKER).is_file()  # an empty folder has nothing to lose
+
+
+def test_a_sigterm_that_reaches_the_cli_as_a_plain_keyboard_interrupt_is_still_reported_as_sigterm(tmp_path,
+                                                                                                    monkeypatch,
+                                                                                                    capsys):
+    """Ray's waits may re-raise the handler's Terminated as a plain KeyboardInterrupt: the exit status must still
+    say SIGTERM (143), which is what a supervisor expects after it sent one."""
+    import os
+    import signal
+
+    from jobs import score_cmd
+
+    def interrupted_inside_a_library(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None  # what a library in between may do
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(score_cmd, "main", interrupted_inside_a_library)
+    assert cli.main(["score", "--model", str(tmp_path), "--input", str(tmp_path)]) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
