@@ -52,7 +52,7 @@ TEST_GENERATORS = ("ae_up", "ae_nn")
 GENIMAGE = f"s3://{BUCKET}/genimage"
 CRAWL = f"s3://{BUCKET}/crawl"
 # Both classes re-encoded as JPEG q96 (the format-aligned protocol): evaluated, and gated, beside the clean holdout.
-ALIGNMENT = "jpeg=96"
+[ALIGNMENT] = parse_align_specs(["jpeg=96"])
 # Written into every workdir the demo makes: the only folders it will ever empty.
 WORKDIR_MARKER = ".mpft-demo"
 
@@ -205,15 +205,14 @@ def evaluate_challenger(storage: StorageConfig, tracking_uri: str) -> tuple[Eval
     id."""
     return run_evaluate(f"models:/{MODEL_NAME}@challenger", holdout(), storage_cfg=storage,
                         perturbations=[*parse_perturb_specs(["jpeg=65", "blur=1", "downscale=24"]),
-                                       *parse_align_specs([ALIGNMENT])],
+                                       ALIGNMENT],
                         options=EvalOptions(resources=ONE_REPLICA), tracking_uri=tracking_uri, run_name="demo-evaluate")
 
 
 def promote_challenger(storage: StorageConfig) -> PromotionOutcome:
     """The gate against the champion (none yet: the first challenger above 60 % mean accuracy passes), on the clean
     and the format-aligned holdout."""
-    [aligned] = parse_align_specs([ALIGNMENT])
-    gate = GateConfig(min_mean_acc=0.6, conditions={aligned.name: {}})
+    gate = GateConfig(min_mean_acc=0.6, conditions={ALIGNMENT.name: {}})
     outcome = promote(MODEL_NAME, holdout(), gate, storage_cfg=storage)
     print(render_decision(outcome, MODEL_NAME, dry_run=False), flush=True)
     return outcome

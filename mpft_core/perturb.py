@@ -31,7 +31,6 @@ from mpft_core.imageio import DEFAULT_MAX_PIXELS
 # Robustness degradations (--perturb) and format-alignment steps (--align): JPEG is both, the one way to re-encode.
 PERTURB_KINDS = ("jpeg", "blur", "downscale")
 ALIGN_KINDS = ("resize", "jpeg")
-KINDS = ("jpeg", "blur", "downscale", "resize")
 MAX_BLUR_SIGMA = 100.0
 MAX_RESIZE_SIDE = 4096  # an alignment scale, not an upscaler: beyond this it would only cost memory
 CLEAN = "clean"  # the condition name of the images as they are
@@ -142,7 +141,7 @@ class Perturbation:
 
     def __post_init__(self) -> None:
         if self.kind not in _FUNCTIONS:
-            raise ValueError(f"unknown perturbation {self.kind!r}; choose one of {', '.join(KINDS)}")
+            raise ValueError(f"unknown perturbation {self.kind!r}; choose one of {', '.join(_FUNCTIONS)}")
         # Validate the strength now (on the driver) rather than in the first worker batch.
         _check_strength(self.kind, self._argument())
 

@@ -241,13 +241,13 @@ def format_mix(manifest: pa.Table, storage_cfg: Optional[StorageConfig] = None,
     labels = manifest.column("label").to_numpy(zero_copy_only=False)
     paths = manifest.column("path").to_pylist()
     rng = np.random.default_rng(seed)
+    reader = storage.BytesReader(storage_cfg, head_bytes=16)
     counts: dict[str, dict[str, int]] = {}
     for label, name in _CLASS_NAMES.items():
         rows = np.flatnonzero(labels == label)
         chosen = rows if rows.size <= per_class else np.sort(rng.choice(rows, size=per_class, replace=False))
         tally: dict[str, int] = {}
-        reads = storage.BytesReader(storage_cfg, head_bytes=16).read_each([paths[row] for row in chosen])
-        for head, error in reads:
+        for head, error in reader.read_each([paths[row] for row in chosen]):
             fmt = "unreadable" if error is not None else sniff_format(head) or "unknown"
             tally[fmt] = tally.get(fmt, 0) + 1
         if tally:
