@@ -211,6 +211,35 @@ def test_an_object_written_before_a_restart_reads_back_identically_after_it(tmp_
     assert (tmp_path / "s3").is_dir()  # a root that was given is kept
 
 
+@pytest.mark.timeout(180)
+def test_one_server_holds_as_many_buckets_as_a_test_session_makes(tmp_path):
+    photos = tmp_path / "in"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(b"not really a png")
+    (photos / "deeper").mkdir()
+    (photos / "deeper" / "b.png").write_bytes(b"nor this")
+    # SeaweedFS's own volume limit ran out after about 24 buckets on this machine's disk.
+    with LocalS3Server() as server:
+        buckets = [_fresh_bucket(server) for _ in range(40)]
+        copied = [server.upload_dir(photos, f"s3://{bucket}/in") for bucket in buckets]
+        listed = [storage.list_files(f"s3://{bucket}", server.storage_config(), extensions=None) for bucket in buckets]
+    assert copied == [2] * len(buckets)
+    assert listed == [[f"s3://{bucket}/in/a.png", f"s3://{bucket}/in/deeper/b.png"] for bucket in buckets]
+
+
+@pytest.mark.timeout(120)
+def test_an_upload_the_store_fails_raises_instead_of_leaving_a_hole(tmp_path):
+    photos = tmp_path / "in"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(b"bytes")
+    # One volume: the first bucket takes it, so the store fails every upload into a second one.
+    with LocalS3Server(max_volumes=1) as server:
+        first, second = _fresh_bucket(server), _fresh_bucket(server)
+        assert server.upload_dir(photos, f"s3://{first}/in") == 1
+        with pytest.raises(OSError, match="INTERNAL_FAILURE"):
+            server.upload_dir(photos, f"s3://{second}/in")
+
+
 # ---------------------------------------------------------------------------------------------------- credentials
 
 

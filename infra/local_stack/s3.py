@@ -49,7 +49,6 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-import pyarrow.fs as pafs
 
 from infra.local_stack.process_group import HOST, GroupProcess, PortReservation, free_port, log_tail
 from pipelines import storage
@@ -61,6 +60,9 @@ ACCESS_KEY = "mpft-local-access-key"
 REGION = "us-east-1"
 IDENTITIES_FILE = "s3-identities.json"
 LOG_FILE = "weed.log"
+# Every bucket is a collection with volumes of its own (one until it holds 128 MB). SeaweedFS's automatic limit, free
+# disk over its volume size limit, ran out after 24 buckets here; volumes are sparse files, so unused ones cost nothing.
+MAX_VOLUMES = 1000
 ENV_FILE = "s3.env"
 DATA_DIR = "data"
 # The port options of every listener `weed mini` opens besides S3's own and the admin server's; the gRPC ports also
@@ -115,8 +117,10 @@ class LocalS3Server:
 
     HOST = HOST
 
-    def __init__(self, root: Optional[Path] = None, port: Optional[int] = None, startup_timeout: float = 60.0):
+    def __init__(self, root: Optional[Path] = None, port: Optional[int] = None, startup_timeout: float = 60.0,
+                 max_volumes: int = MAX_VOLUMES):
         self._fixed_port = port
+        self.max_volumes = max_volumes
         self.port = port or free_port()  # chosen now so endpoint_url is known before start(); re-checked there
         self.endpoint_url = f"http://{self.HOST}:{self.port}"
         self.access_key = ACCESS_KEY
@@ -142,6 +146,7 @@ class LocalS3Server:
             f"-filer.localSocket={self.root / 'filer.sock'}", f"-s3.localSocket={self.root / 's3.sock'}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
             "-master.telemetry=false",
+            f"-volume.max={self.max_volumes}",
         ]  # fmt: skip
 
     def start(self) -> LocalS3Server:
@@ -313,10 +318,13 @@ class LocalS3Server:
         local_dir = Path(local_dir).resolve()
         if not local_dir.is_dir():
             raise NotADirectoryError(local_dir)
-        n_files = sum(1 for p in local_dir.rglob("*") if p.is_file())
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
         fs, dest = storage.resolve(dest_uri, self.storage_config())
-        pafs.copy_files(str(local_dir), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        return n_files
+        for path in files:
+            # One stream per file, closed here: pyarrow's copy_files drops a failed upload's error at close.
+            with fs.open_output_stream(f"{dest.rstrip('/')}/{path.relative_to(local_dir).as_posix()}") as stream:
+                stream.write(path.read_bytes())
+        return len(files)
 
 
 # --- command line -------------------------------------------------------------------------------------------------
