@@ -49,7 +49,6 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
-
 from infra.local_stack.process_group import HOST, GroupProcess, PortReservation, free_port, log_tail
 from pipelines import storage
 from pipelines.storage import StorageConfig
