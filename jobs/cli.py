@@ -37,6 +37,8 @@ from jobs.common import (
 
 SUBCOMMANDS = {
     "train": "fine-tune a detector from a job YAML and register it as the `challenger`",
+    "sweep": "train a grid of variants of a job as Ray Tune trials, compare them, register the best as `challenger`",
+    "pretrain-standin": "pre-train a small vision tower on real photos only: a stand-in for CLIP weights offline",
     "evaluate": "accuracy, AP and AUC per generator on labelled images, optionally on degraded copies",
     "promote": "make the `challenger` the `champion` if it beats it on a frozen holdout",
     "score": "score images (S3 prefix, folder or file) into Parquet, or print a table for a few files",
@@ -52,6 +54,7 @@ OWN_PACKAGES = ("mpft_core", "pipelines", "jobs", "infra")
 # Arguments naming a location, per command, checked before the command starts anything: (argument, kind).
 LOCATION_ARGUMENTS = {
     "train": (("config", "input"),),
+    "sweep": (("config", "input"),),
     "retrain": (("config", "input"),),
     "score": (("model", "model"), ("input", "input"), ("output", "output")),
     "evaluate": (("model", "model"), ("source", "input"), ("output", "output")),

@@ -6,13 +6,15 @@ are. The resolved config is saved with every run (secrets masked by StorageConfi
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 from pydantic import Field, field_validator
 
-from mpft_core.config import MethodConfig, StrictModel
+from mpft_core.config import InputError, MethodConfig, StrictModel
 from mpft_core.imageio import DEFAULT_MAX_PIXELS
 from pipelines.sources import SourceConfig
 from pipelines.storage import StorageConfig
@@ -69,5 +71,37 @@ def load_yaml(path: str | Path) -> dict:
         return yaml.safe_load(fh) or {}
 
 
-def load_train_config(path: str | Path) -> TrainJobConfig:
-    return TrainJobConfig.from_dict(load_yaml(path))
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainJobConfig:
+    """The job YAML at ``path`` with ``key=value`` overrides (``--set``) applied, validated once."""
+    return TrainJobConfig.from_dict(with_overrides(load_yaml(path), [parse_override(text) for text in overrides]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``method.detector.mask.ratio=0.25`` -> (dotted key, value); the value is read as YAML, so ``0.25`` is a
+    number, ``null`` is None, ``[a, b]`` a list and anything else a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not raw.strip():
+        raise InputError(f"an override is KEY=VALUE (e.g. method.detector.mask.ratio=0.25, or null), not {text!r}")
+    if any(not part for part in key.split(".")):
+        raise InputError(f"override key {key!r} has an empty part")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise InputError(f"override {key}: value {raw!r} is not valid YAML ({err.problem})") from None
+
+
+def with_overrides(data: dict, overrides: Sequence[tuple[str, Any]]) -> dict:
+    """A copy of a job dict with each (dotted key, value) set, creating the sections a key passes through; the
+    config's validation then refuses a key that names no setting."""
+    result = copy.deepcopy(data)
+    for key, value in overrides:
+        *sections, leaf = key.split(".")
+        node = result
+        for depth, name in enumerate(sections):
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):
+                raise InputError(f"override {key}: {'.'.join(sections[: depth + 1])} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return result

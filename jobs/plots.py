@@ -81,6 +81,30 @@ def subset_accuracy_bars(results: dict) -> Figure:
     return fig
 
 
+def sweep_comparison(summary, select: str) -> Figure:
+    """Grouped bars per sweep group (``jobs.sweep.summary_table``): accuracy on seen and unseen generators (each
+    condition) with the seeds' standard deviation as error bars; the validation metric ``select`` when the sweep had
+    no test set."""
+    keys = [c for c in summary.columns if not c.endswith((" mean", " std")) and c != "n"]
+    figures = [c[: -len(" mean")] for c in summary.columns if c.endswith(" mean") and "_acc" in c
+               and c.startswith(("seen_", "unseen_"))] or [select]
+    labels = [" / ".join(str(row[k]) for k in keys) for _, row in summary.iterrows()]
+    x = np.arange(len(labels))
+    width = 0.8 / len(figures)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(labels) * len(figures) + 2), 4.8))
+    for i, figure in enumerate(figures):
+        means = summary[f"{figure} mean"].to_numpy(dtype=float)
+        stds = np.nan_to_num(summary[f"{figure} std"].to_numpy(dtype=float), nan=0.0)
+        ax.bar(x + (i - (len(figures) - 1) / 2) * width, np.nan_to_num(means, nan=0.0), width, yerr=stds,
+               capsize=2, label=figure)
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize="small")
+    ax.set(ylim=(0, 1.05), ylabel="mean over seeds", title="Sweep: " + " / ".join(keys))
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.legend(fontsize="x-small", loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def reliability_diagram(bins: ReliabilityBins, title: str) -> Figure:
     """Observed fraction generated against mean predicted probability per non-empty score bin, beside the diagonal
     of perfect calibration, with the images per bin underneath and the ECE in the title.

@@ -47,7 +47,7 @@ class TrainOutcome:
     checkpoint_dir: str  # where the best checkpoint stays: a local folder or an s3:// URI
     model_uri: Optional[str]
     model_version: Optional[str]
-    metrics: dict
+    metrics: dict  # what the epoch of the kept (best) checkpoint reported: val_loss, val_mean_acc, ...
 
 
 class MlflowRankZeroLogger:
@@ -169,7 +169,7 @@ def run_train(cfg: TrainJobConfig, tracking_uri: str, parent_run_id: Optional[st
                 })
                 tracking.set_alias(cfg.tracking.registered_model, "challenger", version)
                 log.info("registered %s version %s as challenger", cfg.tracking.registered_model, version)
-        return TrainOutcome(run.info.run_id, best.location, model_uri, version, dict(result.metrics or {}))
+        return TrainOutcome(run.info.run_id, best.location, model_uri, version, best.metrics)
 
 
 def run_folder(cfg: TrainJobConfig) -> str:

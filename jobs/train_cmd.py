@@ -1,4 +1,4 @@
-"""`mpft train --config job.yaml`."""
+"""`mpft train --config job.yaml [--set KEY=VALUE ...]`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from jobs.common import configured_tracking_uri
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training job YAML (see README: configuration reference)")
     parser.add_argument("--name", help="override the run name (re-using a name resumes that run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting of the YAML, e.g. --set method.detector.mask.strategy=random "
+                             "(value read as YAML: 0.25, null, [a, b]); repeatable")
     parser.add_argument("--resume", choices=("auto", "force"), default="auto",
                         help="auto: resume a same-name run only if its settings and data are unchanged (refused "
                              "otherwise); force: resume it under the new settings and data")
@@ -20,7 +23,7 @@ def main(args: argparse.Namespace) -> int:
     from jobs.config import load_train_config
     from jobs.train import RefusedToStart, run_train
 
-    cfg = load_train_config(args.config)
+    cfg = load_train_config(args.config, args.overrides)
     if args.name:
         cfg.name = args.name
     tracking_uri = configured_tracking_uri(cfg.tracking.uri, "tracking.uri")

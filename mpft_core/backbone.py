@@ -281,18 +281,22 @@ def _stated_preprocess(metadata: Optional[dict], origin) -> Optional[Preprocess]
 
 
 def save_clip_weights(model: nn.Module, path: str | os.PathLike[str], activation: str,
-                      preprocess: Optional[Preprocess] = None) -> None:
+                      preprocess: Optional[Preprocess] = None, extra_metadata: Optional[dict[str, str]] = None) -> None:
     """Write an open_clip CLIP model's full state dict as a ``.safetensors`` weight file that states ``activation``
     and the input normalisation (``preprocess``, default the model's own), loadable as ``BackboneConfig.pretrained``
-    (e.g. OpenAI weights exported for an offline cluster)."""
+    (e.g. OpenAI weights exported for an offline cluster). ``extra_metadata`` (string values) is stored beside
+    them, e.g. what produced the weights; it may not restate the activation or the normalisation."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    extra_metadata = dict(extra_metadata or {})
+    if {WEIGHTS_ACTIVATION_KEY, WEIGHTS_PREPROCESS_KEY} & set(extra_metadata):
+        raise ValueError(f"extra_metadata may not set {WEIGHTS_ACTIVATION_KEY} or {WEIGHTS_PREPROCESS_KEY}")
     built = tower_activation(model.visual)
     if built != activation:
         raise ValueError(f"the model's tower uses {built}, not {activation}")
     preprocess = preprocess or _preprocess_of(model.visual)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={WEIGHTS_ACTIVATION_KEY: activation,
+    save_file(tensors, str(path), metadata={**extra_metadata, WEIGHTS_ACTIVATION_KEY: activation,
                                             WEIGHTS_PREPROCESS_KEY: json.dumps(preprocess.to_dict())})
 
 

@@ -51,10 +51,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, *, v
     if ray.is_initialized():
         return
     env_vars = dict(WORKER_ENV)
-    retry_transient_store_errors()
+    prepare_data_driver(verbose=verbose)
     if not verbose:
         env_vars[RAY_DATA_LOGGING_ENV] = str(QUIET_RAY_DATA_LOGGING)
-        quiet_ray_data_on_driver()
     address = address or os.environ.get("RAY_ADDRESS")
     callers_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
@@ -90,6 +89,14 @@ def keep_sigterm_handler(handler) -> None:
     ``ray.init`` replaces with an immediate ``sys.exit``; Ray's stays when the caller had none."""
     if callable(handler) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+
+
+def prepare_data_driver(*, verbose: bool) -> None:
+    """Ray Data settings of a process that creates datasets (the job's driver, or a sweep trial's driver task):
+    transient store errors retried, and unless ``verbose`` a quiet console."""
+    retry_transient_store_errors()
+    if not verbose:
+        quiet_ray_data_on_driver()
 
 
 def quiet_ray_data_on_driver() -> None:

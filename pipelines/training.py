@@ -428,20 +428,22 @@ def training_datasets(train_ds, val_ds) -> dict:
 class BestCheckpoint:
     local_dir: Path  # a temporary copy, removed when the ``best_checkpoint`` block ends
     location: str  # where it stays: a local folder or an s3:// URI
+    metrics: dict  # what the epoch that wrote it reported (val_loss, val_mean_acc, ...)
 
 
 @contextmanager
 def best_checkpoint(result) -> Iterator[BestCheckpoint]:
     """The best whole checkpoint (lowest val loss) of a finished run, copied into a temporary folder for the block.
     A broken one is skipped with a warning, like on resume; RuntimeError when the run has no whole checkpoint."""
-    ranked = [cm[0] for cm in sorted(result.best_checkpoints or [], key=lambda cm: cm[1]["val_loss"])]
-    for checkpoint in ranked + ([result.checkpoint] if result.checkpoint is not None else []):
+    ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1]["val_loss"])
+    for checkpoint, metrics in ranked + ([(result.checkpoint, result.metrics)] if result.checkpoint else []):
         problem = checkpoint_problem_at(checkpoint.filesystem, checkpoint.path)
         if problem is not None:
             log.warning("checkpoint %s is unusable, skipping it: %s", checkpoint.path, problem)
             continue
         with tempfile.TemporaryDirectory(prefix="mpft-best-") as tmp:
-            yield BestCheckpoint(Path(checkpoint.to_directory(tmp)), checkpoint_location(checkpoint))
+            yield BestCheckpoint(Path(checkpoint.to_directory(tmp)), checkpoint_location(checkpoint),
+                                 dict(metrics or {}))
         return
     raise RuntimeError("training finished without a usable checkpoint")
 

@@ -25,7 +25,8 @@ def mlflow_server(tmp_path_factory):
     """An MLflow tracking server with a sqlite backend and local artifact store."""
     from infra.local_stack.mlflow_server import LocalMlflowServer
 
-    with LocalMlflowServer(root=tmp_path_factory.mktemp("mlflow")) as server:
+    # 10-17 s here when idle; the fixture starts while the other pytest worker trains, so give it room.
+    with LocalMlflowServer(root=tmp_path_factory.mktemp("mlflow"), startup_timeout=180) as server:
         yield server
 
 

@@ -104,6 +104,34 @@ def test_a_misspelt_config_key_is_named_and_the_credentials_beside_it_are_not_pr
     assert SECRET not in done.stderr + done.stdout and ACCESS_KEY not in done.stderr + done.stdout
 
 
+@pytest.mark.timeout(120)
+def test_a_misspelt_set_override_is_named_like_a_misspelt_yaml_key(tmp_path):
+    config = write_yaml(tmp_path / "job.yaml", {"name": "x", "train": {"uri": str(tmp_path)},
+                                                "val": {"uri": str(tmp_path)}})
+    done = run_mpft("train", "--config", str(config), "--set", "method.detector.mask.stratgy=random")
+    assert_one_line_usage_error(done, "unknown key method.detector.mask.stratgy")
+    done = run_mpft("train", "--config", str(config), "--set", "method.detector.mask.strategy")
+    assert_one_line_usage_error(done, "KEY=VALUE")
+
+
+def test_set_overrides_land_in_the_validated_config_and_keep_the_yaml_s_other_settings(tmp_path):
+    from jobs.config import load_train_config
+
+    config = write_yaml(tmp_path / "job.yaml", {
+        "name": "base", "train": {"uri": str(tmp_path)}, "val": {"uri": str(tmp_path)},
+        "method": {"detector": {"mask": {"ratio": 0.3}}, "optim": {"seed": 7}},
+    })
+    cfg = load_train_config(config, ["method.detector.mask.strategy=random", "method.detector.backbone.pretrained=null",
+                                     "method.optim.epochs=3", "name=other"])
+    assert cfg.method.detector.mask.strategy == "random" and cfg.method.detector.mask.ratio == 0.3
+    assert cfg.method.detector.backbone.pretrained is None
+    assert (cfg.method.optim.epochs, cfg.method.optim.seed, cfg.name) == (3, 7, "other")
+    with pytest.raises(ValidationError):  # a value of the wrong kind is the config's refusal, as in YAML
+        load_train_config(config, ["method.detector.mask.ratio=high"])
+    with pytest.raises(ValueError, match="is a value, not a section"):
+        load_train_config(config, ["name.first=x"])
+
+
 @pytest.mark.timeout(180)
 def test_a_manifest_with_wrong_label_values_is_one_line_before_ray_starts(tmp_path):
     manifest = tmp_path / "data.csv"
