@@ -11,7 +11,8 @@ What it runs, all started here and stopped at the end (nothing is left running):
             on `ae_up` (seen) and `ae_nn`, `ae_shuffle` (unseen), all PNG;
   stack     an MLflow server (sqlite) and a private Ray instance; the corpus and checkpoints stay in local folders;
   sweep     4 variants x 2 backbones x the seeds. Validation is carved out of the *training* split (20 %) and picks
-            each trial's checkpoint; the test split (held-out photos) is scored after training, clean and
+            each trial's checkpoint (those crops come from the training photos); the corpus's `val` split (crops of
+            held-out photos, never trained or validated on) is the test set, scored after training, clean and
             format-aligned (JPEG q96 for both classes).
 Results: the sweep's summary (mean ± std over seeds) as ``bench/results/ablation.{md,json}``.
 """
@@ -66,7 +67,8 @@ def standin(workdir: Path) -> Path:
 
 
 def corpus(workdir: Path, args: argparse.Namespace) -> Path:
-    root = workdir / "genimage"
+    """The corpus for these sizes, written once (a folder per size, so a smoke run's corpus is never reused)."""
+    root = workdir / f"genimage-{args.n_train}-{args.n_test}"
     if not (root / TEST_GENERATORS[-1]).is_dir():
         sample_corpus.write_genimage_corpus(
             root, n_train_per_class=args.n_train, n_val_per_class=args.n_test, n_test_per_class=args.n_test,

@@ -99,7 +99,9 @@ def with_overrides(data: dict, overrides: Sequence[tuple[str, Any]]) -> dict:
         *sections, leaf = key.split(".")
         node = result
         for depth, name in enumerate(sections):
-            child = node.setdefault(name, {})
+            child = node.get(name)
+            if child is None:  # a section left unset, in YAML or as null in a dumped config
+                child = node[name] = {}
             if not isinstance(child, dict):
                 raise InputError(f"override {key}: {'.'.join(sections[: depth + 1])} is a value, not a section")
             node = child

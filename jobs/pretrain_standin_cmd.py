@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="open_clip model name or shipped config (default: mpft-tiny-32)")
     parser.add_argument("--steps", type=int, help="optimiser steps (default: PretrainConfig's, about 2-3 minutes "
                                                   "for mpft-tiny-32 on 2 CPU cores)")
+    parser.add_argument("--region", type=int, help="side of the photo windows the views are cut from (default: 64; "
+                                                   "at least the model's input size)")
     parser.add_argument("--seed", type=int, help="seed of the initial weights, crops and augmentations (default: 0)")
     parser.add_argument("--force", action="store_true",
                         help="replace --out even if it was made with other settings (or is not a stand-in)")
@@ -40,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     from jobs.sample_corpus import HELDOUT_PHOTOS, TRAIN_PHOTOS, load_photo
     from mpft_core.pretrain import PretrainConfig, pretrain, provenance, save_standin
 
-    cfg = PretrainConfig(**given(model=args.model, steps=args.steps, seed=args.seed))
+    cfg = PretrainConfig(**given(model=args.model, steps=args.steps, seed=args.seed, region=args.region))
     photos = [load_photo(name) for name in TRAIN_PHOTOS]
     if out.exists() and not args.force:
         refuse_other_settings(out, provenance(cfg, photos))

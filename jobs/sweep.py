@@ -20,6 +20,7 @@ table groups the trials that differ only in the seed: mean ± standard deviation
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobs import plots, tracking
 from jobs.config import TrainJobConfig, with_overrides
@@ -69,6 +70,22 @@ class SweepConfig(StrictModel):
             if not values:
                 raise ValueError(f"grid axis {key} has no values")
         return grid
+
+    @field_validator("select")
+    @classmethod
+    def _validation_metric(cls, name: str) -> str:
+        if not name.startswith("val_"):
+            raise ValueError(f"select must be a validation metric (val_...), not {name!r}: choosing on test figures "
+                             "would make them a validation set")
+        return name
+
+    @model_validator(mode="after")
+    def _one_source_per_setting(self) -> SweepConfig:
+        for name, settings in self.variants.items():
+            both = sorted(set(settings) & set(self.grid))
+            if both:
+                raise ValueError(f"variant {name} and the grid both set {', '.join(both)}: set each key in one place")
+        return self
 
     @field_validator("conditions")
     @classmethod
@@ -210,19 +227,19 @@ def _is_number(value) -> bool:
 def run_sweep(cfg: SweepConfig, tracking_uri: str, *, verbose: bool = False) -> SweepOutcome:
     """Run every trial under Ray Tune below one parent MLflow run; log the comparison; register the best trial as
     ``challenger`` when ``cfg.register_best``. InputError before anything starts for a trial that cannot run."""
-    from jobs.train import labelled_manifest
     from pipelines.runtime import init_ray
 
     trials = check_trials(cfg)
     if cfg.register_best and not cfg.job.tracking.registered_model:
         raise InputError("register_best needs job.tracking.registered_model")
-    seen = sorted(set(labelled_manifest(cfg.job.train, cfg.job.storage).column("subset").to_pylist()))
+    seen = seen_generators(cfg, trials)
+    check_test_is_held_out(cfg, trials)
     init_ray(cfg.job.ray_address, verbose=verbose)
     tracking.set_tracking(tracking_uri)
     with tracking.start_run(cfg.job.tracking.experiment, run_name=f"sweep-{cfg.name}") as parent:
         tracking.log_config(cfg.to_dict())
-        tracking.log_params({"sweep.trials": len(trials), "sweep.seen_subsets": ",".join(seen),
-                             "sweep.select": f"{cfg.select_mode} {cfg.select}"})
+        tracking.log_params({"sweep.trials": len(trials), "sweep.select": f"{cfg.select_mode} {cfg.select}",
+                             "sweep.seen_subsets": "; ".join(sorted({",".join(s) for s in seen.values()}))})
         outcomes = _tune(cfg, trials, tracking_uri, parent.info.run_id, seen, verbose)
         table = trials_table(outcomes, cfg)
         summary = summary_table(table, cfg)
@@ -231,15 +248,47 @@ def run_sweep(cfg: SweepConfig, tracking_uri: str, *, verbose: bool = False) -> 
         tracking.log_text(to_markdown(summary), f"{SUMMARY_TABLE}.md")
         tracking.log_figure(plots.sweep_comparison(summary, cfg.select), "sweep_comparison.png")
         best = best_trial(outcomes, cfg.select, cfg.select_mode)
-        version = None
         if best is not None:
             tracking.set_run_tags({"sweep.best_trial": best.trial.name, "sweep.best_run_id": best.run_id or ""})
-            if cfg.register_best:
-                version = register_trial(best, cfg)
-        return SweepOutcome(parent.info.run_id, outcomes, table, summary, best, version)
+        result = SweepOutcome(parent.info.run_id, outcomes, table, summary, best, None)
+        if cfg.register_best:
+            # The best of some trials is not the best of the sweep: register only when every trial finished.
+            if result.failed or best is None:
+                log.warning("not registering a challenger: %s", "some trials did not finish" if result.failed
+                            else f"no trial reported {cfg.select}")
+            else:
+                result.model_version = register_trial(best, cfg)
+        return result
 
 
-def _tune(cfg: SweepConfig, trials: list[Trial], tracking_uri: str, parent_run_id: str, seen: Sequence[str],
+def seen_generators(cfg: SweepConfig, trials: Sequence[Trial]) -> dict[int, list[str]]:
+    """Per trial, the subsets its training data holds (a trial may change the training sources)."""
+    from jobs.train import labelled_manifest
+
+    by_sources: dict[str, list[str]] = {}
+    seen = {}
+    for trial in trials:
+        job = trial_job(cfg.job, trial)
+        key = json.dumps([source.to_dict() for source in job.train], sort_keys=True)
+        if key not in by_sources:
+            by_sources[key] = sorted(set(labelled_manifest(job.train, job.storage).column("subset").to_pylist()))
+        seen[trial.index] = by_sources[key]
+    return seen
+
+
+def check_test_is_held_out(cfg: SweepConfig, trials: Sequence[Trial]) -> None:
+    """HoldoutLeakError (one line) before anything starts when a test image is also a training or validation image
+    of some trial (same path or same bytes)."""
+    from pipelines.leakage import check_holdout_leakage
+
+    if not cfg.test:
+        return
+    sources = {json.dumps(s.to_dict(), sort_keys=True): s for trial in trials
+               for job in [trial_job(cfg.job, trial)] for s in [*job.train, *job.val]}
+    check_holdout_leakage(list(sources.values()), cfg.test, cfg.job.storage, "error")
+
+
+def _tune(cfg: SweepConfig, trials: list[Trial], tracking_uri: str, parent_run_id: str, seen: dict[int, list[str]],
           verbose: bool) -> list[TrialOutcome]:
     """The trials as one Ray Tune grid; a trial that fails is kept with its error, the others go on."""
     import ray
@@ -257,7 +306,7 @@ def _tune(cfg: SweepConfig, trials: list[Trial], tracking_uri: str, parent_run_i
 
     def trial_function(config: dict) -> dict:
         return ray.get(drive.remote(by_index[config["trial"]], cfg.job, tracking_uri=tracking_uri,
-                                    parent_run_id=parent_run_id, seen=seen, test=cfg.test,
+                                    parent_run_id=parent_run_id, seen=seen[config["trial"]], test=cfg.test,
                                     conditions=cfg.conditions, verbose=verbose))
 
     fs, root = storage.resolve(storage.join(cfg.job.checkpoint_root, f"{cfg.name}-tune"), cfg.job.storage)
@@ -265,24 +314,31 @@ def _tune(cfg: SweepConfig, trials: list[Trial], tracking_uri: str, parent_run_i
         from pathlib import Path
 
         Path(root).mkdir(parents=True, exist_ok=True)
+    fitting = default_concurrency(cfg.job, ray)
+    if cfg.max_concurrent and cfg.max_concurrent > fitting:
+        log.warning("max_concurrent %d is more than the cluster's CPUs hold (%d trials): concurrent trials may wait on "
+                    "each other's decoding forever", cfg.max_concurrent, fitting)
     tuner = tune.Tuner(
         tune.with_resources(trial_function, {"cpu": 0.01}),  # it only waits on the task
         param_space={"trial": tune.grid_search([t.index for t in trials])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or default_concurrency(cfg.job, ray)),
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent or fitting),
         run_config=tune.RunConfig(name=f"{cfg.name}-tune", storage_path=root, storage_filesystem=fs,
                                   verbose=1 if verbose else 0),
     )
     grid = tuner.fit()
-    outcomes = {t.index: TrialOutcome(t) for t in trials}
+    # A trial that never reported (Tune stopped by Ctrl-C, or never started) keeps this error.
+    outcomes = {t.index: TrialOutcome(t, error="did not finish") for t in trials}
     for result in grid:
         outcome = outcomes[result.config["trial"]]
-        if result.error is not None:
-            outcome.error = _first_line(result.error)
-            log.warning("trial %s (%s) failed: %s", outcome.trial.name, describe(outcome.trial), outcome.error)
-            continue
         metrics = dict(result.metrics or {})
-        outcome.run_id, outcome.checkpoint = metrics.pop("run_id", None), metrics.pop("checkpoint", None)
-        outcome.metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        if result.error is not None:
+            outcome.error = _last_line(result.error)
+        elif "run_id" in metrics:
+            outcome.error = None
+            outcome.run_id, outcome.checkpoint = metrics.pop("run_id"), metrics.pop("checkpoint", None)
+            outcome.metrics = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        if outcome.error is not None:
+            log.warning("trial %s (%s) failed: %s", outcome.trial.name, describe(outcome.trial), outcome.error)
     return [outcomes[t.index] for t in trials]
 
 
@@ -292,28 +348,32 @@ def default_concurrency(job: TrainJobConfig, ray) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 
-def _first_line(err: BaseException) -> str:
+def _last_line(err: BaseException) -> str:
+    """The error's last line: a Ray task error's text ends with the cause."""
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
 
 
 def best_trial(outcomes: Sequence[TrialOutcome], metric: str, mode: str) -> Optional[TrialOutcome]:
-    """The finished trial with the best ``metric`` (ties: the lower trial number); None when none reported it."""
+    """The finished trial with the best ``metric`` (ties: the lower validation loss, then the lower trial number);
+    None when none reported it."""
     scored = [t for t in outcomes if t.error is None and _is_number(t.metrics.get(metric))
               and not math.isnan(t.metrics[metric])]
     if not scored:
         return None
     sign = -1 if mode == "max" else 1
-    return min(scored, key=lambda t: (sign * t.metrics[metric], t.trial.index))
+    return min(scored, key=lambda t: (sign * t.metrics[metric], t.metrics.get("val_loss", math.inf), t.trial.index))
 
 
 def register_trial(best: TrialOutcome, cfg: SweepConfig) -> str:
     """Log the best trial's checkpoint as a model in its own run, register it and point ``challenger`` at it."""
     name = cfg.job.tracking.registered_model
     resolved = tracking.resolve_model(best.checkpoint, cfg.job.storage)
-    with tracking.start_run(cfg.job.tracking.experiment, run_name=best.trial.name, resume_by_name=True):
+    with tracking.continue_run(best.run_id) as run:
         model_uri = tracking.log_detector_model(resolved.checkpoint_dir)
-    version = tracking.register_model(model_uri, name, tags={"train_run_id": best.run_id, "sweep": cfg.name})
+        manifest_hash = run.data.params.get("data.train_manifest_hash", "")
+    version = tracking.register_model(model_uri, name, tags={"train_run_id": best.run_id, "sweep": cfg.name,
+                                                             "train_manifest_hash": manifest_hash})
     tracking.set_alias(name, "challenger", version)
     log.info("registered the best trial %s as %s version %s (challenger)", best.trial.name, name, version)
     return version
@@ -348,8 +408,9 @@ def summary_table(table: pd.DataFrame, cfg: SweepConfig) -> pd.DataFrame:
     keys = ([VARIANT_COLUMN] if cfg.variants else []) + [key for key in cfg.grid if key != SEED_KEY]
     figures = [c for c in table.columns if c == cfg.select or c.startswith(("seen_", "unseen_"))]
     finished = table[table["status"] == "ok"]
-    if not keys:
-        keys = ["trial"]
+    if not keys:  # the seed is the only axis: one group of every trial
+        table = table.assign(sweep="all")
+        keys = ["sweep"]
     rows = []
     for group, members in table.groupby(keys, sort=False):
         done = finished.loc[finished.index.intersection(members.index)]

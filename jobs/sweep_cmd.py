@@ -10,13 +10,13 @@ from jobs.common import UsageError, configured_tracking_uri
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="the training job YAML every trial starts from")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change the base job for every trial (as `mpft train --set`); repeatable")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="change the base job for every trial (as `mpft train --set`)")
+    parser.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
                         help="an axis of the grid: trials are the cross product of all axes (values read as YAML: "
-                             "null, 0.25, tam); repeatable")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=V[,KEY=V]",
-                        help="a named set of settings that change together, crossed with the grid; repeatable")
+                             "null, 0.25, tam)")
+    parser.add_argument("--variant", nargs="+", action="extend", default=[], metavar="NAME:KEY=V[,KEY=V]",
+                        help="a named set of settings that change together, crossed with the grid")
     parser.add_argument("--test", action="append", default=[], metavar="URI",
                         help="labelled images (GenImage layout) every trial's checkpoint is scored on after "
                              "training: accuracy and AUC on the generators seen in training and on the others")
@@ -46,8 +46,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     sweep = SweepConfig(
         name=args.name or stamped_name(f"{job.name}-sweep"), job=job,
-        grid=dict(parse_axis(text) for text in args.grid),
-        variants=dict(parse_variant(text) for text in args.variant),
+        grid=unique("grid axis", [parse_axis(text) for text in args.grid]),
+        variants=unique("variant", [parse_variant(text) for text in args.variant]),
         test=[SourceConfig(uri=uri, layout="genimage", split=args.test_split) for uri in args.test],
         conditions=conditions,
         select=args.select, select_mode=args.select_mode, register_best=args.register_best,
@@ -60,6 +60,15 @@ def main(args: argparse.Namespace) -> int:
                       "version": outcome.model_version,
                       "failed": [t.trial.name for t in outcome.failed]}, indent=2))
     return 1 if outcome.failed else 0
+
+
+def unique(what: str, pairs: list[tuple[str, object]]) -> dict:
+    """``dict(pairs)``, refusing a name given twice (the second would silently replace the first)."""
+    names = [name for name, _ in pairs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"{what} {', '.join(twice)} given twice")
+    return dict(pairs)
 
 
 def parse_axis(text: str) -> tuple[str, list]:

@@ -130,6 +130,17 @@ def start_run(experiment: str, run_name: str, *, parent_run_id: Optional[str] = 
             finish_run_logging(mlflow.get_tracking_uri(), run.info.run_id, unlogged_dir)
 
 
+@contextmanager
+def continue_run(run_id: str) -> Iterator[mlflow.entities.Run]:
+    """Log into the existing run ``run_id`` again (a sweep registers its best trial's model in that trial's run);
+    the yielded run's ``data`` is as it was when the block started."""
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        try:
+            yield MlflowClient().get_run(run_id)
+        finally:
+            finish_run_logging(mlflow.get_tracking_uri(), run_id)
+
+
 def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:

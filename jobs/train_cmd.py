@@ -11,9 +11,9 @@ from jobs.common import configured_tracking_uri
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training job YAML (see README: configuration reference)")
     parser.add_argument("--name", help="override the run name (re-using a name resumes that run)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override one setting of the YAML, e.g. --set method.detector.mask.strategy=random "
-                             "(value read as YAML: 0.25, null, [a, b]); repeatable")
+                             "(value read as YAML: 0.25, null, [a, b]); several at once or repeated")
     parser.add_argument("--resume", choices=("auto", "force"), default="auto",
                         help="auto: resume a same-name run only if its settings and data are unchanged (refused "
                              "otherwise); force: resume it under the new settings and data")

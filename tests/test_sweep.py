@@ -148,3 +148,27 @@ def test_mpft_sweep_runs_a_two_by_two_grid_under_one_parent_run_and_registers_th
     version = client.get_model_version_by_alias("sweep-test", "challenger")
     assert version.tags["sweep"] == "grid" and version.run_id == children[best].info.run_id
     assert "| method.detector.mask.strategy | n |" in printed
+
+
+def test_a_sweep_refuses_settings_that_would_mislead_its_table(tmp_path):
+    from pydantic import ValidationError
+
+    from jobs.common import UsageError
+    from jobs.sweep_cmd import unique
+
+    job = base_job(tmp_path)
+    with pytest.raises(ValidationError, match="validation metric"):  # choosing on test figures
+        SweepConfig(name="s", job=job, grid={"method.optim.seed": [0, 1]}, select="unseen_acc")
+    with pytest.raises(ValidationError, match="both set method.detector.mask.strategy"):
+        SweepConfig(name="s", job=job, grid={"method.detector.mask.strategy": ["tam", "none"]},
+                    variants={"probe": {"method.detector.mask.strategy": "none"}})
+    with pytest.raises(UsageError, match="given twice"):
+        unique("grid axis", [parse_axis("method.optim.seed=0,1"), parse_axis("method.optim.seed=2")])
+
+
+def test_an_override_fills_a_section_left_null_and_refuses_to_reach_into_a_list():
+    from jobs.config import with_overrides
+
+    assert with_overrides({"method": None}, [("method.optim.seed", 1)]) == {"method": {"optim": {"seed": 1}}}
+    with pytest.raises(InputError, match="train is a value, not a section"):
+        with_overrides({"train": [{"uri": "x"}]}, [("train.carve.fraction", 0.2)])
