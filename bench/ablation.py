@@ -38,6 +38,7 @@ from pipelines.runtime import init_ray, shutdown_ray  # noqa: E402
 from pipelines.sources import SourceConfig  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
+RAY_CPUS = 2  # the machine this was measured on; trials run one at a time (jobs/sweep.py: more stall on 2 cores)
 TRAIN_GENERATORS = ("ae_up",)
 TEST_GENERATORS = ("ae_up", "ae_nn", "ae_shuffle")
 VARIANTS = {
@@ -57,6 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-test", type=int, default=64, help="test images per class and generator")
     parser.add_argument("--results", type=Path, default=RESULTS / "ablation")
     return parser.parse_args(argv)
+
+
+def commit() -> str:
+    """The code's commit, with ``+changes`` when the working tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return (head.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
 def standin(workdir: Path) -> Path:
@@ -116,7 +124,7 @@ def main(argv=None) -> int:
             test=[SourceConfig(uri=str(root), layout="genimage", split="val", subsets=list(TEST_GENERATORS))],
             conditions=["aligned-jpeg96"], max_concurrent=1)
         try:
-            init_ray(num_cpus=2)
+            init_ray(num_cpus=RAY_CPUS)
             outcome = run_sweep(sweep, mlflow_server.tracking_uri)
         finally:
             shutdown_ray()
@@ -124,13 +132,15 @@ def main(argv=None) -> int:
     table = to_markdown(outcome.summary).replace(str(weights), "standin")
     header = (f"Ablation ({len(outcome.trials)} trials, {len(outcome.failed)} failed; {args.epochs} epochs, "
               f"{args.n_train} training images per class before a 20 % validation carve, seeds {args.seeds}; "
-              f"{minutes:.0f} min on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')})\n\n")
+              f"{minutes:.0f} min, Ray on {RAY_CPUS} CPUs, {time.strftime('%Y-%m-%d')}, commit {commit()})\n\n")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.with_suffix(".md").write_text(header + table + "\n")
     records = json.loads(outcome.summary.to_json(orient="records"))
     args.results.with_suffix(".json").write_text(json.dumps({
-        "trials": len(outcome.trials), "failed": [t.trial.name for t in outcome.failed], "epochs": args.epochs,
+        "commit": commit(), "trials": len(outcome.trials), "failed": [t.trial.name for t in outcome.failed],
+        "epochs": args.epochs,
         "n_train_per_class": args.n_train, "seeds": seeds, "minutes": round(minutes, 1), "summary": records,
+        "per_trial": json.loads(outcome.table.to_json(orient="records")),
     }, indent=2))
     print(header + table)
     return 1 if outcome.failed else 0

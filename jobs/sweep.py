@@ -82,7 +82,7 @@ class SweepConfig(StrictModel):
     @model_validator(mode="after")
     def _one_source_per_setting(self) -> SweepConfig:
         for name, settings in self.variants.items():
-            both = sorted(set(settings) & set(self.grid))
+            both = sorted(f"{a} / {b}" if a != b else a for a in settings for b in self.grid if _overlap(a, b))
             if both:
                 raise ValueError(f"variant {name} and the grid both set {', '.join(both)}: set each key in one place")
         return self
@@ -104,6 +104,11 @@ class SweepConfig(StrictModel):
             trials.append(Trial(index=index, name=f"{self.name}-t{index:02d}", variant=variant,
                                 settings=dict(point), overrides={**settings, **dict(point)}))
         return trials
+
+
+def _overlap(key: str, other: str) -> bool:
+    """Whether two dotted keys set the same setting, or one a section holding the other."""
+    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
 
 
 @dataclass
@@ -279,13 +284,18 @@ def seen_generators(cfg: SweepConfig, trials: Sequence[Trial]) -> dict[int, list
 def check_test_is_held_out(cfg: SweepConfig, trials: Sequence[Trial]) -> None:
     """HoldoutLeakError (one line) before anything starts when a test image is also a training or validation image
     of some trial (same path or same bytes)."""
-    from pipelines.leakage import check_holdout_leakage
+    from pipelines.leakage import find_holdout_leaks, sources_manifest
 
     if not cfg.test:
         return
     sources = {json.dumps(s.to_dict(), sort_keys=True): s for trial in trials
                for job in [trial_job(cfg.job, trial)] for s in [*job.train, *job.val]}
-    check_holdout_leakage(list(sources.values()), cfg.test, cfg.job.storage, "error")
+    storage_cfg = cfg.job.storage
+    leaks = find_holdout_leaks(sources_manifest(list(sources.values()), storage_cfg),
+                               sources_manifest(cfg.test, storage_cfg), storage_cfg)
+    if leaks:
+        raise InputError(f"{leaks.describe()}: the test figures would score images a trial trained or validated on; "
+                         "take them out of the test sources (--test) or of the job's train/val sources")
 
 
 def _tune(cfg: SweepConfig, trials: list[Trial], tracking_uri: str, parent_run_id: str, seen: dict[int, list[str]],

@@ -133,12 +133,19 @@ def start_run(experiment: str, run_name: str, *, parent_run_id: Optional[str] = 
 @contextmanager
 def continue_run(run_id: str) -> Iterator[mlflow.entities.Run]:
     """Log into the existing run ``run_id`` again (a sweep registers its best trial's model in that trial's run);
-    the yielded run's ``data`` is as it was when the block started."""
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-        try:
-            yield MlflowClient().get_run(run_id)
-        finally:
-            finish_run_logging(mlflow.get_tracking_uri(), run_id)
+    the yielded run's ``data`` is as it was when the block started. The run keeps its status and end time, whether
+    the block succeeds or fails: what is logged afterwards does not change how its training went."""
+    client = MlflowClient()
+    before = client.get_run(run_id)
+    try:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            try:
+                yield before
+            finally:
+                finish_run_logging(mlflow.get_tracking_uri(), run_id)
+    finally:
+        if before.info.end_time is not None:
+            client.set_terminated(run_id, before.info.status, end_time=before.info.end_time)
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:

@@ -143,6 +143,7 @@ def test_mpft_sweep_runs_a_two_by_two_grid_under_one_parent_run_and_registers_th
     assert "| tam | 2 |" in text and "| none | 2 |" in text and "±" in text, text
 
     best = parent.data.tags["sweep.best_trial"]
+    assert children[best].info.status == "FINISHED"  # logging its model afterwards does not change how it went
     best_val = children[best].data.metrics["val_mean_acc"]
     assert best_val == max(c.data.metrics["val_mean_acc"] for c in children.values())
     version = client.get_model_version_by_alias("sweep-test", "challenger")
@@ -172,3 +173,23 @@ def test_an_override_fills_a_section_left_null_and_refuses_to_reach_into_a_list(
     assert with_overrides({"method": None}, [("method.optim.seed", 1)]) == {"method": {"optim": {"seed": 1}}}
     with pytest.raises(InputError, match="train is a value, not a section"):
         with_overrides({"train": [{"uri": "x"}]}, [("train.carve.fraction", 0.2)])
+
+
+def test_a_seed_only_sweep_is_one_group_and_ties_go_to_the_lower_validation_loss(tmp_path):
+    sweep = SweepConfig(name="s", job=base_job(tmp_path), grid={"method.optim.seed": [0, 1, 2]})
+    trials = sweep.trials()
+    outcomes = [TrialOutcome(t, run_id=f"r{t.index}", metrics={"val_mean_acc": 0.75, "val_loss": loss})
+                for t, loss in zip(trials, [0.6, 0.4, 0.5], strict=True)]
+    from jobs.sweep import trials_table
+
+    summary = summary_table(trials_table(outcomes, sweep), sweep)
+    assert len(summary) == 1 and summary.loc[0, "n"] == 3 and summary.loc[0, "val_mean_acc std"] == 0.0
+    assert best_trial(outcomes, "val_mean_acc", "max").trial.index == 1
+
+
+def test_a_variant_and_an_axis_may_not_share_a_section(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="method.detector.mask.ratio / method.detector.mask"):
+        SweepConfig(name="s", job=base_job(tmp_path), grid={"method.detector.mask": [{"ratio": 0.5}, {"ratio": 0.25}]},
+                    variants={"v": {"method.detector.mask.ratio": 0.1}})
