@@ -198,3 +198,40 @@ def _pca_2d(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         coords[:, :components] = pca.fit_transform(emb)
         explained[:components] = np.nan_to_num(pca.explained_variance_ratio_)
     return coords, explained
+
+
+def score_histogram(bin_edges, counts, title: str, thresholds=()) -> Figure:
+    """Images per score bin (``jobs.score_report`` counts on fixed bins), with the decision thresholds as
+    vertical lines; ``thresholds`` are (value, label) pairs, None values skipped."""
+    edges, counts = np.asarray(bin_edges, dtype=float), np.asarray(counts, dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:blue", edgecolor="white")
+    for value, label in thresholds:
+        if value is not None:
+            ax.axvline(value, color="tab:red", linestyle="--", linewidth=1, label=f"{label} {value:.3f}")
+    if not counts.any():
+        ax.text(0.5, 0.5, "no scored images", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="score (probability of generated)", ylabel="images", xlim=(0, 1),
+           title=f"{title} ({int(counts.sum())} scored)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="upper center")
+    fig.tight_layout()
+    return fig
+
+
+def drift_histograms(bin_edges, baseline_counts, current_counts, title: str) -> Figure:
+    """Baseline and current score distributions side by side as shares per bin (the runs may differ in size), so
+    the bins the population stability index weighs most are visible."""
+    edges = np.asarray(bin_edges, dtype=float)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = np.diff(edges) / 2
+    for offset, (counts, label, colour) in enumerate(((baseline_counts, "baseline", "tab:grey"),
+                                                      (current_counts, "current", "tab:orange"))):
+        counts = np.asarray(counts, dtype=float)
+        share = counts / counts.sum() if counts.sum() else counts
+        ax.bar(edges[:-1] + offset * width, share, width=width, align="edge", color=colour,
+               label=f"{label} ({int(counts.sum())} scored)")
+    ax.set(xlabel="score (probability of generated)", ylabel="share of scored images", xlim=(0, 1), title=title)
+    ax.legend(fontsize="small", loc="upper center")
+    fig.tight_layout()
+    return fig

@@ -128,7 +128,10 @@ def run_score_job(job: ScoreJob, model: ResolvedModel, *, tracking_uri: Optional
 
 
 def log_summary(job: ScoreJob, summary: ScoreSummary) -> str:
-    """One MLflow run per scoring job in experiment ``mpft-scoring``; returns its run id."""
+    """One MLflow run per scoring job in experiment ``mpft-scoring``; returns its run id.
+
+    Besides the job's params and counts, the run holds the summary of the whole output (``log_output_report``):
+    score histogram, share per verdict band, errors by kind, and the same per group of the input."""
     from jobs import tracking
 
     scored_now = summary.n_inputs - summary.n_skipped_already_scored
@@ -148,5 +151,44 @@ def log_summary(job: ScoreJob, summary: ScoreSummary) -> str:
             "n_skipped_already_scored": summary.n_skipped_already_scored,
             "n_torn_parts_removed": summary.n_torn_parts_removed,
             "seconds": summary.seconds, "images_per_s": summary.images_per_s,
+            "n_reused": summary.n_reused, "n_duplicates": summary.n_duplicates,
         })
+        log_output_report(job)
         return run.info.run_id
+
+
+def log_output_report(job: ScoreJob) -> None:
+    """Into the active run: ``jobs.score_report.summarise`` of the whole output (every row, earlier resumed runs'
+    too) as metrics, ``summary/score_histogram.png``, ``summary/score_summary.json`` (bin counts per group, what
+    ``mpft drift`` compares) and ``summary/score_histogram.csv`` (the same counts as a table)."""
+    import csv
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from jobs import plots, score_report, tracking
+    from pipelines.scoring import read_scores
+
+    report = score_report.summarise(read_scores(job.output_uri, job.storage), job.input_uri)
+    tracking.log_metrics(score_report.summary_metrics(report))
+    tracking.log_figure(plots.score_histogram(report["bin_edges"], report["histogram"], f"scores in {job.output_uri}",
+                                              _threshold_lines(report)),
+                        "summary/score_histogram.png")
+    with tempfile.TemporaryDirectory(prefix="mpft-summary-") as tmp:
+        (Path(tmp) / "score_summary.json").write_text(json.dumps(report, indent=2))
+        rows = score_report.histogram_rows(report)
+        with (Path(tmp) / "score_histogram.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        for name in ("score_summary.json", "score_histogram.csv"):
+            tracking.log_artifact_file(str(Path(tmp) / name), "summary")
+
+
+def _threshold_lines(report: dict) -> list[tuple[float, str]]:
+    """The decision thresholds to draw: "generated" from ``threshold``, "real" below ``real_threshold`` when the
+    model has an uncertain band between them."""
+    lines = [(report["threshold"], "generated from")]
+    if report["real_threshold"] is not None and report["real_threshold"] != report["threshold"]:
+        lines.append((report["real_threshold"], "real below"))
+    return lines

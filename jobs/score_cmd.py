@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_resource_arguments(parser)
     parser.add_argument("--decode-in-actor", action="store_true",
                         help="read and decode inside the scoring actors (one stage; for CPU-only nodes)")
+    parser.add_argument("--store", metavar="URI",
+                        help="score store (s3://bucket/prefix or folder): inputs whose bytes it holds for this model "
+                             "reuse the stored score instead of being scored again, inputs with the same bytes are "
+                             "scored once, and new scores are added (rows say fresh / reused / duplicate)")
     parser.add_argument("--table-max", type=int, default=50,
                         help="without --output, print a table for at most this many local files")
     add_stack_arguments(parser)
@@ -108,6 +112,8 @@ def main(args: argparse.Namespace) -> int:
                              f"or folder of at most --table-max={args.table_max} files)")
         from jobs import tracking
 
+        if args.store:
+            raise SystemExit("--store needs --output (the table of a few files is scored in-process, afresh)")
         if args.tracking_uri:  # only needed to resolve a registry reference; nothing is logged for a table
             tracking.set_tracking(args.tracking_uri)
         model = tracking.resolve_model(args.model, storage_cfg)
@@ -135,6 +141,7 @@ def score_to_output(args: argparse.Namespace, storage_cfg) -> ScoreSummary:
     job = ScoreJob(model_ref=args.model, input_uri=args.input, output_uri=args.output, layout=args.layout,
                    extensions=tuple(source.extensions) if source.extensions else None,
                    allow_outside_corpus=source.allow_outside_corpus, storage=storage_cfg,
-                   resources=resources_from_args(args), decode_in_actor=args.decode_in_actor)
+                   resources=resources_from_args(args), decode_in_actor=args.decode_in_actor,
+                   score_store=args.store)
     return run_score_job(job, model, tracking_uri=tracking_uri, ray_address=args.ray_address,
                          verbose=args.verbose)

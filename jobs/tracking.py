@@ -148,6 +148,12 @@ def continue_run(run_id: str) -> Iterator[mlflow.entities.Run]:
             client.set_terminated(run_id, before.info.status, end_time=before.info.end_time)
 
 
+def run_params(run_id: str) -> dict[str, str]:
+    """The params of an existing run (e.g. which output a scoring run wrote: ``mpft drift``); MLflow's
+    RESOURCE_DOES_NOT_EXIST error for an unknown run id."""
+    return dict(MlflowClient().get_run(run_id).data.params)
+
+
 def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:

@@ -17,6 +17,8 @@ Output columns (``DECODED_COLUMNS``; ``decoded_schema`` gives the exact Arrow ty
     | error str, null when decoded | width, height int32: upright size of the original, -1 on error
     | view_height, view_width int32: the picture's extent in ``image`` from the top-left (S, S except for training
       windows of pictures smaller than the window, which are zero-padded rather than tiled), -1 on error
+    | content_hash str: SHA-256 of the bytes read (``pipelines.score_store.content_hash``), null when unreadable;
+      taken here, from the very bytes that were decoded, so a stored score always belongs to its hash
 The label stays nullable (as in the manifest) instead of using a sentinel such as -1: a sentinel would silently
 become a class if a consumer forgot to filter it, a null cannot. Training drops error and unlabelled rows anyway.
 
@@ -45,10 +47,11 @@ from mpft_core.imageio import (
 )
 from mpft_core.scoring import describe_failure
 from mpft_core.transforms import eval_view, train_window
+from pipelines.score_store import content_hash
 from pipelines.storage import BytesReader, TooLarge
 
 DECODED_COLUMNS = ("path", "label", "subset", "split", "image", "error", "width", "height", "view_height",
-                   "view_width")
+                   "view_width", "content_hash")
 _MANIFEST_COLUMNS = ("path", "label", "subset", "split")
 
 
@@ -58,7 +61,7 @@ def decoded_schema(side: int) -> pa.Schema:
         ("path", pa.string()), ("label", pa.int8()), ("subset", pa.string()), ("split", pa.string()),
         ("image", ArrowTensorTypeV2((side, side, 3), pa.uint8())),
         ("error", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-        ("view_height", pa.int32()), ("view_width", pa.int32()),
+        ("view_height", pa.int32()), ("view_width", pa.int32()), ("content_hash", pa.string()),
     ])  # fmt: skip
 
 
@@ -112,11 +115,13 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, 
     images = np.zeros((n, side, side, 3), dtype=np.uint8)
     sizes = {name: np.full(n, -1, dtype=np.int32) for name in ("width", "height", "view_height", "view_width")}
     errors = np.full(n, None, dtype=object)
+    hashes = np.full(n, None, dtype=object)
     reads = BytesReader(storage, max_bytes=max_bytes).read_each(paths)
     for i, (path, (data, read_error)) in enumerate(zip(paths, reads, strict=True)):
         try:
             if read_error is not None:
                 raise read_error
+            hashes[i] = content_hash(data)
             pixels = decode_rgb(data, max_pixels=max_pixels, max_bytes=max_bytes, max_seconds=max_seconds)
             sizes["height"][i], sizes["width"][i] = pixels.shape[:2]
             if degrade[i] is not None:
@@ -129,7 +134,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, train: bool, 
         finally:
             pixels = None  # release the full-size decode before the next file
     out = {name: batch[name] for name in _MANIFEST_COLUMNS if name in batch}
-    out.update(image=images, error=errors, **sizes)
+    out.update(image=images, error=errors, **sizes, content_hash=hashes)
     return out
 
 

@@ -75,6 +75,14 @@ from ray.data.datasource import FilenameProvider
 
 from mpft_core.scoring import score_rows, scored_mask, verdicts
 from pipelines import storage
+from pipelines.score_store import (
+    STORED_RESULT,
+    ScoreStore,
+    first_per_hash,
+    hash_inputs,
+    model_fingerprint,
+    plan_reuse,
+)
 from pipelines.scoring_spec import ResolvedModel, ScoringResources
 from pipelines.storage import StorageConfig
 from pipelines.store_errors import StoreUnavailable, aws_error, describe, is_store_wide
@@ -102,8 +110,14 @@ OUTPUT_SCHEMA = pa.schema([
     ("width", pa.int32()),            # original size, -1 when undecodable
     ("height", pa.int32()),
     ("scored_at", pa.timestamp("us", tz="UTC")),
+    # SHA-256 of the file's bytes, null when unreadable (pipelines/score_store.py); and where the score came from:
+    # "fresh" (scored by this run's model), "reused" (the score store), "duplicate" (another input of this run with
+    # the same bytes). Parts written before these columns lack them (read_scores gives null).
+    ("content_hash", pa.string()),
+    ("reuse", pa.string()),
 ])
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
+REUSE_FRESH, REUSE_STORED, REUSE_DUPLICATE = "fresh", "reused", "duplicate"
 # Manifest columns carried through when asked (evaluation needs the labels next to the scores).
 LABEL_FIELDS = {"label": pa.int8(), "subset": pa.string(), "split": pa.string()}
 
@@ -243,6 +257,8 @@ class DetectorScorer:
             "width": pa.array(_int_column(batch, "width", n), pa.int32()),
             "height": pa.array(_int_column(batch, "height", n), pa.int32()),
             "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
+            "content_hash": _carried(batch.get("content_hash"), n, pa.string()),
+            "reuse": pa.array([REUSE_FRESH] * n, pa.string()),
         }
         for name in self.carry_columns:
             columns[name] = _carried(batch.get(name), n, LABEL_FIELDS.get(name, pa.string()))
@@ -910,6 +926,9 @@ class ScoreJob:
     # the hand-over; on a GPU node leave it off, so CPU tasks decode while the GPU scores.
     decode_in_actor: bool = False
     lease: LeaseSettings = field(default_factory=LeaseSettings)
+    # The score store (pipelines/score_store.py): inputs whose bytes it holds for this model are not scored again,
+    # and inputs of this run with the same bytes are scored once. None: every input is decoded and scored.
+    score_store: Optional[str] = None
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
 
 
@@ -924,10 +943,12 @@ class ScoreSummary:
     n_torn_parts_removed: int
     seconds: float
     model: ResolvedModel   # as the rows name it: on a resumed output, the model it was started with
+    n_reused: int = 0      # rows copied from the score store (same bytes, same model): no model time
+    n_duplicates: int = 0  # rows copied from another input of this run with the same bytes
 
     @property
     def n_written(self) -> int:
-        return self.n_scored + self.n_errors
+        return self.n_scored + self.n_errors + self.n_reused + self.n_duplicates
 
     @property
     def images_per_s(self) -> float:
@@ -1058,8 +1079,8 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
     # Resuming with another model would skip files the first one scored and mix two models' verdicts: refused
     # before anything under the output changes.
     _check_lease(held)  # the record and the deletes below are only this job's to make while it holds the output
-    model = claim_output(job, model, checkpoint_sha256(model.checkpoint_dir, bundle), part_models,
-                         scored_any=bool(done), write=todo.num_rows > 0)
+    fingerprint = checkpoint_sha256(model.checkpoint_dir, bundle)
+    model = claim_output(job, model, fingerprint, part_models, scored_any=bool(done), write=todo.num_rows > 0)
     _check_lease(held)
     delete_parts(job.output_uri, job.storage, torn)
     skipped = manifest.num_rows - todo.num_rows
@@ -1067,21 +1088,129 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
              manifest.num_rows, skipped, job.output_uri, len(torn))
     if todo.num_rows:
         bundle = {**bundle, "uri": model.uri, "name": model.name, "version": model.version}
-        rows, decode = input_stage(todo, bundle_image_size(bundle), job)
-        ds = scored_dataset(rows, ray.put(bundle), job.resources, n_inputs=todo.num_rows, decode=decode,
-                            carry_columns=job.carry_columns, scorer_cls=scorer_cls)
-        fs, root = _output_location(job.output_uri, job.storage)
-        ds.select_columns(list(OUTPUT_COLUMNS) + list(job.carry_columns)).write_parquet(
-            root, filesystem=fs, filename_provider=PartNames(job.run_id),
-            min_rows_per_file=job.rows_per_output_file,
-            # Writing is light; a whole CPU per write task would starve decode on small machines.
-            ray_remote_args={"num_cpus": 0.1},
-        )
+        if job.score_store:
+            store = ScoreStore(job.score_store, model_fingerprint(fingerprint), job.storage)
+            _score_through_store(job, todo, bundle, store, scorer_cls, held)
+        else:
+            _score_fresh(job, todo, bundle, scorer_cls)
         # A lease lost while scoring: another job may have deleted this run's parts, so the counts would lie.
         _check_lease(held)
     written = read_scores(job.output_uri, job.storage, run_id=job.run_id) if todo.num_rows else None
-    n_errors = 0 if written is None else int(written.column("error").is_valid().to_numpy(zero_copy_only=False).sum())
-    n_rows = 0 if written is None else written.num_rows
+    counts = _row_counts(written)
     return ScoreSummary(run_id=job.run_id, output_uri=job.output_uri, n_inputs=manifest.num_rows,
-                        n_skipped_already_scored=skipped, n_scored=n_rows - n_errors, n_errors=n_errors,
-                        n_torn_parts_removed=len(torn), seconds=time.perf_counter() - started, model=model)
+                        n_skipped_already_scored=skipped, n_torn_parts_removed=len(torn),
+                        seconds=time.perf_counter() - started, model=model, **counts)
+
+
+def _row_counts(written: Optional[pa.Table]) -> dict[str, int]:
+    """n_scored (by the model now), n_errors, n_reused, n_duplicates among this run's rows."""
+    if written is None or not written.num_rows:
+        return {"n_scored": 0, "n_errors": 0, "n_reused": 0, "n_duplicates": 0}
+    failed = written.column("error").is_valid()
+    reuse = pc.fill_null(written.column("reuse"), REUSE_FRESH)
+    n_errors = int(pc.sum(failed).as_py() or 0)
+    n_reused = int(pc.sum(pc.equal(reuse, REUSE_STORED)).as_py() or 0)
+    n_duplicates = int(pc.sum(pc.equal(reuse, REUSE_DUPLICATE)).as_py() or 0)
+    return {"n_scored": written.num_rows - n_errors - n_reused - n_duplicates, "n_errors": n_errors,
+            "n_reused": n_reused, "n_duplicates": n_duplicates}
+
+
+def _score_fresh(job: ScoreJob, todo: pa.Table, bundle: dict, scorer_cls) -> None:
+    """Decode and score ``todo`` (manifest rows) on Ray and write their rows as this run's parts."""
+    rows, decode = input_stage(todo, bundle_image_size(bundle), job)
+    ds = scored_dataset(rows, ray.put(bundle), job.resources, n_inputs=todo.num_rows, decode=decode,
+                        carry_columns=job.carry_columns, scorer_cls=scorer_cls)
+    fs, root = _output_location(job.output_uri, job.storage)
+    ds.select_columns(list(OUTPUT_COLUMNS) + list(job.carry_columns)).write_parquet(
+        root, filesystem=fs, filename_provider=PartNames(job.run_id),
+        min_rows_per_file=job.rows_per_output_file,
+        # Writing is light; a whole CPU per write task would starve decode on small machines.
+        ray_remote_args={"num_cpus": 0.1},
+    )
+
+
+# ------------------------------------------------------------------------------------- scoring through the store
+
+
+def copied_rows(results: pa.Table, bundle: dict, reuse: str, todo: pa.Table,
+                carry_columns: tuple[str, ...]) -> pa.Table:
+    """Output rows for inputs whose result is copied (``results``: path, content_hash, score, width, height): the
+    verdicts recomputed with the model's thresholds, the model identity of this run, ``reuse`` as given."""
+    from mpft_core.checkpoint_format import recorded_real_threshold
+
+    n = results.num_rows
+    threshold, real_threshold = bundle_threshold(bundle), recorded_real_threshold(bundle["meta"])
+    scores = results.column("score").cast(pa.float32())
+    columns = {
+        "path": results.column("path"),
+        "score": scores,
+        "verdict": pa.array(verdicts(scores.to_numpy(zero_copy_only=False), [None] * n, threshold, real_threshold),
+                            pa.string()),
+        "threshold": pa.array(np.full(n, threshold), pa.float64()),
+        "real_threshold": pa.array(np.full(n, real_threshold), pa.float64()),
+        "model_name": pa.array([bundle.get("name")] * n, pa.string()),
+        "model_version": pa.array([None if bundle.get("version") is None else str(bundle["version"])] * n,
+                                  pa.string()),
+        "model_uri": pa.array([bundle.get("uri")] * n, pa.string()),
+        "error": pa.nulls(n, pa.string()),
+        "width": results.column("width").cast(pa.int32()),
+        "height": results.column("height").cast(pa.int32()),
+        "scored_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+        "content_hash": results.column("content_hash"),
+        "reuse": pa.array([reuse] * n, pa.string()),
+    }
+    table = pa.table(columns, schema=OUTPUT_SCHEMA)
+    if carry_columns:
+        carried = todo.select(["path", *carry_columns])
+        table = table.join(carried, keys="path", join_type="left outer")
+    return table
+
+
+def write_rows_part(job: ScoreJob, table: pa.Table, tag: str) -> None:
+    """Write ``table`` as this run's parts ``part-<run_id>-<tag>-<i>.parquet`` (rows_per_output_file rows each)."""
+    fs, root = _output_location(job.output_uri, job.storage)
+    step = max(1, job.rows_per_output_file)
+    for i, start in enumerate(range(0, table.num_rows, step)):
+        with fs.open_output_stream(f"{root.rstrip('/')}/{PART_PREFIX}{job.run_id}-{tag}-{i:06d}{PART_SUFFIX}") as out:
+            pq.write_table(table.slice(start, step), out)
+
+
+def _score_through_store(job: ScoreJob, todo: pa.Table, bundle: dict, store: ScoreStore, scorer_cls,
+                         held: Optional[HeldLease]) -> None:
+    """Hash ``todo``, copy what ``store`` holds, score one input per new content, copy it to that content's other
+    inputs, and add the new scores to the store. Each input gets one row; after a crash at any point a rerun finds
+    the written rows in the output and the stored scores in the store."""
+    from mpft_core.imageio import DEFAULT_MAX_BYTES
+
+    resources = job.resources
+    hashed = hash_inputs(todo, job.storage, rows_per_block=resources.rows_per_block, num_cpus=resources.decode_cpus,
+                         max_bytes=DEFAULT_MAX_BYTES)
+    plan = plan_reuse(todo, hashed, store.lookup(hashed.column("content_hash").to_pylist()))
+    log.info("score store %s: %d inputs reused, %d to score, %d duplicates of those", store.uri,
+             plan.reused.num_rows, plan.to_score.num_rows, plan.duplicates.num_rows)
+    _check_lease(held)
+    if plan.reused.num_rows:
+        write_rows_part(job, copied_rows(plan.reused, bundle, REUSE_STORED, todo, job.carry_columns), "reused")
+    if plan.to_score.num_rows:
+        _score_fresh(job, plan.to_score, bundle, scorer_cls)
+    _check_lease(held)
+    fresh = _fresh_rows(job)
+    store.add(fresh, job.run_id)  # before the copies: a crash now leaves the duplicates to be reused on the rerun
+    if not plan.duplicates.num_rows:
+        return
+    scored = fresh.filter(fresh.column("score").is_valid()).select(["content_hash", *STORED_RESULT])
+    copies = plan.duplicates.join(first_per_hash(scored), keys="content_hash", join_type="inner")
+    if copies.num_rows:
+        write_rows_part(job, copied_rows(copies, bundle, REUSE_DUPLICATE, todo, job.carry_columns), "duplicates")
+    # The one input scored for their content failed (unreadable then, say): each is scored on its own.
+    left = pc.invert(pc.is_in(plan.duplicates.column("path"), value_set=copies.column("path")))
+    leftover = todo.filter(pc.is_in(todo.column("path"), value_set=plan.duplicates.filter(left).column("path")))
+    if leftover.num_rows:
+        _score_fresh(job, leftover, bundle, scorer_cls)
+        fresh = _fresh_rows(job)
+        store.add(fresh.filter(pc.is_in(fresh.column("path"), value_set=leftover.column("path"))), f"{job.run_id}-2")
+
+
+def _fresh_rows(job: ScoreJob) -> pa.Table:
+    written = read_scores(job.output_uri, job.storage, run_id=job.run_id)
+    return written.filter(pc.equal(pc.fill_null(written.column("reuse"), REUSE_FRESH), REUSE_FRESH))

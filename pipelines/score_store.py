@@ -1,0 +1,214 @@
+"""The score store: each distinct image is scored once per model version, across scoring runs and within one.
+
+A data team scores a new crawl every day, and most of it is images it has seen before. With ``mpft score --store
+URI`` the job hashes every input's bytes first (a cheap read-and-hash pass, no decode, no model), looks the hashes up
+in the store, and sends only new content through decode and the model; a file whose bytes are already in the store
+gets the stored result, and files of one run with the same bytes are scored once. Every input still gets exactly one
+output row, marked in its ``reuse`` column: ``fresh`` (scored now), ``reused`` (from the store), ``duplicate``
+(copied from another input of this run with the same bytes).
+
+Hash: SHA-256 of the file's bytes (hex). It runs at about 1.4 GB/s a core here (hardware SHA instructions), a small
+fraction of decoding, and unlike a non-cryptographic hash nobody can craft a file that borrows another file's score.
+
+Key: the content hash and the model's fingerprint (``model_fingerprint``: a digest of the checkpoint files' SHA-256,
+the same identity the output record checks), so a model retrained in place, or a new version behind an alias, never
+reuses the old one's scores. Only successful scores are stored; a file that failed to read or decode is tried again
+next time (a read error may be transient, a limit may have been raised).
+
+Layout (Parquet in object storage or a local folder, written by the scoring job itself)::
+
+    <store>/model=<fingerprint>/bucket=<first two hex digits of the hash>/part-<run_id>.parquet
+
+A lookup lists the model's folder once and reads only the buckets its hashes fall in, and only the rows whose hash
+it asks for (a Parquet filter on ``content_hash``). Runs only ever add files, each run its own, so jobs writing the
+store at the same time never touch each other's files; a hash stored twice (two runs scored the same new image at
+once) holds the same score and is read once. A local part torn by a crash is skipped with a warning.
+
+Reuse is exact: a reused row carries the very float32 score the model produced for those bytes when they were first
+scored, and the verdict is recomputed from the model's thresholds, which are part of its fingerprint. (Scoring the
+same bytes again may differ in the last bit of a float32, about 1e-7: a CPU matmul's rounding depends on the batch
+the image happens to share.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.storage import BytesReader, StorageConfig
+
+log = logging.getLogger(__name__)
+
+STORE_SCHEMA = pa.schema([
+    ("content_hash", pa.string()),
+    ("score", pa.float32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("model_uri", pa.string()),        # the identity of the run that stored it (informative; the key is the folder)
+    ("scored_at", pa.timestamp("us", tz="UTC")),
+])
+# What a lookup copies into a reused output row.
+STORED_RESULT = ("score", "width", "height")
+HASHED_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string())])
+
+
+def content_hash(data: bytes) -> str:
+    """The key of a file's content: SHA-256 of its bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_fingerprint(checkpoint_files: dict[str, str]) -> str:
+    """A short stable digest of a checkpoint's files (name -> SHA-256): the store's folder for that model."""
+    text = json.dumps(sorted(checkpoint_files.items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def bucket_of(hex_hash: str) -> str:
+    return hex_hash[:2]
+
+
+# ------------------------------------------------------------------------------------------- the hash pass
+
+
+def hash_batch(batch: dict[str, np.ndarray], *, storage: dict, max_bytes: int) -> pa.Table:
+    """Manifest rows -> (path, content_hash); the hash is null where the file cannot be read (the scoring pass then
+    reports why, in that input's row)."""
+    paths = [str(p) for p in batch["path"]]
+    hashes = []
+    for data, error in BytesReader(storage, max_bytes=max_bytes).read_each(paths):
+        hashes.append(None if error is not None else content_hash(data))
+    return pa.Table.from_arrays([pa.array(paths, pa.string()), pa.array(hashes, pa.string())],
+                                schema=HASHED_SCHEMA)
+
+
+def hash_inputs(manifest: pa.Table, storage_cfg: Optional[StorageConfig], *, rows_per_block: int, num_cpus: float,
+                max_bytes: int) -> pa.Table:
+    """(path, content_hash) of every manifest row, read and hashed by Ray tasks (Ray must be initialised); the
+    driver keeps two strings per input, as it already keeps the paths."""
+    import ray
+
+    from pipelines.ingest import manifest_blocks
+
+    if manifest.num_rows == 0:
+        return HASHED_SCHEMA.empty_table()
+    ds = ray.data.from_arrow(manifest_blocks(manifest, rows_per_block)).map_batches(
+        hash_batch, fn_kwargs={"storage": storage.for_workers(storage_cfg), "max_bytes": max_bytes},
+        batch_format="numpy", batch_size=rows_per_block, num_cpus=num_cpus)
+    blocks = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    return pa.concat_tables([b.select(HASHED_SCHEMA.names).cast(HASHED_SCHEMA) for b in blocks]) if blocks \
+        else HASHED_SCHEMA.empty_table()
+
+
+# ------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class ReusePlan:
+    """How a run's inputs split once hashed: ``reused`` (path, content_hash, score, width, height) from the store;
+    ``to_score`` manifest rows for the model (one input per new content, and every unreadable one); ``duplicates``
+    (path, content_hash) of inputs whose content another row of ``to_score`` carries."""
+
+    reused: pa.Table
+    to_score: pa.Table
+    duplicates: pa.Table
+
+
+def plan_reuse(todo: pa.Table, hashed: pa.Table, stored: pa.Table) -> ReusePlan:
+    """Split ``todo`` by its inputs' hashes (``hashed``: path, content_hash) and the ``stored`` results found for
+    them. Of several inputs with the same new content the first in the manifest is scored. Arrow joins and
+    group-bys throughout: millions of inputs cost no Python loop."""
+    rows = todo.select(["path"]).append_column("row", pa.array(np.arange(todo.num_rows, dtype=np.int64)))
+    hashed = rows.join(hashed.select(["path", "content_hash"]), keys="path", join_type="left outer")
+    reused = hashed.select(["path", "content_hash"]).join(stored, keys="content_hash", join_type="inner")
+    new = hashed.filter(pc.and_(hashed.column("content_hash").is_valid(),
+                                pc.invert(pc.is_in(hashed.column("content_hash"),
+                                                   value_set=stored.column("content_hash")))))
+    firsts = new.group_by("content_hash").aggregate([("row", "min")]).column("row_min")
+    duplicates = new.filter(pc.invert(pc.is_in(new.column("row"), value_set=firsts))).select(["path", "content_hash"])
+    not_scored = pa.concat_arrays([reused.column("path").combine_chunks(), duplicates.column("path").combine_chunks()])
+    to_score = todo.filter(pc.invert(pc.is_in(todo.column("path"), value_set=not_scored)))
+    return ReusePlan(reused=reused, to_score=to_score, duplicates=duplicates)
+
+
+# ------------------------------------------------------------------------------------------- the store
+
+
+class ScoreStore:
+    """One model's part of the store at ``uri``: ``lookup`` known hashes, ``add`` newly scored rows."""
+
+    def __init__(self, uri: str, fingerprint: str, cfg: Optional[StorageConfig] = None):
+        self.uri = uri
+        self.fingerprint = fingerprint
+        self.cfg = cfg
+        self.fs, root = storage.resolve(uri, (cfg or StorageConfig()).resolved())
+        self.model_dir = f"{root.rstrip('/')}/model={fingerprint}"
+
+    def lookup(self, hashes: Iterable[str]) -> pa.Table:
+        """The stored (content_hash, score, width, height) of those of ``hashes`` the store holds, one row each."""
+        wanted = sorted({h for h in hashes if h})
+        if not wanted:
+            return _empty_results()
+        buckets = {bucket_of(h) for h in wanted}
+        value_set = pa.array(wanted, pa.string())
+        found = [self._read_matches(part, value_set) for part in self._parts() if _bucket_of_part(part) in buckets]
+        found = [t for t in found if t is not None and t.num_rows]
+        if not found:
+            return _empty_results()
+        table = pa.concat_tables(found)
+        return first_per_hash(table)
+
+    def add(self, rows: pa.Table, run_id: str) -> int:
+        """Store ``rows`` (content_hash, score, width, height, model_uri, scored_at; rows without a score or hash are
+        left out), one file per bucket named after ``run_id``; returns how many were stored."""
+        keep = pc.and_(rows.column("score").is_valid(), rows.column("content_hash").is_valid())
+        rows = rows.filter(keep).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
+        if not rows.num_rows:
+            return 0
+        buckets = pc.utf8_slice_codeunits(rows.column("content_hash"), 0, 2)
+        for bucket in sorted(pc.unique(buckets).to_pylist()):
+            part = rows.filter(pc.equal(buckets, bucket))
+            folder = f"{self.model_dir}/bucket={bucket}"
+            self.fs.create_dir(folder, recursive=True)
+            with self.fs.open_output_stream(f"{folder}/part-{run_id}.parquet") as stream:
+                pq.write_table(part, stream)
+        return rows.num_rows
+
+    def _parts(self) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.model_dir, recursive=True, allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def _read_matches(self, part: str, value_set: pa.Array) -> Optional[pa.Table]:
+        try:
+            table = pq.read_table(part, filesystem=self.fs, columns=["content_hash", *STORED_RESULT],
+                                  filters=pc.is_in(pc.field("content_hash"), value_set=value_set))
+        except pa.ArrowInvalid as err:  # a local part cut short by a crash: its images are simply scored again
+            log.warning("score store: skipping unreadable part %s (%s)", part, err)
+            return None
+        return table
+
+
+def _bucket_of_part(part: str) -> str:
+    folder = part.rsplit("/", 2)[-2]
+    return folder.removeprefix("bucket=")
+
+
+def _empty_results() -> pa.Table:
+    return STORE_SCHEMA.empty_table().select(["content_hash", *STORED_RESULT])
+
+
+def first_per_hash(table: pa.Table) -> pa.Table:
+    hashes = table.column("content_hash").to_pylist()
+    seen: set[str] = set()
+    first = [i for i, h in enumerate(hashes) if not (h in seen or seen.add(h))]
+    return table.take(pa.array(first, pa.int64())) if len(first) < table.num_rows else table

@@ -1,0 +1,226 @@
+"""The score store: content seen before (by the same model) is not scored again, duplicates in a crawl are scored
+once, every input still gets exactly one row, and a reused row equals a fresh score of the same bytes."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import scoring
+from pipelines.score_store import ScoreStore, content_hash, model_fingerprint, plan_reuse
+from pipelines.scoring import ScoreJob, read_scores, run_scoring
+from pipelines.scoring_spec import ResolvedModel, ScoringResources
+from tests.helpers.images import BAD_CORPUS_MAX_PIXELS, fake_images, real_photo_crops, write_bad_corpus
+from tests.helpers.models import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> ResolvedModel:
+    checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", threshold=0.47, seed=0)
+    return ResolvedModel(checkpoint_dir=str(checkpoint), uri=str(checkpoint), name="tiny", version="1")
+
+
+def _write_images(folder: Path, images, prefix: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, pixels in enumerate(images):
+        path = folder / f"{prefix}{i:03d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def _job(input_uri, output_uri, store, **kw) -> ScoreJob:
+    resources = ScoringResources(batch_size=8, rows_per_block=8, max_pixels=BAD_CORPUS_MAX_PIXELS, num_actors=1,
+                                 actor_cpus=0.5, decode_cpus=0.25)
+    return ScoreJob(model_ref="tiny", input_uri=str(input_uri), output_uri=str(output_uri), resources=resources,
+                    score_store=None if store is None else str(store), **kw)
+
+
+def _every_row(output, cfg=None) -> pa.Table:
+    fs, _ = scoring._output_location(str(output), cfg)
+    parts = scoring.list_part_files(str(output), cfg)
+    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts], promote_options="permissive")
+
+
+def _by_path(table: pa.Table) -> dict[str, dict]:
+    return {row["path"]: row for row in table.to_pylist()}
+
+
+# ------------------------------------------------------------------------------------------------ plan and store
+
+
+def _hashed(pairs):
+    return pa.table({"path": [p for p, _ in pairs], "content_hash": [h for _, h in pairs]},
+                    schema=pa.schema([("path", pa.string()), ("content_hash", pa.string())]))
+
+
+def test_the_plan_reuses_stored_content_scores_new_content_once_and_every_unreadable_input():
+    todo = pa.table({"path": ["/c/a", "/c/b", "/c/c", "/c/d", "/c/e", "/c/f"]})
+    hashed = _hashed([("/c/f", None), ("/c/e", "h2"), ("/c/d", "h1"), ("/c/c", "h2"), ("/c/b", "h1"),
+                      ("/c/a", "h0")])  # out of manifest order, as Ray may return blocks
+    stored = pa.table({"content_hash": ["h0"], "score": pa.array([0.25], pa.float32()),
+                       "width": pa.array([7], pa.int32()), "height": pa.array([5], pa.int32())})
+
+    plan = plan_reuse(todo, hashed, stored)
+
+    assert _by_path(plan.reused)["/c/a"]["score"] == 0.25 and plan.reused.num_rows == 1
+    # The first input (in manifest order) of each new content is scored, with every unreadable one.
+    assert sorted(plan.to_score.column("path").to_pylist()) == ["/c/b", "/c/c", "/c/f"]
+    assert dict(zip(*plan.duplicates.select(["path", "content_hash"]).to_pydict().values(), strict=True)) == {
+        "/c/d": "h1", "/c/e": "h2"}
+
+
+def _stored_rows(hashes, scores):
+    n = len(hashes)
+    return pa.table({"content_hash": hashes, "score": pa.array(scores, pa.float32()),
+                     "width": pa.array([3] * n, pa.int32()), "height": pa.array([4] * n, pa.int32()),
+                     "model_uri": ["m"] * n, "scored_at": pa.array([None] * n, pa.timestamp("us", tz="UTC"))})
+
+
+def test_the_store_serves_a_hash_only_to_the_model_that_scored_it(tmp_path):
+    first = ScoreStore(str(tmp_path / "store"), model_fingerprint({"model.safetensors": "aa", "mpft.json": "bb"}))
+    retrained = ScoreStore(str(tmp_path / "store"), model_fingerprint({"model.safetensors": "cc", "mpft.json": "bb"}))
+    hashes = [content_hash(b"one"), content_hash(b"two")]
+    first.add(_stored_rows(hashes, [0.1, 0.9]), "run1")
+
+    found = first.lookup(hashes + [content_hash(b"three")])
+    scores = dict(zip(found.column("content_hash").to_pylist(), found.column("score").to_pylist(), strict=True))
+    assert scores == {hashes[0]: pytest.approx(0.1), hashes[1]: pytest.approx(0.9)}
+    assert retrained.lookup(hashes).num_rows == 0
+
+
+def test_a_row_without_a_score_is_not_stored_and_a_hash_stored_twice_is_read_once(tmp_path):
+    store = ScoreStore(str(tmp_path / "store"), "m1")
+    rows = _stored_rows([content_hash(b"a"), content_hash(b"b")], [0.5, None])
+    assert store.add(rows, "run1") == 1
+    store.add(_stored_rows([content_hash(b"a")], [0.5]), "run2")
+    assert store.lookup([content_hash(b"a"), content_hash(b"b")]).column("content_hash").to_pylist() == [
+        content_hash(b"a")]
+
+
+def test_a_lookup_reads_only_the_buckets_of_its_hashes_and_skips_a_torn_part(tmp_path, caplog):
+    store = ScoreStore(str(tmp_path / "store"), "m1")
+    a, b = content_hash(b"a"), content_hash(b"b")
+    assert a[:2] != b[:2]
+    store.add(_stored_rows([a, b], [0.2, 0.8]), "run1")
+    torn = Path(store.model_dir) / f"bucket={b[:2]}" / "part-run0.parquet"
+    torn.write_bytes(b"PAR1 cut short")
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.score_store"):
+        assert store.lookup([a]).column("content_hash").to_pylist() == [a]
+    assert "unreadable" not in caplog.text  # bucket b was never opened
+    with caplog.at_level(logging.WARNING, logger="pipelines.score_store"):
+        assert store.lookup([b]).column("content_hash").to_pylist() == [b]
+    assert "skipping unreadable part" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ the scoring job
+
+
+@pytest.fixture(scope="module")
+def crawls(tmp_path_factory) -> dict[str, Path]:
+    """Day 1: photos, fakes, three copies of one photo under other names, and the awkward-files corpus (undecodable
+    files included). Day 2: half of day 1's images again under new names, plus new images."""
+    root = tmp_path_factory.mktemp("crawls")
+    day1 = root / "day1"
+    (day1 / "odd").mkdir(parents=True)
+    write_bad_corpus(day1 / "odd")
+    old = _write_images(day1 / "a", real_photo_crops(4, 40, seed=3) + fake_images(4, 40, seed=3), "img")
+    for i in range(3):
+        shutil.copy(old[0], day1 / "a" / f"copy{i}.png")
+    day2 = root / "day2"
+    (day2 / "seen").mkdir(parents=True)
+    for path in old[::2]:
+        shutil.copy(path, day2 / "seen" / f"again-{path.name}")
+    _write_images(day2 / "new", real_photo_crops(3, 40, seed=9) + fake_images(3, 40, seed=9), "new")
+    return {"day1": day1, "day2": day2, "root": root}
+
+
+@pytest.mark.timeout(240)
+def test_a_second_crawl_reuses_scores_of_seen_content_and_every_input_gets_one_row(ray_local, model, crawls, tmp_path):
+    store = tmp_path / "store"
+    first = run_scoring(_job(crawls["day1"], tmp_path / "out1", store), model)
+
+    rows1 = _every_row(tmp_path / "out1")
+    listed1 = [str(p) for p in crawls["day1"].rglob("*") if p.is_file()]
+    assert sorted(rows1.column("path").to_pylist()) == sorted(listed1)
+    kinds1 = _by_path(rows1)
+    copies = [str(crawls["day1"] / "a" / f"copy{i}.png") for i in range(3)]
+    original = str(crawls["day1"] / "a" / "img000.png")
+    # Four inputs with one content: one scored, the rest copies of its row.
+    same = [kinds1[p] for p in [original, *copies]]
+    assert sorted(r["reuse"] for r in same) == ["duplicate", "duplicate", "duplicate", "fresh"]
+    assert len({(r["score"], r["verdict"], r["width"], r["content_hash"]) for r in same}) == 1
+    assert first.n_duplicates == 3 and first.n_reused == 0
+    assert first.n_written == len(listed1) == first.n_inputs
+    undecodable = [r for r in rows1.to_pylist() if r["error"] is not None]
+    assert undecodable and all(r["reuse"] == "fresh" and r["score"] is None for r in undecodable)
+
+    second = run_scoring(_job(crawls["day2"], tmp_path / "out2", store), model)
+
+    rows2 = _by_path(_every_row(tmp_path / "out2"))
+    listed2 = sorted(str(p) for p in crawls["day2"].rglob("*") if p.is_file())
+    assert sorted(rows2) == listed2
+    seen = {p for p in listed2 if "/seen/" in p}
+    assert {p for p, r in rows2.items() if r["reuse"] == "reused"} == seen
+    assert {p for p, r in rows2.items() if r["reuse"] == "fresh"} == set(listed2) - seen
+    assert (second.n_reused, second.n_scored, second.n_duplicates) == (len(seen), len(listed2) - len(seen), 0)
+
+    # Reuse is exact: a reused row carries the very score day 1's model gave those bytes ...
+    day1_by_hash = {r["content_hash"]: r for r in kinds1.values() if r["reuse"] == "fresh"}
+    for path in seen:
+        stored = day1_by_hash[rows2[path]["content_hash"]]
+        assert (rows2[path]["score"], rows2[path]["verdict"], rows2[path]["width"], rows2[path]["height"]) == \
+            (stored["score"], stored["verdict"], stored["width"], stored["height"])
+    # ... and equals a fresh score of the same bytes now, up to the last float32 bit a CPU matmul may change with
+    # the batch it runs in.
+    run_scoring(_job(crawls["day2"], tmp_path / "plain", None), model)
+    plain = _by_path(read_scores(str(tmp_path / "plain")))
+    for path in seen:
+        reused, fresh = rows2[path], plain[path]
+        assert fresh["reuse"] == "fresh" and reused["content_hash"] == fresh["content_hash"]
+        assert reused["score"] == pytest.approx(fresh["score"], abs=1e-6)
+        assert (reused["verdict"], reused["width"], reused["height"]) == \
+            (fresh["verdict"], fresh["width"], fresh["height"])
+
+
+@pytest.mark.timeout(240)
+def test_a_store_on_s3_serves_a_rerun_of_the_same_crawl_without_the_model(ray_local, s3_server, model, crawls,
+                                                                          tmp_path):
+    s3_server.create_bucket("score-store")
+    cfg = s3_server.storage_config()
+    day2 = crawls["day2"]
+    job = _job(day2, tmp_path / "first", "s3://score-store/tiny", storage=cfg)
+    run_scoring(job, model)
+
+    class NoModel(scoring.DetectorScorer):
+        """Fails any batch: the rerun must not need the model."""
+
+        def __call__(self, batch):
+            raise AssertionError("the model was asked to score content the store holds")
+
+    again = run_scoring(_job(day2, tmp_path / "again", "s3://score-store/tiny", storage=cfg), model,
+                        scorer_cls=NoModel)
+
+    n_files = sum(1 for p in day2.rglob("*") if p.is_file())
+    assert (again.n_reused, again.n_scored, again.n_errors) == (n_files, 0, 0)
+    first, second = _by_path(read_scores(str(tmp_path / "first"))), _by_path(read_scores(str(tmp_path / "again")))
+    assert {p: r["score"] for p, r in first.items()} == {p: r["score"] for p, r in second.items()}
+
+
+def test_store_needs_an_output(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "x.png").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "score", "--model", str(tmp_path), "--input",
+                           str(tmp_path / "x.png"), "--store", str(tmp_path / "store")],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0 and "--store needs --output" in done.stderr
