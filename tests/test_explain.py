@@ -12,43 +12,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from mpft_core.config import InputError
 from mpft_core.explain import attribute, group_masks, hide_mode_for, occlusion_map, overlay
 from tests.helpers.images import fake_images, real_photo_crops
-from tests.helpers.models import tiny_checkpoint
+from tests.helpers.models import probe_checkpoint
 
 SIZE = 32  # mpft-tiny-32: 8-px patches, a 4 x 4 grid
 
 
-def _fit_probe(detector) -> None:
-    """Set the head to a logistic probe separating photo crops (0) from synthetic fakes (1) on the tower's
-    embeddings; training images are seeds no test image uses."""
-    from sklearn.linear_model import LogisticRegression
-
-    from mpft_core.transforms import normalize
-
-    pixels = np.stack(real_photo_crops(64, SIZE, seed=1) + fake_images(64, SIZE, seed=1))
-    prep = detector.preprocess
-    with torch.no_grad():
-        embeddings = detector.embed(normalize(torch.from_numpy(pixels), prep.mean, prep.std)).numpy()
-    labels = np.r_[np.zeros(64), np.ones(64)]
-    probe = LogisticRegression(C=10, max_iter=2000).fit(embeddings, labels)
-    with torch.no_grad():
-        detector.head.weight.copy_(torch.from_numpy(probe.coef_).float())
-        detector.head.bias.copy_(torch.from_numpy(probe.intercept_).float())
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from mpft_core import load_checkpoint, save_checkpoint
-
-    directory = tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", threshold=0.5, seed=0)
-    detector = load_checkpoint(directory)
-    _fit_probe(detector)
-    return save_checkpoint(detector, directory)
+    return probe_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", threshold=0.5, seed=0)
 
 
 @pytest.fixture(scope="module")
