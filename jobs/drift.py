@@ -17,8 +17,18 @@ counts, as in the scoring run's own summary (``jobs.score_report``). The compari
 - Shift in flagged share: share of scored rows with verdict ``generated``, current minus baseline. Error rows are
   left out of the shares (their share shift is reported as ``error_share_shift``), so a broken crawl does not read
   as fewer generated images.
-- The same PSI, KS and shift per group (``jobs.score_report`` groups: first folder below the input root, or host)
-  for groups present in both runs with at least ``min_group_size`` scored rows each (fewer make PSI noise).
+- Sampling noise of PSI: two samples of one distribution still differ bin by bin, and their PSI is about
+
+      psi_expected_noise = (B - 1) * (1 / n_b + 1 / n_c)
+
+  on average (B bins, n_b and n_c scored rows; PSI is then close to a chi-square statistic with B - 1 degrees of
+  freedom scaled by 1/n_b + 1/n_c). With 20 bins and 100 images a side that is 0.38: above the 0.2 threshold with
+  no drift at all. The report gives it next to every PSI, and a warning when the overall noise exceeds half the
+  threshold (too few images for a reliable PSI); ``mpft drift`` compares a group only with at least
+  ``--min-group-size`` (default 1000, noise 0.038) scored rows on each side.
+- The same PSI, KS and shift per group (``jobs.score_report`` groups: first folder below the input root, or host):
+  the ``score_report.MAX_GROUPS`` largest groups (by current rows) that reach ``min_group_size`` scored rows on both
+  sides, and ``other``, every other grouped row pooled, when it reaches that size too.
 
 Model identity: the rows' ``model_uri`` is what names the model version that scored them (``models:/name/3`` for a
 registry model, whatever an alias pointed to then; ``runs:/...``; an absolute checkpoint path; an ``s3://``
@@ -31,7 +41,11 @@ by the images.
 
 Labelling manifest: ``label_candidates`` picks, among the current run's scored rows that are new relative to the
 baseline (path not in it; or, when both outputs have a ``content_hash`` column, bytes not in it), the N closest to
-the decision threshold and the N highest-scoring of the rest. ``write_label_manifest`` writes them as CSV.
+the decision threshold and the N highest-scoring of the rest, one row per ``content_hash`` (copies of one image
+are labelled once). ``write_label_manifest`` writes them as CSV.
+
+Either side without a single scored row (every row an error) is refused (``InputError``): its PSI would be NaN,
+which must not read as "no drift".
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import io
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -78,6 +93,14 @@ def psi(baseline_counts, current_counts, epsilon: float = PSI_EPSILON) -> float:
     return float(np.sum((c - b) * np.log(c / b)))
 
 
+def psi_expected_noise(n_baseline: int, n_current: int, n_bins: int = score_report.N_BINS) -> float:
+    """The PSI two samples of one distribution show on average: ``(n_bins - 1) * (1/n_baseline + 1/n_current)``
+    (module docstring); infinite when a side is empty."""
+    if n_baseline <= 0 or n_current <= 0:
+        return float("inf")
+    return (n_bins - 1) * (1.0 / n_baseline + 1.0 / n_current)
+
+
 def ks_statistic(baseline, current) -> float:
     """Two-sample Kolmogorov-Smirnov statistic: max over x of |F_baseline(x) - F_current(x)|, the empirical
     distribution functions compared at every observed value; NaN when either side is empty."""
@@ -109,6 +132,7 @@ def compare_tables(baseline: pa.Table, current: pa.Table, epsilon: float = PSI_E
     base_flagged, curr_flagged = flagged_share(baseline), flagged_share(current)
     return {
         "psi": psi(base_hist, curr_hist, epsilon),
+        "psi_expected_noise": psi_expected_noise(int(base_scores.size), int(curr_scores.size), len(base_hist)),
         "ks": ks_statistic(base_scores, curr_scores),
         "flagged_share_baseline": base_flagged,
         "flagged_share_current": curr_flagged,
@@ -125,29 +149,68 @@ def compare_tables(baseline: pa.Table, current: pa.Table, epsilon: float = PSI_E
 
 
 def compare_groups(baseline: pa.Table, current: pa.Table, *, baseline_root: Optional[str],
-                   current_root: Optional[str], min_group_size: int,
+                   current_root: Optional[str], min_group_size: int, max_groups: int = score_report.MAX_GROUPS,
                    epsilon: float = PSI_EPSILON) -> dict[str, dict]:
-    """``compare_tables`` per group present in both runs with at least ``min_group_size`` scored rows on each side,
-    largest (current) first. Groups are found in each run below its own input root, so ``example.com`` of today's
-    crawl folder meets ``example.com`` of yesterday's."""
-    base_groups = _tables_by_group(baseline, baseline_root)
-    curr_groups = _tables_by_group(current, current_root)
-    shared = [name for name in curr_groups if name in base_groups
-              and _n_scored(base_groups[name]) >= min_group_size and _n_scored(curr_groups[name]) >= min_group_size]
-    shared.sort(key=lambda name: (-curr_groups[name].num_rows, name))
-    return {name: compare_tables(base_groups[name], curr_groups[name], epsilon) for name in shared}
+    """``compare_tables`` per group: the ``max_groups`` largest (current rows) of the groups with at least
+    ``min_group_size`` scored rows on each side, largest first, then ``other`` (every other grouped row of each side
+    pooled) when it reaches that size on both sides. Groups are found in each run below its own input root, so
+    ``example.com`` of today's crawl folder meets ``example.com`` of yesterday's."""
+    base_labels = score_report.group_labels(baseline, baseline_root)
+    curr_labels = score_report.group_labels(current, current_root)
+    base_sizes, curr_sizes = _scored_per_group(baseline, base_labels), _scored_per_group(current, curr_labels)
+    eligible = {name for name, size in curr_sizes.items()
+                if size >= min_group_size and base_sizes.get(name, 0) >= min_group_size}
+    kept = _largest(curr_labels, eligible, max_groups)
+    base_pooled, curr_pooled = _pool_others(base_labels, kept), _pool_others(curr_labels, kept)
+    names = kept + [score_report.OTHER_GROUP] if kept else []  # with no group kept, `other` is the overall again
+    base_groups, curr_groups = _split(baseline, base_pooled, names), _split(current, curr_pooled, names)
+    return {name: compare_tables(base_groups[name], curr_groups[name], epsilon) for name in names
+            if _n_scored(base_groups[name]) >= min_group_size and _n_scored(curr_groups[name]) >= min_group_size}
 
 
-def _tables_by_group(table: pa.Table, input_root: Optional[str]) -> dict[str, pa.Table]:
-    labels = score_report.group_labels(table, input_root)
-    if all(label is None for label in labels):
-        return {}
-    column = pa.array(labels, pa.string())
-    return {name: table.filter(pc.equal(column, name)) for name in sorted({x for x in labels if x is not None})}
+def _scored_per_group(table: pa.Table, labels: list[Optional[str]]) -> Counter:
+    """Scored rows per group label."""
+    failed = score_report.error_mask(table)
+    return Counter(label for label, bad in zip(labels, failed, strict=True) if label is not None and not bad)
+
+
+def _largest(labels: list[Optional[str]], eligible: set[str], max_groups: int) -> list[str]:
+    """The ``max_groups`` largest of the ``eligible`` groups in ``labels``, largest first (ties by name): the cap
+    of ``score_report.capped_groups``, which the scoring run's summary uses too."""
+    capped = score_report.capped_groups((label if label in eligible else None for label in labels), max_groups)
+    sizes = Counter(label for label in capped if label is not None and label != score_report.OTHER_GROUP)
+    return sorted(sizes, key=lambda name: (-sizes[name], name))
+
+
+def _pool_others(labels: list[Optional[str]], kept: list[str]) -> list[Optional[str]]:
+    """``labels`` with every group outside ``kept`` renamed ``other`` (rows outside any group stay None)."""
+    keep = set(kept)
+    return [None if label is None else (label if label in keep else score_report.OTHER_GROUP) for label in labels]
+
+
+def _split(table: pa.Table, labels: list[Optional[str]], names: list[str]) -> dict[str, pa.Table]:
+    """The rows of each of ``names`` (by ``labels``), found with one sort of the table rather than one scan per
+    group."""
+    code_of = {name: code for code, name in enumerate(names)}
+    codes = np.fromiter((code_of.get(label, -1) for label in labels), dtype=np.int64, count=len(labels))
+    order = np.argsort(codes, kind="stable")
+    ordered_codes = codes[order]
+    starts = np.searchsorted(ordered_codes, np.arange(len(names) + 1), side="left")
+    ordered = table.take(pa.array(order, pa.int64()))
+    return {name: ordered.slice(int(starts[code]), int(starts[code + 1] - starts[code]))
+            for code, name in enumerate(names)}
 
 
 def _n_scored(table: pa.Table) -> int:
     return int((~score_report.error_mask(table)).sum())
+
+
+def check_scored(table: pa.Table, which: str, side: Side) -> None:
+    """InputError when ``table`` has no scored row (every row an error): PSI against nothing is NaN, not "no
+    drift"."""
+    if _n_scored(table) == 0:
+        raise InputError(f"{which} output has no scored rows ({side.given}: all {table.num_rows} rows are errors): "
+                         "nothing to compare")
 
 
 # --------------------------------------------------------------------------------------------------- decision
@@ -163,6 +226,22 @@ def exceeded(report: dict, threshold: float, group_threshold: Optional[float]) -
         reasons += [f"group {name} PSI {group['psi']:.4f} > {group_threshold}"
                     for name, group in report["groups"].items() if group["psi"] > group_threshold]
     return reasons
+
+
+def noise_warnings(report: dict, threshold: float, group_threshold: Optional[float]) -> list[str]:
+    """Where a PSI is too noisy to trust: its ``psi_expected_noise`` above half the threshold it is judged by (too
+    few images; the noise alone comes near the threshold)."""
+    found = []
+    noise = report["overall"]["psi_expected_noise"]
+    if noise > threshold / 2:
+        found.append(f"too few images for a reliable PSI: expected noise {noise:.4f} (same distribution, "
+                     f"{report['overall']['n_scored_baseline']} vs {report['overall']['n_scored_current']} scored) "
+                     f"exceeds half the threshold {threshold}")
+    if group_threshold is not None:
+        found += [f"group {name}: expected PSI noise {group['psi_expected_noise']:.4f} exceeds half the group "
+                  f"threshold {group_threshold}"
+                  for name, group in report["groups"].items() if group["psi_expected_noise"] > group_threshold / 2]
+    return found
 
 
 # ------------------------------------------------------------------------------------------ sides and identity
@@ -239,7 +318,10 @@ def load_scores(side: Side, storage_cfg) -> pa.Table:
 
 def drift_report(baseline: pa.Table, current: pa.Table, baseline_side: Side, current_side: Side, *,
                  min_group_size: int, epsilon: float = PSI_EPSILON) -> dict:
-    """The whole comparison: ``overall`` and ``groups`` (``compare_tables`` results), the bin edges, the outputs."""
+    """The whole comparison: ``overall`` and ``groups`` (``compare_tables`` results), the bin edges, the outputs.
+    InputError when a side has no scored row (``check_scored``)."""
+    check_scored(baseline, "baseline", baseline_side)
+    check_scored(current, "current", current_side)
     return {
         "baseline": baseline_side.output_uri,
         "current": current_side.output_uri,
@@ -268,13 +350,15 @@ def _is_nan(value) -> bool:
 
 
 def printable(report: dict, decision: list[str], threshold: float, group_threshold: Optional[float]) -> str:
-    """The JSON a person or a scheduler reads: the numbers without the histograms, and the decision."""
+    """The JSON a person or a scheduler reads: the numbers without the histograms, the decision, and the
+    ``noise_warnings``."""
     def strip(part: dict) -> dict:
         return {k: (None if _is_nan(v) else v) for k, v in part.items() if not k.startswith("histogram_")}
 
     return json.dumps({
         "baseline": report["baseline"], "current": report["current"],
         "drift": bool(decision), "reasons": decision, "threshold": threshold, "group_threshold": group_threshold,
+        "warnings": noise_warnings(report, threshold, group_threshold),
         "overall": strip(report["overall"]),
         "groups": {name: strip(group) for name, group in report["groups"].items()},
     }, indent=2)
@@ -298,9 +382,10 @@ def _has_values(table: pa.Table, column: str) -> bool:
 def label_candidates(baseline: pa.Table, current: pa.Table, n: int) -> pa.Table:
     """Columns ``LABEL_COLUMNS``: among the current run's scored rows new relative to the baseline, the ``n``
     closest to their decision threshold (reason ``uncertain``) and the ``n`` highest-scoring of the others (reason
-    ``top-score``); ``label`` empty, for a person to fill with 0 (real) or 1 (generated)."""
+    ``top-score``), one per image content (``one_row_per_content``); ``label`` empty, for a person to fill with 0
+    (real) or 1 (generated)."""
     fresh = new_rows(baseline, current)
-    fresh = fresh.filter(pc.invert(pa.array(score_report.error_mask(fresh), pa.bool_())))
+    fresh = one_row_per_content(fresh.filter(pc.invert(pa.array(score_report.error_mask(fresh), pa.bool_()))))
     scores = fresh.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     thresholds = fresh.column("threshold").to_numpy(zero_copy_only=False).astype(np.float64)
     uncertain = np.argsort(np.abs(scores - thresholds), kind="stable")[:n]
@@ -312,6 +397,20 @@ def label_candidates(baseline: pa.Table, current: pa.Table, n: int) -> pa.Table:
     return pa.table({"path": chosen.column("path"), "score": chosen.column("score"),
                      "verdict": chosen.column("verdict"), "reason": pa.array(reasons, pa.string()),
                      "label": pa.nulls(len(picked), pa.int8())})
+
+
+def one_row_per_content(table: pa.Table) -> pa.Table:
+    """``table`` ordered by path, with only the first path of each non-null ``content_hash``: copies of one image
+    (the score store's duplicates) are one image to label. Rows without a hash are all kept."""
+    ordered = table.take(pc.sort_indices(table, sort_keys=[("path", "ascending")]))
+    if not _has_values(ordered, "content_hash"):
+        return ordered
+    hashes = ordered.column("content_hash")
+    positions = pa.table({"hash": hashes, "row": pa.array(np.arange(ordered.num_rows), pa.int64())})
+    firsts = positions.filter(hashes.is_valid()).group_by("hash").aggregate([("row", "min")]).column("row_min")
+    unhashed = np.flatnonzero(hashes.is_null().to_numpy(zero_copy_only=False))
+    keep = np.sort(np.concatenate([firsts.to_numpy(), unhashed]).astype(np.int64))
+    return ordered.take(pa.array(keep, pa.int64()))
 
 
 def label_manifest_csv(candidates: pa.Table) -> bytes:

@@ -2,9 +2,21 @@
 
 Compares the score distributions of two scoring runs of the same model version (``jobs/drift.py``: PSI and KS
 overall and per group, shift in flagged share), prints the comparison as JSON and logs it to MLflow (experiment
-``mpft-drift``) when a tracking URI is set. Exit status 1 when the overall PSI exceeds --threshold, or a group's
-exceeds --group-threshold: a scheduler retrains on it. Status 0 otherwise; 2 when the two runs cannot be compared
-(different model versions, an output with no scores, an unknown run).
+``mpft-drift``) when a tracking URI is set.
+
+Exit status (``EXIT_STATUSES``), so that a scheduler retrains on drift and on nothing else:
+
+- 0: stable, the comparison was made and no PSI exceeds its threshold;
+- 1: drift, the overall PSI exceeds --threshold, or a group's exceeds --group-threshold; the printed JSON says
+  ``"drift": true``. Only the decision returns 1;
+- 2: refused, bad usage or two runs that cannot be compared (different model versions, an output with no scores
+  or no scored rows, an unknown run, a missing tracking URI): one line on stderr;
+- 3: could not compute, anything failing on the way (the object store, a torn Parquet part, MLflow down, a bug):
+  one line on stderr (the traceback with -v). ``main`` catches every such exception itself, because Python and
+  ``jobs.cli`` exit 1 for some of them, which would read as drift.
+
+PSI of small samples is noisy (``jobs.drift``: expected noise ``(bins - 1) * (1/n_b + 1/n_c)``); the JSON gives it
+next to each PSI and a ``warnings`` entry when the overall noise exceeds half --threshold.
 
 RUN_OR_OUTPUT: an MLflow run id of `mpft score` (32 hex digits; its params name the output and the input, whose
 folders become the groups) or the output itself (a local folder or s3:// prefix; groups are then counted below the
@@ -15,24 +27,43 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from typing import TYPE_CHECKING, Optional
 
-from jobs.common import add_stack_arguments, connect_tracking, storage_from_args
+from jobs.common import UsageError, add_stack_arguments, connect_tracking, storage_from_args
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from jobs.drift import Side
 
+log = logging.getLogger(__name__)
+
+STABLE_STATUS = 0
 DRIFT_STATUS = 1
+REFUSED_STATUS = 2
+FAILED_STATUS = 3
+EXIT_STATUSES = f"""exit status:
+  {STABLE_STATUS}  stable: no PSI above its threshold
+  {DRIFT_STATUS}  drift: a PSI above its threshold (the JSON says "drift": true); nothing else exits {DRIFT_STATUS}
+  {REFUSED_STATUS}  refused: bad usage, runs of different models, an output with no (scored) rows, an unknown run
+  {FAILED_STATUS}  could not compute: the store, a Parquet part, MLflow or any other failure (one line on stderr)"""
 # PSI above 0.2 is the usual rule of thumb for a significant population shift (jobs/drift.py).
 DEFAULT_THRESHOLD = 0.2
-DEFAULT_MIN_GROUP_SIZE = 100
+# PSI of two samples of one distribution is about (bins - 1) * (1/n_b + 1/n_c) (jobs/drift.py): 0.038 for 1000 a
+# side with 20 bins, small against the thresholds; 100 a side would give 0.38, a false alarm by itself.
+DEFAULT_MIN_GROUP_SIZE = 1000
 DEFAULT_LABEL_SAMPLE = 50
 
 
+class Unavailable(Exception):
+    """A service the comparison needs did not answer: nothing the flags can fix, so status 3, not 2."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_STATUSES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", required=True,
                         help="the model both runs were scored with: models:/name@alias (the version it names now), "
                              "models:/name/version, runs:/<id>/model, or a checkpoint directory")
@@ -46,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also exit 1 when any group's PSI exceeds this (default: groups do not decide)")
     parser.add_argument("--min-group-size", type=int, default=DEFAULT_MIN_GROUP_SIZE,
                         help="compare a group only with at least this many scored images on each side "
-                             "(default: %(default)s)")
+                             "(default: %(default)s; fewer make PSI noise: (bins-1)*(1/n_b+1/n_c))")
     parser.add_argument("--output-plot", default=None, metavar="PNG",
                         help="also write the baseline-vs-current histogram here (it is logged to MLflow anyway)")
     parser.add_argument("--label-manifest", default=None, metavar="CSV",
@@ -58,12 +89,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """0 stable, 1 drift, 2 refused (re-raised for ``jobs.cli`` to print), 3 for any other failure, printed here as
+    one line: an uncaught exception would exit 1, which a scheduler reads as drift."""
+    try:
+        return compare(args)
+    except Exception as err:
+        if is_refusal(err):
+            raise  # jobs.cli prints its one line and exits 2
+        return report_failure(err)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """The comparison itself: prints the JSON, logs the run, returns ``STABLE_STATUS`` or ``DRIFT_STATUS``."""
     from jobs import drift
 
     check_numbers(args)
     storage_cfg = storage_from_args(args)
     needs_mlflow = drift.is_run_id(args.baseline) or drift.is_run_id(args.current) or "@" in args.model
-    tracking_uri = connect_tracking(args, required=needs_mlflow)
+    tracking_uri = tracking_connection(args, needs_mlflow)
     baseline_side, current_side = side_of(args.baseline), side_of(args.current)
     model_uri = drift.canonical_model_uri(args.model, alias_target=_alias_lookup(tracking_uri))
     baseline = drift.load_scores(baseline_side, storage_cfg)
@@ -80,7 +123,40 @@ def main(args: argparse.Namespace) -> int:
     if args.output_plot:
         save_plot(report, args.output_plot)
     print(drift.printable(report, decision, args.threshold, args.group_threshold))
-    return DRIFT_STATUS if decision else 0
+    return DRIFT_STATUS if decision else STABLE_STATUS
+
+
+def tracking_connection(args: argparse.Namespace, required: bool) -> Optional[str]:
+    """``connect_tracking``, with a server that does not answer raised as ``Unavailable`` (status 3: MLflow down
+    is no usage error); a missing URI stays a usage error (SystemExit, status 2)."""
+    try:
+        return connect_tracking(args, required=required)
+    except UsageError as err:
+        raise Unavailable(str(err)) from err
+
+
+def is_refusal(err: Exception) -> bool:
+    """Whether ``err`` is a refusal a person can fix (status 2): this project's InputError or UsageError, or
+    MLflow's word that a run or model version does not exist. A failing store is never one, even when its error
+    is an OSError ``jobs.cli`` would print as a usage error."""
+    from jobs.cli import mlflow_refusal
+    from mpft_core.config import InputError
+    from pipelines.store_errors import store_failure
+
+    if isinstance(err, Unavailable) or store_failure(err) is not None:
+        return False
+    return isinstance(err, (InputError, UsageError)) or mlflow_refusal(err) is not None
+
+
+def report_failure(err: Exception) -> int:
+    """One line on stderr for a comparison that could not be made (the traceback with -v); ``FAILED_STATUS``."""
+    from pipelines.store_errors import store_failure
+
+    log.debug("mpft drift could not compute the comparison", exc_info=err)
+    reason = store_failure(err) or (str(err) if isinstance(err, Unavailable) else f"{type(err).__name__}: {err}")
+    print(f"mpft drift: could not compute the comparison (exit {FAILED_STATUS}, not drift): {' '.join(reason.split())}",
+          file=sys.stderr)
+    return FAILED_STATUS
 
 
 def check_numbers(args: argparse.Namespace) -> None:

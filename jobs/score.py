@@ -159,8 +159,10 @@ def log_summary(job: ScoreJob, summary: ScoreSummary) -> str:
 
 def log_output_report(job: ScoreJob) -> None:
     """Into the active run: ``jobs.score_report.summarise`` of the whole output (every row, earlier resumed runs'
-    too) as metrics, ``summary/score_histogram.png``, ``summary/score_summary.json`` (bin counts per group, what
-    ``mpft drift`` compares) and ``summary/score_histogram.csv`` (the same counts as a table)."""
+    too) as metrics, ``summary/score_histogram.png``, ``summary/score_summary.json`` (bin counts per group, for a
+    person and dashboards) and ``summary/score_histogram.csv`` (the same counts as a table). ``mpft drift`` does not
+    read this summary: it recomputes its numbers from the two outputs (the same bins and groups, ``jobs.score_report``),
+    so that it can compare any two outputs, logged or not, by its own group cap and sizes."""
     import csv
     import json
     import tempfile

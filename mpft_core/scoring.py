@@ -82,12 +82,13 @@ def scored_mask(errors: Sequence[Optional[str]]) -> np.ndarray:
     return np.array([err is None for err in errors], dtype=bool)
 
 
-def verdicts(scores: np.ndarray, errors: Sequence[Optional[str]], threshold: float,
+def verdicts(scores: np.ndarray, errors: Optional[Sequence[Optional[str]]], threshold: float,
              real_threshold: Optional[float] = None) -> list[Optional[str]]:
     """"generated" where ``score >= threshold``, "real" where ``score < real_threshold``, "uncertain" in between;
-    None on rows with an error. ``real_threshold`` None (or equal to ``threshold``) leaves no band: every scored row
-    is "generated" or "real". Compared in float64, as the metrics compare, whatever the scores' dtype (a float32
-    score next to a float64 threshold).
+    None on rows with an error (``errors`` None: no row has one). ``real_threshold`` None (or equal to
+    ``threshold``) leaves no band: every scored row is "generated" or "real". Compared in float64, as the metrics
+    compare, whatever the scores' dtype (a float32 score next to a float64 threshold). Vectorised: a scoring job
+    labels millions of copied rows at once.
 
     Raises:
         ValueError: ``real_threshold`` above ``threshold`` (the bands would overlap).
@@ -95,11 +96,9 @@ def verdicts(scores: np.ndarray, errors: Sequence[Optional[str]], threshold: flo
     real_threshold = threshold if real_threshold is None else real_threshold
     if real_threshold > threshold:
         raise ValueError(f"real_threshold {real_threshold} is above threshold {threshold}")
-    return [None if err is not None else _verdict(float(score), threshold, real_threshold)
-            for score, err in zip(scores, errors, strict=True)]
-
-
-def _verdict(score: float, threshold: float, real_threshold: float) -> str:
-    if score >= threshold:
-        return VERDICT_GENERATED
-    return VERDICT_REAL if score < real_threshold else VERDICT_UNCERTAIN
+    values = np.asarray(scores, dtype=np.float64)
+    labels = np.where(values >= threshold, VERDICT_GENERATED,
+                      np.where(values < real_threshold, VERDICT_REAL, VERDICT_UNCERTAIN)).astype(object)
+    if errors is not None:
+        labels[~scored_mask(errors)] = None
+    return labels.tolist()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,6 +57,9 @@ STORE_SCHEMA = pa.schema([
     ("model_uri", pa.string()),        # the identity of the run that stored it (informative; the key is the folder)
     ("scored_at", pa.timestamp("us", tz="UTC")),
 ])
+# Raised when decoding or cropping changes what a score means (EXIF handling, colour conversion, the crop): stored
+# scores of earlier versions are then never reused.
+SCORING_VERSION = 1
 # What a lookup copies into a reused output row.
 STORED_RESULT = ("score", "width", "height")
 HASHED_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string())])
@@ -68,9 +70,12 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_fingerprint(checkpoint_files: dict[str, str]) -> str:
-    """A short stable digest of a checkpoint's files (name -> SHA-256): the store's folder for that model."""
-    text = json.dumps(sorted(checkpoint_files.items()))
+def model_fingerprint(weights_sha256: str, meta: dict) -> str:
+    """The store's folder for a model: a digest of its weights, the parts of ``mpft.json`` that decide a score
+    (architecture, detector, preprocessing) and ``SCORING_VERSION``. Thresholds are left out: verdicts are
+    recomputed from the scoring model's own, so recalibrating a model keeps its stored scores."""
+    scoring_meta = {key: meta.get(key) for key in ("architecture", "detector", "preprocess", "format_version")}
+    text = json.dumps([SCORING_VERSION, weights_sha256, scoring_meta], sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
@@ -150,52 +155,78 @@ class ScoreStore:
     def __init__(self, uri: str, fingerprint: str, cfg: Optional[StorageConfig] = None):
         self.uri = uri
         self.fingerprint = fingerprint
-        self.cfg = cfg
-        self.fs, root = storage.resolve(uri, (cfg or StorageConfig()).resolved())
+        self.cfg = (cfg or StorageConfig()).resolved()
+        self.fs, root = storage.resolve(uri, self.cfg)
         self.model_dir = f"{root.rstrip('/')}/model={fingerprint}"
 
-    def lookup(self, hashes: Iterable[str]) -> pa.Table:
-        """The stored (content_hash, score, width, height) of those of ``hashes`` the store holds, one row each."""
-        wanted = sorted({h for h in hashes if h})
-        if not wanted:
+    def lookup(self, hashes) -> pa.Table:
+        """The stored (content_hash, score, width, height) of those of ``hashes`` (an Arrow string array or a
+        sequence of str) the store holds, one row each.
+
+        Each stored part is asked only for the hashes of its own bucket, with a Parquet filter, so a lookup costs
+        about the parts of the touched buckets times their share of the hashes (not every part times every hash).
+        """
+        wanted = _sorted_unique(hashes)
+        if not len(wanted):
             return _empty_results()
-        buckets = {bucket_of(h) for h in wanted}
-        value_set = pa.array(wanted, pa.string())
-        found = [self._read_matches(part, value_set) for part in self._parts() if _bucket_of_part(part) in buckets]
+        by_bucket = _split_by_bucket(wanted)
+        found = []
+        for part in self._parts():
+            value_set = by_bucket.get(_bucket_of_part(part))
+            if value_set is not None:
+                found.append(self._read_matches(part, value_set))
         found = [t for t in found if t is not None and t.num_rows]
-        if not found:
-            return _empty_results()
-        table = pa.concat_tables(found)
-        return first_per_hash(table)
+        return first_per_hash(pa.concat_tables(found)) if found else _empty_results()
 
     def add(self, rows: pa.Table, run_id: str) -> int:
         """Store ``rows`` (content_hash, score, width, height, model_uri, scored_at; rows without a score or hash are
-        left out), one file per bucket named after ``run_id``; returns how many were stored."""
+        left out), one file per bucket named after ``run_id``, sorted by hash so Parquet's statistics can skip row
+        groups; each file appears whole or not at all (``storage.write_atomic``). Returns how many were stored."""
         keep = pc.and_(rows.column("score").is_valid(), rows.column("content_hash").is_valid())
         rows = rows.filter(keep).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
         if not rows.num_rows:
             return 0
-        buckets = pc.utf8_slice_codeunits(rows.column("content_hash"), 0, 2)
-        for bucket in sorted(pc.unique(buckets).to_pylist()):
-            part = rows.filter(pc.equal(buckets, bucket))
-            folder = f"{self.model_dir}/bucket={bucket}"
-            self.fs.create_dir(folder, recursive=True)
-            with self.fs.open_output_stream(f"{folder}/part-{run_id}.parquet") as stream:
-                pq.write_table(part, stream)
+        rows = rows.sort_by("content_hash")
+        buckets = pc.utf8_slice_codeunits(rows.column("content_hash"), 0, 2).to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+        for start, stop in zip(starts, np.r_[starts[1:], len(buckets)], strict=True):
+            sink = pa.BufferOutputStream()
+            pq.write_table(rows.slice(start, stop - start), sink)
+            name = storage.join(self.uri, f"model={self.fingerprint}", f"bucket={buckets[start]}",
+                                f"part-{run_id}.parquet")
+            storage.write_atomic(name, sink.getvalue().to_pybytes(), self.cfg)
         return rows.num_rows
 
     def _parts(self) -> list[str]:
         infos = self.fs.get_file_info(pafs.FileSelector(self.model_dir, recursive=True, allow_not_found=True))
-        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                      and not i.base_name.startswith("."))  # a local write's temporary file
 
     def _read_matches(self, part: str, value_set: pa.Array) -> Optional[pa.Table]:
         try:
             table = pq.read_table(part, filesystem=self.fs, columns=["content_hash", *STORED_RESULT],
                                   filters=pc.is_in(pc.field("content_hash"), value_set=value_set))
-        except pa.ArrowInvalid as err:  # a local part cut short by a crash: its images are simply scored again
+        except pa.ArrowInvalid as err:  # not a Parquet file (put there by hand?): its images are scored again
             log.warning("score store: skipping unreadable part %s (%s)", part, err)
             return None
         return table
+
+
+def _sorted_unique(hashes) -> pa.Array:
+    if not isinstance(hashes, (pa.Array, pa.ChunkedArray)):
+        hashes = pa.array(list(hashes), pa.string())
+    unique = pc.unique(pc.drop_null(hashes))
+    if isinstance(unique, pa.ChunkedArray):
+        unique = unique.combine_chunks()
+    return unique.take(pc.sort_indices(unique))
+
+
+def _split_by_bucket(sorted_hashes: pa.Array) -> dict[str, pa.Array]:
+    """Sorted hashes cut into their buckets (contiguous once sorted)."""
+    buckets = pc.utf8_slice_codeunits(sorted_hashes, 0, 2).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
+    stops = np.r_[starts[1:], len(buckets)]
+    return {buckets[a]: sorted_hashes.slice(a, b - a) for a, b in zip(starts, stops, strict=True)}
 
 
 def _bucket_of_part(part: str) -> str:
@@ -208,7 +239,11 @@ def _empty_results() -> pa.Table:
 
 
 def first_per_hash(table: pa.Table) -> pa.Table:
-    hashes = table.column("content_hash").to_pylist()
-    seen: set[str] = set()
-    first = [i for i, h in enumerate(hashes) if not (h in seen or seen.add(h))]
-    return table.take(pa.array(first, pa.int64())) if len(first) < table.num_rows else table
+    """One row per ``content_hash`` (its first, in table order), computed with an Arrow group-by."""
+    if not table.num_rows:
+        return table
+    indexed = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    firsts = indexed.group_by("content_hash", use_threads=False).aggregate([("_row", "min")]).column("_row_min")
+    if len(firsts) == table.num_rows:
+        return table
+    return table.take(firsts.take(pc.sort_indices(firsts)))

@@ -240,13 +240,15 @@ def test_drift_exits_0_on_a_second_crawl_of_the_same_stream_and_1_on_one_mixed_w
     today, _ = day(tmp_path, "d2", everyday_scores(3000, rng), rng)
     mixed, _ = day(tmp_path, "d3", np.concatenate([everyday_scores(2100, rng), new_generator_scores(900, rng)]), rng)
 
-    assert run_drift("--baseline", yesterday, "--current", today) == 0
+    # The smallest site has about 300 images a day: below the default --min-group-size, compared when asked.
+    assert run_drift("--baseline", yesterday, "--current", today, "--min-group-size", "200") == 0
     stable = json.loads(capsys.readouterr().out)
-    assert stable["drift"] is False and stable["overall"]["psi"] < 0.2
+    assert stable["drift"] is False and stable["overall"]["psi"] < 0.2 and stable["warnings"] == []
     assert abs(stable["overall"]["flagged_share_shift"]) < 0.02
 
     plot = tmp_path / "drift.png"
-    assert run_drift("--baseline", yesterday, "--current", mixed, "--output-plot", str(plot)) == 1
+    assert run_drift("--baseline", yesterday, "--current", mixed, "--output-plot", str(plot),
+                     "--min-group-size", "200") == 1
     shifted = json.loads(capsys.readouterr().out)
     assert shifted["drift"] is True and shifted["overall"]["psi"] > 0.2
     assert shifted["overall"]["flagged_share_shift"] > 0.1 and shifted["overall"]["ks"] > 0.2
@@ -265,7 +267,8 @@ def test_a_group_threshold_catches_a_shift_in_one_small_site_the_overall_psi_mis
 
     assert run_drift("--baseline", yesterday, "--current", today) == 0
     assert json.loads(capsys.readouterr().out)["overall"]["psi"] < 0.2
-    assert run_drift("--baseline", yesterday, "--current", today, "--group-threshold", "0.2") == 1
+    assert run_drift("--baseline", yesterday, "--current", today, "--group-threshold", "0.2",
+                     "--min-group-size", "300") == 1
     reasons = json.loads(capsys.readouterr().out)["reasons"]
     assert len(reasons) == 1 and reasons[0].startswith("group c.example PSI")
 
@@ -286,6 +289,93 @@ def test_drift_refuses_runs_of_another_model_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # --model names neither run's model
         cli.main(["drift", "--model", "models:/mpft-detector/9", "--baseline", yesterday, "--current", yesterday])
     assert exit_info.value.code == 2
+
+
+def test_psi_noise_is_reported_next_to_each_psi_and_groups_are_compared_from_the_minimum_size(tmp_path, capsys):
+    rng = np.random.default_rng(9)
+    outputs = []
+    for name in ("d1", "d2"):
+        root = tmp_path / "crawl" / name
+        paths = [str(root / "a.example" / f"{i}.jpg") for i in range(1000)]
+        paths += [str(root / "b.example" / f"{i}.jpg") for i in range(999)]
+        errors = [None] * len(paths) + ["empty file (0 bytes)"] * 5  # error rows do not count towards the size
+        paths += [str(root / "a.example" / f"broken-{i}.jpg") for i in range(5)]
+        table = output_table(paths, everyday_scores(len(paths), rng), errors)
+        outputs.append(write_output(tmp_path / "scores" / name, table))
+
+    assert run_drift("--baseline", outputs[0], "--current", outputs[1]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["groups"]) == ["a.example"]  # 1000 scored a side: compared; 999: not
+    group = report["groups"]["a.example"]
+    assert group["psi_expected_noise"] == pytest.approx(19 * (1 / 1000 + 1 / 1000))
+    assert group["psi"] < 0.2
+    assert report["overall"]["psi_expected_noise"] == pytest.approx(19 * (2 / 1999))
+    assert report["warnings"] == []
+
+
+def test_a_comparison_of_a_hundred_images_a_side_warns_that_its_psi_is_mostly_noise(tmp_path, capsys):
+    rng = np.random.default_rng(10)
+    yesterday, _ = day(tmp_path, "d1", everyday_scores(100, rng), rng)
+    today, _ = day(tmp_path, "d2", everyday_scores(100, rng), rng)
+
+    run_drift("--baseline", yesterday, "--current", today)
+    report = json.loads(capsys.readouterr().out)
+    assert report["overall"]["psi_expected_noise"] == pytest.approx(0.38)
+    [warning] = report["warnings"]
+    assert "too few images for a reliable PSI" in warning
+
+
+def test_drift_refuses_an_output_without_scored_rows_instead_of_calling_it_stable(tmp_path, capsys):
+    rng = np.random.default_rng(11)
+    yesterday, _ = day(tmp_path, "d1", everyday_scores(300, rng), rng)
+    paths = crawl_paths(tmp_path / "crawl" / "d2", 50, rng)
+    broken = write_output(tmp_path / "scores" / "d2",
+                          output_table(paths, np.zeros(50), ["cannot read file: OSError: gone"] * 50))
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_drift("--baseline", yesterday, "--current", broken)
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "current output has no scored rows" in line
+
+
+def test_a_torn_part_or_mlflow_down_exits_3_never_1_the_status_of_drift(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    yesterday, _ = day(tmp_path, "d1", everyday_scores(1000, rng), rng)
+    mixed = np.concatenate([everyday_scores(600, rng), new_generator_scores(400, rng)])
+    today, _ = day(tmp_path, "d2", mixed, rng)
+    assert run_drift("--baseline", yesterday, "--current", today) == 1  # whole, today's output is drift
+    capsys.readouterr()
+    # A part cut short by a writer that died: not a Parquet file any more.
+    (Path(today) / f"{PART_PREFIX}20261201T010000-deadbeef-0000-000000-0.parquet").write_bytes(b"PAR1\x00torn")
+
+    assert run_drift("--baseline", yesterday, "--current", today) == 3
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no JSON: nothing a scheduler could read as a decision
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("mpft drift: could not compute the comparison")
+
+    unanswered = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    assert run_drift("--baseline", "0" * 32, "--current", today, "--tracking-uri", unanswered) == 3
+    assert "could not compute" in capsys.readouterr().err
+
+
+def test_drift_help_lists_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["drift", "--help"])
+    text = capsys.readouterr().out
+    assert "exit status:" in text and "could not compute" in text and '"drift": true' in text
+
+
+def test_drift_groups_are_capped_at_the_largest_with_the_rest_as_other():
+    urls = [f"https://site{i % 30}.example/{i}.jpg" for i in range(30 * 40)]
+    rng = np.random.default_rng(13)
+    baseline = output_table(urls, everyday_scores(len(urls), rng))
+    current = output_table(urls, everyday_scores(len(urls), rng))
+    groups = drift.compare_groups(baseline, current, baseline_root=None, current_root=None, min_group_size=40)
+    assert len(groups) == score_report.MAX_GROUPS + 1 and list(groups)[-1] == score_report.OTHER_GROUP
+    assert groups[score_report.OTHER_GROUP]["n_scored_current"] == 10 * 40  # the 10 smallest sites, pooled
+    assert sum(group["n_scored_current"] for group in groups.values()) == len(urls)
 
 
 def test_the_model_reference_is_compared_in_the_form_the_rows_name_their_model(tmp_path):
@@ -359,6 +449,15 @@ def test_new_images_are_told_by_content_hash_when_both_outputs_have_one(tmp_path
     assert drift.new_rows(base, by_path).num_rows == 2
 
 
+def test_copies_of_one_image_are_sent_for_labelling_once():
+    base = output_table(["/c/d1/old.jpg"], [0.2], content_hash=["h1"])
+    current = output_table(["/c/d2/z-copy.jpg", "/c/d2/a.jpg", "/c/d2/m-copy.jpg", "/c/d2/other.jpg",
+                            "/c/d2/unhashed.jpg"],
+                           [0.5, 0.5, 0.5, 0.9, 0.45], content_hash=["h2", "h2", "h2", "h3", None])
+    paths = drift.label_candidates(base, current, 5).column("path").to_pylist()
+    assert sorted(paths) == ["/c/d2/a.jpg", "/c/d2/other.jpg", "/c/d2/unhashed.jpg"]  # h2 once, by its first path
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_drift_of_two_logged_scoring_runs_is_logged_to_mlflow(tmp_path, mlflow_server, capsys):
@@ -382,7 +481,8 @@ def test_drift_of_two_logged_scoring_runs_is_logged_to_mlflow(tmp_path, mlflow_s
     capsys.readouterr()  # MLflow's links to the scoring runs
 
     status = run_drift("--baseline", run_ids[0], "--current", run_ids[1], "--label-manifest",
-                       str(tmp_path / "label.csv"), "--tracking-uri", mlflow_server.tracking_uri)
+                       str(tmp_path / "label.csv"), "--tracking-uri", mlflow_server.tracking_uri,
+                       "--min-group-size", "100")
 
     assert status == 1
     printed = json.loads(capsys.readouterr().out)
@@ -399,7 +499,7 @@ def test_drift_of_two_logged_scoring_runs_is_logged_to_mlflow(tmp_path, mlflow_s
 # ---------------------------------------------------------------------------------------------- the CronJob
 
 
-def test_cronjob_chains_score_drift_and_a_retrain_rayjob_on_exit_1():
+def test_cronjob_chains_score_drift_and_a_retrain_rayjob_on_drift_only():
     from infra.render import placeholders, render
 
     values = {name: f"value-{name.lower()}" for name in placeholders(CRONJOB.read_text())}
@@ -416,8 +516,11 @@ def test_cronjob_chains_score_drift_and_a_retrain_rayjob_on_exit_1():
     assert "mpft score" in scoring and "mpft drift" in scoring and "--baseline" in scoring
     assert "--label-manifest" in scoring
     [trigger] = pod["containers"]
+    assert "--store s3://acme/score-store/" in scoring.replace('"', "")  # images of earlier days are reused
     script = " ".join(trigger["args"])
     assert "create -f /rayjob/rayjob.yaml" in script  # the retrain RayJob, as retrain-cronjob.yaml creates it
+    # Only the decision retrains: exit status 1 and the printed JSON's "drift": true, never a crash's status 1.
+    assert '!= 1 ]' in script and """grep -q '^  "drift": true,$' /status/drift.json""" in script
     [role] = [doc for doc in docs if doc["kind"] == "Role"]
     verbs = {verb for rule in role["rules"] for verb in rule["verbs"]}
     assert "create" in verbs and "delete" not in verbs and "*" not in verbs

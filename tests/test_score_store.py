@@ -3,6 +3,7 @@ once, every input still gets exactly one row, and a reused row equals a fresh sc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -84,9 +85,13 @@ def _stored_rows(hashes, scores):
                      "model_uri": ["m"] * n, "scored_at": pa.array([None] * n, pa.timestamp("us", tz="UTC"))})
 
 
+META = {"architecture": {"name": "mpft-tiny-32"}, "detector": {"last_k": 1}, "preprocess": {"image_size": 32},
+        "format_version": 2, "threshold": 0.5, "real_threshold": 0.4}
+
+
 def test_the_store_serves_a_hash_only_to_the_model_that_scored_it(tmp_path):
-    first = ScoreStore(str(tmp_path / "store"), model_fingerprint({"model.safetensors": "aa", "mpft.json": "bb"}))
-    retrained = ScoreStore(str(tmp_path / "store"), model_fingerprint({"model.safetensors": "cc", "mpft.json": "bb"}))
+    first = ScoreStore(str(tmp_path / "store"), model_fingerprint("aa", META))
+    retrained = ScoreStore(str(tmp_path / "store"), model_fingerprint("cc", META))
     hashes = [content_hash(b"one"), content_hash(b"two")]
     first.add(_stored_rows(hashes, [0.1, 0.9]), "run1")
 
@@ -94,6 +99,13 @@ def test_the_store_serves_a_hash_only_to_the_model_that_scored_it(tmp_path):
     scores = dict(zip(found.column("content_hash").to_pylist(), found.column("score").to_pylist(), strict=True))
     assert scores == {hashes[0]: pytest.approx(0.1), hashes[1]: pytest.approx(0.9)}
     assert retrained.lookup(hashes).num_rows == 0
+
+
+def test_a_recalibrated_model_keeps_its_stored_scores_but_other_preprocessing_does_not():
+    recalibrated = {**META, "threshold": 0.7, "real_threshold": 0.2}
+    other_crop = {**META, "preprocess": {"image_size": 224}}
+    assert model_fingerprint("aa", recalibrated) == model_fingerprint("aa", META)
+    assert model_fingerprint("aa", other_crop) != model_fingerprint("aa", META)
 
 
 def test_a_row_without_a_score_is_not_stored_and_a_hash_stored_twice_is_read_once(tmp_path):
@@ -224,3 +236,97 @@ def test_store_needs_an_output(tmp_path):
                            str(tmp_path / "x.png"), "--store", str(tmp_path / "store")],
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode != 0 and "--store needs --output" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ crashes
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _crash_after(original, when=lambda *a, **k: True):
+    def crashing(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if when(*args, **kwargs):
+            raise Crash("killed here")
+        return result
+    return crashing
+
+
+CRASH_POINTS = {
+    "after the reused rows": ("write_rows_part", lambda job, table, tag: tag == "reused"),
+    "after the fresh rows, before the store": ("_score_fresh", None),
+    "while storing": ("store", None),
+    "after the duplicates": ("write_rows_part", lambda job, table, tag: tag == "duplicates"),
+}
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory, model) -> dict:
+    """A crawl of every kind of input (content the store holds, new content, two copies of one new image, an
+    undecodable file) and a store that already holds the first kind."""
+    root = tmp_path_factory.mktemp("crash")
+    known = _write_images(root / "known", real_photo_crops(2, 40, seed=21), "k")
+    crawl = root / "crawl"
+    _write_images(crawl / "new", fake_images(3, 40, seed=22), "n")
+    for path in known:
+        shutil.copy(path, crawl / f"seen-{path.name}")
+    for i in range(2):
+        shutil.copy(crawl / "new" / "n000.png", crawl / f"dup{i}.png")
+    (crawl / "broken.jpg").write_bytes(b"not an image")
+    return {"root": root, "known": root / "known", "crawl": crawl}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("point", list(CRASH_POINTS))
+def test_a_run_killed_at_any_step_is_completed_by_the_rerun_exactly_once_and_the_store_learns_everything(
+        ray_local, model, seeded, tmp_path, monkeypatch, point):
+    store = tmp_path / "store"
+    run_scoring(_job(seeded["known"], tmp_path / "seed-out", store), model)
+    output = tmp_path / "out"
+    name, when = CRASH_POINTS[point]
+    with monkeypatch.context() as patch:
+        if name == "store":
+            patch.setattr(ScoreStore, "add", lambda self, rows, run_id: (_ for _ in ()).throw(Crash("killed here")))
+        else:
+            patch.setattr(scoring, name, _crash_after(getattr(scoring, name), when or (lambda *a, **k: True)))
+        with pytest.raises(Crash):
+            run_scoring(_job(seeded["crawl"], output, store), model)
+
+    rerun = run_scoring(_job(seeded["crawl"], output, store), model)
+
+    rows = _every_row(output)
+    listed = sorted(str(p) for p in seeded["crawl"].rglob("*") if p.is_file())
+    assert sorted(rows.column("path").to_pylist()) == listed  # every input once: none lost, none twice
+    by_path = _by_path(rows)
+    broken = by_path[str(seeded["crawl"] / "broken.jpg")]
+    assert broken["error"] and broken["score"] is None
+    copies = [by_path[str(seeded["crawl"] / name)] for name in ("new/n000.png", "dup0.png", "dup1.png")]
+    assert len({r["score"] for r in copies}) == 1
+    assert rerun.n_written + rerun.n_skipped_already_scored == len(listed)
+    # Whatever the crash interrupted, every new content's score reaches the store.
+    new_hashes = {r["content_hash"] for r in rows.to_pylist() if r["score"] is not None}
+    stored = ScoreStore(str(store), _fingerprint(model)).lookup(sorted(new_hashes))
+    assert set(stored.column("content_hash").to_pylist()) == new_hashes
+
+
+def _fingerprint(model: ResolvedModel) -> str:
+    from mpft_core.checkpoint_format import read_checkpoint_meta
+
+    weights = (Path(model.checkpoint_dir) / "model.safetensors").read_bytes()
+    return model_fingerprint(content_hash(weights), read_checkpoint_meta(Path(model.checkpoint_dir)))
+
+
+@pytest.mark.timeout(240)
+def test_a_stored_picture_over_this_run_s_pixel_limit_is_refused_not_reused(ray_local, model, seeded, tmp_path):
+    store = tmp_path / "store"
+    run_scoring(_job(seeded["known"], tmp_path / "seed-out", store), model)
+    strict = _job(seeded["crawl"], tmp_path / "out", store)
+    strict.resources = dataclasses.replace(strict.resources, max_pixels=40 * 40 - 1)
+
+    run_scoring(strict, model)
+
+    rows = _by_path(_every_row(tmp_path / "out"))
+    seen = [r for p, r in rows.items() if "/seen-" in p]
+    assert seen and all(r["reuse"] == "fresh" and r["score"] is None and "pixels" in r["error"] for r in seen)
