@@ -58,7 +58,7 @@ LOCATION_ARGUMENTS = {
     "train": (("config", "input"),),
     "sweep": (("config", "input"),),
     "retrain": (("config", "input"),),
-    "score": (("model", "model"), ("input", "input"), ("output", "output")),
+    "score": (("model", "model"), ("input", "input"), ("output", "output"), ("store", "output")),
     "explain": (("model", "model"), ("input", "input"), ("from_scores", "input"), ("output", "output")),
     "evaluate": (("model", "model"), ("source", "input"), ("output", "output")),
     "promote": (("holdout", "input"),),

@@ -144,7 +144,7 @@ def log_summary(job: ScoreJob, summary: ScoreSummary) -> str:
             "layout": job.layout, "batch_size": job.resources.batch_size, "num_actors": num_actors,
             "actor_cpus": job.resources.actor_cpus, "torch_threads": job.resources.torch_threads,
             "use_gpu": job.resources.use_gpu,
-            "scoring_run_id": job.run_id,
+            "scoring_run_id": job.run_id, "score_store": job.score_store or "",
         })
         tracking.log_metrics({
             "n_inputs": summary.n_inputs, "n_scored": summary.n_scored, "n_errors": summary.n_errors,
