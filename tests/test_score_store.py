@@ -263,9 +263,9 @@ CRASH_POINTS = {
 
 
 @pytest.fixture(scope="module")
-def seeded(tmp_path_factory, model) -> dict:
+def seeded(ray_local, tmp_path_factory, model) -> dict:
     """A crawl of every kind of input (content the store holds, new content, two copies of one new image, an
-    undecodable file) and a store that already holds the first kind."""
+    undecodable file) and a store that already holds the first kind (tests copy it: they add to it)."""
     root = tmp_path_factory.mktemp("crash")
     known = _write_images(root / "known", real_photo_crops(2, 40, seed=21), "k")
     crawl = root / "crawl"
@@ -275,15 +275,15 @@ def seeded(tmp_path_factory, model) -> dict:
     for i in range(2):
         shutil.copy(crawl / "new" / "n000.png", crawl / f"dup{i}.png")
     (crawl / "broken.jpg").write_bytes(b"not an image")
-    return {"root": root, "known": root / "known", "crawl": crawl}
+    run_scoring(_job(root / "known", root / "seed-out", root / "store"), model)
+    return {"root": root, "known": root / "known", "crawl": crawl, "store": root / "store"}
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("point", list(CRASH_POINTS))
 def test_a_run_killed_at_any_step_is_completed_by_the_rerun_exactly_once_and_the_store_learns_everything(
         ray_local, model, seeded, tmp_path, monkeypatch, point):
-    store = tmp_path / "store"
-    run_scoring(_job(seeded["known"], tmp_path / "seed-out", store), model)
+    store = shutil.copytree(seeded["store"], tmp_path / "store")
     output = tmp_path / "out"
     name, when = CRASH_POINTS[point]
     with monkeypatch.context() as patch:
@@ -320,8 +320,7 @@ def _fingerprint(model: ResolvedModel) -> str:
 
 @pytest.mark.timeout(240)
 def test_a_stored_picture_over_this_run_s_pixel_limit_is_refused_not_reused(ray_local, model, seeded, tmp_path):
-    store = tmp_path / "store"
-    run_scoring(_job(seeded["known"], tmp_path / "seed-out", store), model)
+    store = shutil.copytree(seeded["store"], tmp_path / "store")
     strict = _job(seeded["crawl"], tmp_path / "out", store)
     strict.resources = dataclasses.replace(strict.resources, max_pixels=40 * 40 - 1)
 
