@@ -1,6 +1,6 @@
 """Benchmark: what the score store saves on a crawl whose content was half scored before (`mpft score --store`).
 
-    .venv/bin/python bench/score_reuse.py             # a 20,000-file crawl, 10,000 of them seen (~15 min, 2 cores)
+    .venv/bin/python bench/score_reuse.py             # a 20,000-file crawl, 10,000 of them seen (~25 min, 2 cores)
     .venv/bin/python bench/score_reuse.py --quick     # 2,000 files
 
 Setup: ``mpft-small-224`` with random weights (the model of bench/score_throughput.py, big enough to dominate the
@@ -9,12 +9,13 @@ files, N/2 with yesterday's bytes under new names and N/2 new. Measured in one r
 
   cold   today's crawl with an empty store (the store on, nothing in it: hash pass, scoring, store writes);
   warm   today's crawl with yesterday's store: half the inputs reused;
-  plain  (with --with-plain) today's crawl without a store, the job as it was before the store existed.
+  plain  today's crawl without a store (no hash pass): the job as it runs without ``--store`` (--skip-plain omits it).
 
 For each: wall time of ``run_scoring`` (listing, hash pass, actor start-up, scoring, writes), model time (the
 scoring actors' time inside ``DetectorScorer.__call__``, summed over actors: decode-in-task rows reach it decoded,
 so this is the model and the row building), rows by kind, and the driver's peak RSS (the store's lookup and plan
-live on the driver). Target: warm / cold <= 0.6 for both model time and wall time, memory flat.
+live on the driver). Target: warm <= 0.6 x cold for both model time and wall time, memory flat; the same against
+plain is reported too (the stricter reference: it pays no hash pass).
 Results go to ``bench/results/score_reuse.{json,md}``.
 """
 
@@ -133,7 +134,7 @@ def run(args) -> dict:
         results["cold"] = score(checkpoint, today, work / "out-cold", work / "empty-store", args, times)
         print("warm ...", flush=True)
         results["warm"] = score(checkpoint, today, work / "out-warm", work / "store", args, times)
-        if args.with_plain:
+        if not args.skip_plain:
             print("plain ...", flush=True)
             results["plain"] = score(checkpoint, today, work / "out-plain", None, args, times)
     finally:
@@ -144,7 +145,10 @@ def run(args) -> dict:
     results["warm_over_cold"] = {"wall": warm["wall_s"] / cold["wall_s"], "model": warm["model_s"] / cold["model_s"],
                                  "driver_peak_rss": warm["driver_peak_rss_mib"] / cold["driver_peak_rss_mib"]}
     if "plain" in results:
-        results["cold_over_plain_wall"] = cold["wall_s"] / results["plain"]["wall_s"]
+        plain = results["plain"]
+        results["cold_over_plain_wall"] = cold["wall_s"] / plain["wall_s"]
+        results["warm_over_plain"] = {"wall": warm["wall_s"] / plain["wall_s"],
+                                      "model": warm["model_s"] / plain["model_s"]}
     return results
 
 
@@ -170,14 +174,20 @@ def write_results(results: dict, args) -> None:
             r = results[name]
             lines.append(f"| {name} | {r['wall_s']:.1f} | {r['model_s']:.1f} | {r['model_rows']} | {r['n_scored']} | "
                          f"{r['n_reused']} | {r['driver_peak_rss_mib']:.0f} |")
-    lines += ["", "| ratio warm / cold | value | target | met |", "|---|---:|---|---|",
-              f"| wall time | {ratio['wall']:.3f} | <= 0.6 | {'yes' if ratio['wall'] <= 0.6 else 'no'} |",
-              f"| model time | {ratio['model']:.3f} | <= 0.6 | {'yes' if ratio['model'] <= 0.6 else 'no'} |",
-              f"| driver peak RSS | {ratio['driver_peak_rss']:.3f} | flat (within 1 ± 0.10) | "
+    lines += ["", "| ratio | value | target | met |", "|---|---:|---|---|",
+              f"| wall time, warm / cold | {ratio['wall']:.3f} | <= 0.6 | {'yes' if ratio['wall'] <= 0.6 else 'no'} |",
+              f"| model time, warm / cold | {ratio['model']:.3f} | <= 0.6 | "
+              f"{'yes' if ratio['model'] <= 0.6 else 'no'} |",
+              f"| driver peak RSS, warm / cold | {ratio['driver_peak_rss']:.3f} | flat (within 1 ± 0.10) | "
               f"{'yes' if abs(ratio['driver_peak_rss'] - 1) <= 0.10 else 'no'} |"]
-    if "cold_over_plain_wall" in results:
-        lines.append(f"\nThe store's cost on a crawl it has never seen (cold / plain wall time): "
-                     f"{results['cold_over_plain_wall']:.3f}.")
+    if "plain" in results:
+        plain = results["warm_over_plain"]
+        lines += [f"| wall time, warm / plain | {plain['wall']:.3f} | <= 0.6 | "
+                  f"{'yes' if plain['wall'] <= 0.6 else 'no'} |",
+                  f"| model time, warm / plain | {plain['model']:.3f} | <= 0.6 | "
+                  f"{'yes' if plain['model'] <= 0.6 else 'no'} |",
+                  "", f"The store's cost on a crawl it has never seen (cold / plain wall time): "
+                  f"{results['cold_over_plain_wall']:.3f}."]
     (RESULTS / "score_reuse.md").write_text("\n".join(lines) + "\n")
 
 
@@ -187,7 +197,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--image-side", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--with-plain", action="store_true", help="also score today's crawl without a store")
+    p.add_argument("--skip-plain", action="store_true", help="do not score today's crawl without a store")
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     args = p.parse_args(argv)
