@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.score_throughput import (  # noqa: E402
     MODEL_NAME,
+    PeakRss,
     _wait_for_scoring_actors_to_exit,
     make_checkpoint,
     write_files,
 )
-from pipelines.processes import resident_kib  # noqa: E402
 from pipelines.runtime import init_ray  # noqa: E402
 from pipelines.scoring import DetectorScorer, ScoreJob, run_scoring  # noqa: E402
 from pipelines.scoring_spec import ResolvedModel, ScoringResources  # noqa: E402
@@ -61,28 +60,6 @@ class TimedScorer(DetectorScorer):
         with open(os.environ["MPFT_BENCH_TIMES"], "a", encoding="utf-8") as log:
             log.write(f"{len(out)} {time.perf_counter() - started:.6f}\n")
         return out
-
-
-class DriverPeakRss:
-    """Peak RSS of this process (the driver), sampled every 0.1 s in a thread."""
-
-    def __init__(self):
-        self.peak_kib = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_kib = max(self.peak_kib, resident_kib(os.getpid()))
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> DriverPeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def make_crawls(work: Path, n: int, side: int) -> tuple[Path, Path]:
@@ -102,7 +79,7 @@ def score(checkpoint: Path, input_dir: Path, output: Path, store: Path | None, a
                    score_store=None if store is None else str(store))
     _wait_for_scoring_actors_to_exit()  # the previous run's actors would still hold CPUs
     times.write_text("")
-    with DriverPeakRss() as mem:
+    with PeakRss(interval=0.1, tree=False) as mem:
         started = time.perf_counter()
         summary = run_scoring(job, ResolvedModel(checkpoint_dir=str(checkpoint), uri=str(checkpoint)),
                               scorer_cls=TimedScorer)

@@ -43,10 +43,10 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import sys
 import tempfile
-import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,12 +54,14 @@ from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipelines.processes import Process, command_line, descendants, resident_kib, running_processes  # noqa: E402
+from bench.memory import PeakRss, process_tree  # noqa: E402
+from pipelines.processes import command_line  # noqa: E402
 from pipelines.scoring_spec import ScoringResources  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,39 +97,6 @@ def write_files(folder: Path, n: int, side: int, seed: int) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- memory sampling
 
-
-def _tree(root: int, skip: Collection[int] = ()) -> list[Process]:
-    """``root`` and every process below it, except those in ``skip`` and everything below them."""
-    processes = running_processes()
-    return [p for p in processes if p.pid == root] + descendants(root, processes, prune=skip)
-
-
-class PeakRss:
-    """Samples the summed RSS of this process and all its descendants (minus ``exclude``) in a thread."""
-
-    def __init__(self, exclude: set[int] = frozenset(), interval: float = 0.2):
-        self.exclude, self.interval = set(exclude), interval
-        self.peak_kib = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = sum(resident_kib(p.pid) for p in _tree(os.getpid(), self.exclude))
-            self.peak_kib = max(self.peak_kib, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_kib / 1024
 
 
 # ------------------------------------------------------------------------------------------------ measurements
@@ -266,7 +235,7 @@ def _wait_for_scoring_actors_to_exit(timeout: float = 60.0) -> None:
     """Ray stops a finished run's actors asynchronously: wait until no ``MapWorker`` process is left."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any("MapWorker" in arg for p in _tree(os.getpid()) for arg in command_line(p.pid)):
+        if not any("MapWorker" in arg for p in process_tree(os.getpid()) for arg in command_line(p.pid)):
             return
         time.sleep(0.2)
 
@@ -363,7 +332,7 @@ def one_actor_all_threads(args, cores: int) -> argparse.Namespace:
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its children (the S3 server's own share of the machine)."""
-    return sum(p.cpu_ticks for p in _tree(pid)) / os.sysconf("SC_CLK_TCK")
+    return sum(p.cpu_ticks for p in process_tree(pid)) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

@@ -48,7 +48,9 @@ EXIT_STATUSES = f"""exit status:
   {STABLE_STATUS}  stable: no PSI above its threshold
   {DRIFT_STATUS}  drift: a PSI above its threshold (the JSON says "drift": true); nothing else exits {DRIFT_STATUS}
   {REFUSED_STATUS}  refused: bad usage, runs of different models, an output with no (scored) rows, an unknown run
-  {FAILED_STATUS}  could not compute: the store, a Parquet part, MLflow or any other failure (one line on stderr)"""
+  {FAILED_STATUS}  could not compute: the store, a Parquet part, MLflow or any other failure (one line on stderr)
+Once the decision is made, failing to write the labelling manifest, the MLflow run or the plot is a warning on
+stderr: the status is still the decision's."""
 # PSI above 0.2 is the usual rule of thumb for a significant population shift (jobs/drift.py).
 DEFAULT_THRESHOLD = 0.2
 # PSI of two samples of one distribution is about (bins - 1) * (1/n_b + 1/n_c) (jobs/drift.py): 0.038 for 1000 a
@@ -115,15 +117,25 @@ def compare(args: argparse.Namespace) -> int:
                            (fingerprint(baseline_side, storage_cfg), fingerprint(current_side, storage_cfg)))
     report = drift.drift_report(baseline, current, baseline_side, current_side, min_group_size=args.min_group_size)
     decision = drift.exceeded(report, args.threshold, args.group_threshold)
-    candidates = label_manifest(args, baseline, current, storage_cfg)
+    # Once decided, a failing extra (manifest, MLflow run, plot) is a warning: it must not hide a drift.
+    candidates = after_decision("write the labelling manifest", label_manifest, args, baseline, current, storage_cfg)
     if tracking_uri:
         # MLflow writes the run's link to stdout; stdout is the JSON a scheduler parses, so the link goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            log_drift_run(args, model_uri, report, decision, candidates)
+            after_decision("log the MLflow run", log_drift_run, args, model_uri, report, decision, candidates)
     if args.output_plot:
-        save_plot(report, args.output_plot)
+        after_decision("save the plot", save_plot, report, args.output_plot)
     print(drift.printable(report, decision, args.threshold, args.group_threshold))
     return DRIFT_STATUS if decision else STABLE_STATUS
+
+
+def after_decision(what: str, action, *args):
+    """``action(*args)``, or None with a one-line warning on stderr when it fails."""
+    try:
+        return action(*args)
+    except Exception as err:  # noqa: BLE001 - any failure here is reported, never the decision's
+        log.warning("mpft drift: could not %s: %s", what, " ".join(str(err).split())[:300])
+        return None
 
 
 def tracking_connection(args: argparse.Namespace, required: bool) -> Optional[str]:

@@ -102,12 +102,13 @@ def list_inputs(uri: str, storage_cfg: Optional[StorageConfig], max_images: int,
 
 
 def top_scored(output_uri: str, n: int, storage_cfg: Optional[StorageConfig] = None) -> tuple[list[str], str]:
-    """(paths of the ``n`` highest-scoring rows of a scoring output, highest first, ties by path; the model URI
-    those rows were scored with).
+    """(paths of the ``n`` highest-scoring images of a scoring output, one path per content, highest first, ties by
+    path; the model URI those rows were scored with).
 
     Raises:
         InputError: ``n`` < 1, or no scored row in the output.
     """
+    from jobs.drift import one_row_per_content
     from pipelines.scoring import read_scores
 
     if n < 1:
@@ -116,6 +117,7 @@ def top_scored(output_uri: str, n: int, storage_cfg: Optional[StorageConfig] = N
     table = table.filter(pc.is_valid(table.column("score")))
     if table.num_rows == 0:
         raise InputError(f"no scored rows in {output_uri}: nothing to explain")
+    table = one_row_per_content(table)  # copies of one image (the store's duplicates) would fill the gallery
     order = pc.sort_indices(table, sort_keys=[("score", "descending"), ("path", "ascending")])
     top = table.take(order).slice(0, n)
     return top.column("path").to_pylist(), top.column("model_uri")[0].as_py()

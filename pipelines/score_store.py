@@ -10,24 +10,27 @@ output row, marked in its ``reuse`` column: ``fresh`` (scored now), ``reused`` (
 Hash: SHA-256 of the file's bytes (hex). It runs at about 1.4 GB/s a core here (hardware SHA instructions), a small
 fraction of decoding, and unlike a non-cryptographic hash nobody can craft a file that borrows another file's score.
 
-Key: the content hash and the model's fingerprint (``model_fingerprint``: a digest of the checkpoint files' SHA-256,
-the same identity the output record checks), so a model retrained in place, or a new version behind an alias, never
-reuses the old one's scores. Only successful scores are stored; a file that failed to read or decode is tried again
-next time (a read error may be transient, a limit may have been raised).
+Key: the content hash and the model's fingerprint (``model_fingerprint``: a digest of the weights' SHA-256, the parts
+of ``mpft.json`` that decide a score, ``SCORING_VERSION`` and the device kind), so a model retrained in place, or a
+new version behind an alias, never reuses the old one's scores. Thresholds are not in it: verdicts are recomputed
+from the scoring model's own. Only successful scores are stored; a file that failed to read or decode is tried
+again next time (a read error may be transient, a limit may have been raised).
 
 Layout (Parquet in object storage or a local folder, written by the scoring job itself)::
 
     <store>/model=<fingerprint>/bucket=<first two hex digits of the hash>/part-<run_id>.parquet
 
-A lookup lists the model's folder once and reads only the buckets its hashes fall in, and only the rows whose hash
-it asks for (a Parquet filter on ``content_hash``). Runs only ever add files, each run its own, so jobs writing the
-store at the same time never touch each other's files; a hash stored twice (two runs scored the same new image at
-once) holds the same score and is read once. A local part torn by a crash is skipped with a warning.
+A lookup lists the model's folder once, opens only the parts of the buckets its hashes fall in (all 256 once a run
+has more than a couple of thousand new hashes) and reads only the rows whose hash it asks for (a Parquet filter on
+``content_hash``), several parts at a time. Runs only ever add files, each run its own and each written whole or not
+at all, so jobs writing the store at the same time never touch each other's files. A hash stored twice (two runs
+scored the same new image at once) is read once: the earliest score. Nothing compacts the parts yet, so a store
+written by many runs costs a lookup one read per part (README, *Known limits*).
 
-Reuse is exact: a reused row carries the very float32 score the model produced for those bytes when they were first
-scored, and the verdict is recomputed from the model's thresholds, which are part of its fingerprint. (Scoring the
-same bytes again may differ in the last bit of a float32, about 1e-7: a CPU matmul's rounding depends on the batch
-the image happens to share.)
+Reuse is exact within a device kind: a reused row carries the very float32 score the model produced for those bytes
+when they were first scored, and the verdict is recomputed from the model's thresholds. (Scoring the same bytes again
+may differ in the last bit of a float32, about 1e-7: a CPU matmul's rounding depends on the batch the image happens
+to share. A GPU rounds differently again, TF32 included, so CPU and GPU runs keep separate stores.)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,6 +64,7 @@ STORE_SCHEMA = pa.schema([
 # Raised when decoding or cropping changes what a score means (EXIF handling, colour conversion, the crop): stored
 # scores of earlier versions are then never reused.
 SCORING_VERSION = 1
+LOOKUP_READS_IN_FLIGHT = 16
 # What a lookup copies into a reused output row.
 STORED_RESULT = ("score", "width", "height")
 HASHED_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string())])
@@ -70,12 +75,13 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_fingerprint(weights_sha256: str, meta: dict) -> str:
+def model_fingerprint(weights_sha256: str, meta: dict, device: str = "cpu") -> str:
     """The store's folder for a model: a digest of its weights, the parts of ``mpft.json`` that decide a score
-    (architecture, detector, preprocessing) and ``SCORING_VERSION``. Thresholds are left out: verdicts are
-    recomputed from the scoring model's own, so recalibrating a model keeps its stored scores."""
+    (architecture, detector, preprocessing), ``SCORING_VERSION`` and the ``device`` kind that scores (``cpu`` or
+    ``cuda``: their rounding differs). Thresholds are left out: verdicts are recomputed from the scoring model's own,
+    so recalibrating a model keeps its stored scores."""
     scoring_meta = {key: meta.get(key) for key in ("architecture", "detector", "preprocess", "format_version")}
-    text = json.dumps([SCORING_VERSION, weights_sha256, scoring_meta], sort_keys=True)
+    text = json.dumps([SCORING_VERSION, weights_sha256, scoring_meta, device], sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
@@ -170,13 +176,16 @@ class ScoreStore:
         if not len(wanted):
             return _empty_results()
         by_bucket = _split_by_bucket(wanted)
-        found = []
-        for part in self._parts():
-            value_set = by_bucket.get(_bucket_of_part(part))
-            if value_set is not None:
-                found.append(self._read_matches(part, value_set))
-        found = [t for t in found if t is not None and t.num_rows]
-        return first_per_hash(pa.concat_tables(found)) if found else _empty_results()
+        asks = [(part, by_bucket[_bucket_of_part(part)]) for part in self._parts()
+                if _bucket_of_part(part) in by_bucket]
+        # Each read is mostly waiting for the store: several at a time (pyarrow releases the GIL while it waits).
+        with ThreadPoolExecutor(max_workers=LOOKUP_READS_IN_FLIGHT) as pool:
+            found = [t for t in pool.map(lambda ask: self._read_matches(*ask), asks) if t is not None and t.num_rows]
+        if not found:
+            return _empty_results()
+        table = pa.concat_tables(found)
+        table = table.take(pc.sort_indices(table, sort_keys=[("scored_at", "ascending")]))
+        return first_per_hash(table).select(["content_hash", *STORED_RESULT])
 
     def add(self, rows: pa.Table, run_id: str) -> int:
         """Store ``rows`` (content_hash, score, width, height, model_uri, scored_at; rows without a score or hash are
@@ -187,13 +196,12 @@ class ScoreStore:
         if not rows.num_rows:
             return 0
         rows = rows.sort_by("content_hash")
-        buckets = pc.utf8_slice_codeunits(rows.column("content_hash"), 0, 2).to_numpy(zero_copy_only=False)
-        starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-        for start, stop in zip(starts, np.r_[starts[1:], len(buckets)], strict=True):
+        hashes = rows.column("content_hash").combine_chunks()
+        for bucket, in_bucket in _bucket_ranges(hashes):
+            start = in_bucket.offset - hashes.offset
             sink = pa.BufferOutputStream()
-            pq.write_table(rows.slice(start, stop - start), sink)
-            name = storage.join(self.uri, f"model={self.fingerprint}", f"bucket={buckets[start]}",
-                                f"part-{run_id}.parquet")
+            pq.write_table(rows.slice(start, len(in_bucket)), sink)
+            name = storage.join(self.uri, f"model={self.fingerprint}", f"bucket={bucket}", f"part-{run_id}.parquet")
             storage.write_atomic(name, sink.getvalue().to_pybytes(), self.cfg)
         return rows.num_rows
 
@@ -204,9 +212,9 @@ class ScoreStore:
 
     def _read_matches(self, part: str, value_set: pa.Array) -> Optional[pa.Table]:
         try:
-            table = pq.read_table(part, filesystem=self.fs, columns=["content_hash", *STORED_RESULT],
+            table = pq.read_table(part, filesystem=self.fs, columns=["content_hash", *STORED_RESULT, "scored_at"],
                                   filters=pc.is_in(pc.field("content_hash"), value_set=value_set))
-        except pa.ArrowInvalid as err:  # not a Parquet file (put there by hand?): its images are scored again
+        except pa.ArrowInvalid as err:  # not a Parquet file (copied in by hand?): its images are scored again
             log.warning("score store: skipping unreadable part %s (%s)", part, err)
             return None
         return table
@@ -222,11 +230,20 @@ def _sorted_unique(hashes) -> pa.Array:
 
 
 def _split_by_bucket(sorted_hashes: pa.Array) -> dict[str, pa.Array]:
-    """Sorted hashes cut into their buckets (contiguous once sorted)."""
-    buckets = pc.utf8_slice_codeunits(sorted_hashes, 0, 2).to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(np.r_[True, buckets[1:] != buckets[:-1]])
-    stops = np.r_[starts[1:], len(buckets)]
-    return {buckets[a]: sorted_hashes.slice(a, b - a) for a, b in zip(starts, stops, strict=True)}
+    """Sorted hashes cut into their buckets (contiguous once sorted); the buckets are dictionary-encoded, so this
+    costs four bytes per hash, not a Python string."""
+    return dict(_bucket_ranges(sorted_hashes))
+
+
+def _bucket_ranges(sorted_hashes: pa.Array):
+    """(bucket, slice of ``sorted_hashes``) for each bucket present, in order."""
+    encoded = pc.utf8_slice_codeunits(sorted_hashes, 0, 2).dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    stops = np.r_[starts[1:], len(codes)]
+    names = encoded.dictionary
+    for start, stop in zip(starts, stops, strict=True):
+        yield names[codes[start]].as_py(), sorted_hashes.slice(start, stop - start)
 
 
 def _bucket_of_part(part: str) -> str:

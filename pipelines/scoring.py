@@ -3,7 +3,14 @@
     list (driver) ─▶ read + decode + crop (CPU tasks) ─▶ DetectorScorer (actor pool, GPU when asked) ─▶ Parquet parts
 
 Nothing is materialised: Ray Data streams blocks through the stages with bounded buffers, so memory stays flat however
-large the input. Only the listing (one path string per input) and the set of already-scored paths live on the driver.
+large the input. Only the listing (one path string per input) and the already-scored paths live on the driver; with
+a score store (``ScoreJob.score_store``, pipelines/score_store.py) also each input's content hash, the reuse plan and
+this run's rows, which the driver reads back to store them and to copy duplicates (bench/crawl_scale.py measures).
+
+With a score store the driver writes two more kinds of part itself, whole or not at all (``storage.write_atomic``):
+``part-<run_id>-reused-<i>.parquet`` (rows copied from the store) before the model runs, and
+``part-<run_id>-duplicates-<i>.parquet`` (rows copied from another input of the run with the same bytes) after it.
+They are parts like any other for the resume below.
 
 Exactly-once, and what it rests on
 - The output folder is the checkpoint. Each run writes ``part-<run_id>-<write_uuid>-<task>-<i>.parquet`` files directly
@@ -308,15 +315,16 @@ def delete_parts(output_uri: str, cfg: Optional[StorageConfig], parts: list[str]
 MODEL_COLUMNS = ("model_uri", "model_name", "model_version")
 
 
-def scan_parts(output_uri: str, cfg: Optional[StorageConfig] = None) -> tuple[set, list, set]:
-    """(scored paths, torn parts, distinct (model_uri, model_name, model_version) rows) of the parts; torn parts
-    are only listed (``delete_parts`` removes them).
+def scan_parts(output_uri: str, cfg: Optional[StorageConfig] = None) -> tuple[pa.Array, list, set]:
+    """(scored paths as one Arrow string array, each once; torn parts; distinct (model_uri, model_name,
+    model_version) rows) of the parts; torn parts are only listed (``delete_parts`` removes them). The paths stay
+    in Arrow: as Python strings, millions of them would cost the driver several times the memory.
 
     Torn means not a valid Parquet file (no footer: a local write cut short). A part that cannot be read at all
     (an I/O error, a stale NFS handle, no permission, not a file) raises: ``StoreUnavailable`` on S3, else an
     ``OSError`` naming the part; its rows are not lost to a transient failure."""
     fs, _ = _output_location(output_uri, cfg)
-    done: set[str] = set()
+    done: list[pa.ChunkedArray] = []
     torn: list[str] = []
     models: set[tuple] = set()
     # Not only files: something else named like a part may hold rows (a folder mounted there), so it stops the scan.
@@ -335,9 +343,10 @@ def scan_parts(output_uri: str, cfg: Optional[StorageConfig] = None) -> tuple[se
                 raise StoreUnavailable(describe(found) if found else f"cannot read {part}: {reason}") from err
             raise OSError(err.errno or errno.EIO, f"cannot read output part ({reason}); nothing was deleted, rerun "
                           "once it can be read", part) from err
-        done.update(table.column("path").to_pylist())
+        done.append(table.column("path").cast(pa.string()))  # a part written by another tool may say large_string
         models.update(_distinct_models(table))
-    return done, torn, models
+    paths = pa.chunked_array([c for column in done for c in column.chunks], pa.string()).combine_chunks()
+    return pc.unique(pc.drop_null(paths)), torn, models
 
 
 def _read_part_keys(fs: pafs.FileSystem, part: str) -> pa.Table:
@@ -390,14 +399,11 @@ def _latest_per_path(table: pa.Table) -> pa.Table:
     return table.take(pa.array(first))
 
 
-def remaining_inputs(manifest: pa.Table, done: set[str]) -> pa.Table:
-    """Manifest rows whose path has not been scored yet."""
-    if not done:
+def remaining_inputs(manifest: pa.Table, done: pa.Array) -> pa.Table:
+    """Manifest rows whose path is not among the ``done`` paths (``scan_parts``)."""
+    if not len(done):
         return manifest
-    # is_in hashes its value set, so the order is irrelevant: sorting millions of paths would cost more than the
-    # whole set difference (n log n, ~1 s of a 1.6 s resume at 500k done paths, bench/crawl_scale.py).
-    already = pc.is_in(manifest.column("path"), value_set=pa.array(list(done), pa.string()))
-    return manifest.filter(pc.invert(already))
+    return manifest.filter(pc.invert(pc.is_in(manifest.column("path"), value_set=done)))
 
 
 class PartNames(FilenameProvider):
@@ -1081,20 +1087,24 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
     # Resuming with another model would skip files the first one scored and mix two models' verdicts: refused
     # before anything under the output changes.
     _check_lease(held)  # the record and the deletes below are only this job's to make while it holds the output
-    fingerprint = checkpoint_sha256(model.checkpoint_dir, bundle)
-    model = claim_output(job, model, fingerprint, part_models, scored_any=bool(done), write=todo.num_rows > 0)
+    checkpoint_hashes = checkpoint_sha256(model.checkpoint_dir, bundle)
+    model = claim_output(job, model, checkpoint_hashes, part_models, scored_any=len(done) > 0,
+                         write=todo.num_rows > 0)
     _check_lease(held)
     delete_parts(job.output_uri, job.storage, torn)
     skipped = manifest.num_rows - todo.num_rows
     log.info("scoring %d of %d inputs (%d already in %s, %d torn parts removed)", todo.num_rows,
              manifest.num_rows, skipped, job.output_uri, len(torn))
+    store = None
+    if job.score_store:
+        device = "cuda" if job.resources.use_gpu else "cpu"
+        store = ScoreStore(job.score_store, model_fingerprint(checkpoint_hashes[bundle["weights_file"]],
+                                                              bundle["meta"], device), job.storage)
+        if len(done):  # even with nothing left to score: the crashed run may have died storing its last scores
+            _store_earlier_scores(job, store)
     if todo.num_rows:
         bundle = {**bundle, "uri": model.uri, "name": model.name, "version": model.version}
-        if job.score_store:
-            store = ScoreStore(job.score_store, model_fingerprint(fingerprint[bundle["weights_file"]],
-                                                                  bundle["meta"]), job.storage)
-            if done:
-                _store_earlier_scores(job, store)
+        if store is not None:
             _score_through_store(job, todo, bundle, store, scorer_cls, held)
         else:
             _score_fresh(job, todo, bundle, scorer_cls)
@@ -1172,11 +1182,12 @@ def copied_rows(results: pa.Table, bundle: dict, reuse: str, todo: pa.Table,
 
 def write_rows_part(job: ScoreJob, table: pa.Table, tag: str) -> None:
     """Write ``table`` as this run's parts ``part-<run_id>-<tag>-<i>.parquet`` (rows_per_output_file rows each)."""
-    fs, root = _output_location(job.output_uri, job.storage)
     step = max(1, job.rows_per_output_file)
     for i, start in enumerate(range(0, table.num_rows, step)):
-        with fs.open_output_stream(f"{root.rstrip('/')}/{PART_PREFIX}{job.run_id}-{tag}-{i:06d}{PART_SUFFIX}") as out:
-            pq.write_table(table.slice(start, step), out)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.slice(start, step), sink)
+        name = storage.join(job.output_uri, f"{PART_PREFIX}{job.run_id}-{tag}-{i:06d}{PART_SUFFIX}")
+        storage.write_atomic(name, sink.getvalue().to_pybytes(), (job.storage or StorageConfig()).resolved())
 
 
 def _score_through_store(job: ScoreJob, todo: pa.Table, bundle: dict, store: ScoreStore, scorer_cls,
@@ -1217,6 +1228,7 @@ def _score_through_store(job: ScoreJob, todo: pa.Table, bundle: dict, store: Sco
         _check_lease(held)
         _score_fresh(job, leftover, bundle, scorer_cls)
         fresh = _fresh_rows(job)
+        # A second file of this run's (the first one, per bucket, is already written).
         store.add(fresh.filter(pc.is_in(fresh.column("path"), value_set=leftover.column("path"))), f"{job.run_id}-2")
 
 
@@ -1234,7 +1246,7 @@ def _store_earlier_scores(job: ScoreJob, store: ScoreStore) -> None:
     if missing.num_rows:
         log.info("score store %s: adding %d scores of earlier runs of %s", store.uri, missing.num_rows,
                  job.output_uri)
-        store.add(missing, f"{job.run_id}-earlier")
+        store.add(missing, f"{job.run_id}-earlier")  # its own file name: this run adds its new scores later
 
 
 def _fresh_rows(job: ScoreJob) -> pa.Table:

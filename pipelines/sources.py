@@ -324,9 +324,11 @@ def _read_manifest_file(uri: str, storage_cfg: StorageConfig | None, allow_outsi
     folder = posixpath.dirname(uri if storage.is_remote(uri) else storage.resolve(uri)[1])
     written = table["path"].cast(pa.string()).to_pylist()
     paths = [_absolute(p, folder, uri) for p in written]
-    _refuse_special_files(uri, written, paths)
+    # Each local row's real location, resolved once (it follows symlinks: a system call per path component).
+    real = [None if storage.is_remote(path) else os.path.realpath(path) for path in paths]
+    _refuse_special_files(uri, written, paths, real)
     if not allow_outside_corpus:
-        _refuse_rows_outside(uri, folder, written, paths)
+        _refuse_rows_outside(uri, folder, written, paths, real)
     return pa.table([pa.array(paths, pa.string()), labels, subset, split.cast(pa.string())],
                     schema=MANIFEST_SCHEMA)
 
@@ -347,9 +349,12 @@ def _absolute(path: Optional[str], folder: str, uri: str) -> str:
     return posixpath.normpath(posixpath.join(folder, path))
 
 
-def _refuse_rows_outside(uri: str, folder: str, written: list[str], paths: list[str]) -> None:
-    """ValueError naming how many rows of manifest ``uri`` resolve outside its ``folder``, and the first of them."""
-    outside = [i for i, path in enumerate(paths) if not _is_inside(folder, path)]
+def _refuse_rows_outside(uri: str, folder: str, written: list[str], paths: list[str],
+                         real: list[Optional[str]]) -> None:
+    """ValueError naming how many rows of manifest ``uri`` resolve outside its ``folder``, and the first of them
+    (``real``: each local path's ``os.path.realpath``, None for a remote one)."""
+    real_folder = None if storage.is_remote(folder) else os.path.realpath(folder)
+    outside = [i for i, path in enumerate(paths) if not _is_inside(folder, path, real_folder, real[i])]
     if outside:
         raise InputError(f"manifest {uri}: {len(outside)} of {len(paths)} rows point outside the manifest's folder "
                          f"{folder}, e.g. {_shown_row(outside[0], written, paths)}; move the manifest to the folder "
@@ -357,33 +362,34 @@ def _refuse_rows_outside(uri: str, folder: str, written: list[str], paths: list[
                          "(mpft score / evaluate: --allow-outside-corpus) if these files are meant")
 
 
-def _refuse_special_files(uri: str, written: list[str], paths: list[str]) -> None:
+def _refuse_special_files(uri: str, written: list[str], paths: list[str], real: list[Optional[str]]) -> None:
     """ValueError naming how many rows of manifest ``uri`` name a special file, and the first of them."""
-    special = [i for i, path in enumerate(paths) if _is_special_file(path)]
+    special = [i for i, path in enumerate(paths) if _is_special_file(path, real[i])]
     if special:
         raise InputError(f"manifest {uri}: {len(special)} of {len(paths)} rows name a special file (a device, FIFO, "
                          f"socket or a file under {', '.join(SPECIAL_FOLDERS)}), e.g. "
                          f"{_shown_row(special[0], written, paths)}; these are never images and are always refused")
 
 
-def _is_inside(folder: str, path: str) -> bool:
-    """``path`` is below ``folder``, and on a local disk so is the file it really is (a symlink in the corpus, e.g.
-    from an extracted crawl archive, may not lead out of it)."""
+def _is_inside(folder: str, path: str, real_folder: Optional[str], real_path: Optional[str]) -> bool:
+    """``path`` is below ``folder``, and on a local disk so is the file it really is (``real_path`` below
+    ``real_folder``: a symlink in the corpus, e.g. from an extracted crawl archive, may not lead out of it)."""
     if not _is_below(folder, path):
         return False
-    return storage.is_remote(path) or _is_below(os.path.realpath(folder), os.path.realpath(path))
+    return storage.is_remote(path) or _is_below(real_folder, real_path)
 
 
 def _is_below(folder: str, path: str) -> bool:
     return path.startswith(folder.rstrip("/") + "/")
 
 
-def _is_special_file(path: str) -> bool:
-    """A local path under /dev, /proc or /sys (also through a symlink), or a FIFO, device or socket."""
+def _is_special_file(path: str, real_path: Optional[str]) -> bool:
+    """A local path under /dev, /proc or /sys (also through a symlink: ``real_path`` is its realpath), or a FIFO,
+    device or socket."""
     if storage.is_remote(path):
         return False
     if any(_is_below(folder, candidate) or candidate == folder
-           for folder in SPECIAL_FOLDERS for candidate in (path, os.path.realpath(path))):
+           for folder in SPECIAL_FOLDERS for candidate in (path, real_path)):
         return True
     try:
         mode = os.stat(path).st_mode

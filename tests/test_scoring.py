@@ -172,7 +172,7 @@ def test_torn_part_is_removed_and_its_rows_count_as_not_scored(tmp_path):
     done, torn, _ = scoring.scan_parts(str(tmp_path))
     scoring.delete_parts(str(tmp_path), None, torn)
 
-    assert done == {"/in/1.png", "/in/2.png"}
+    assert sorted(done.to_pylist()) == ["/in/1.png", "/in/2.png"]
     assert [Path(p).name for p in torn] == ["part-b-1.parquet"]
     assert not (tmp_path / "part-b-1.parquet").exists() and (tmp_path / "notes.txt").exists()
     manifest = pa.table({"path": ["/in/1.png", "/in/2.png", "/in/3.png"]})
@@ -193,7 +193,7 @@ def test_a_part_that_cannot_be_read_stops_the_scan_and_only_a_torn_one_is_ever_r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-a-1.parquet", "part-b-1.parquet", "part-c-1.parquet"]
     (tmp_path / "part-c-1.parquet").rmdir()  # the storage answers again
     done, torn, _ = scoring.scan_parts(str(tmp_path))
-    assert done == {"/in/1.png"} and [Path(p).name for p in torn] == ["part-b-1.parquet"]
+    assert done.to_pylist() == ["/in/1.png"] and [Path(p).name for p in torn] == ["part-b-1.parquet"]
 
 
 def test_resuming_an_output_of_another_model_is_refused(model, corpus, tmp_path):
@@ -212,7 +212,7 @@ def test_read_scores_reads_parts_written_before_real_threshold_with_null_there(t
     done, torn, _ = scoring.scan_parts(str(tmp_path))
     rows = {r["path"]: r["real_threshold"] for r in read_scores(str(tmp_path)).to_pylist()}
 
-    assert done == {"/in/1.png", "/in/2.png"} and not torn  # a resumed run skips both
+    assert sorted(done.to_pylist()) == ["/in/1.png", "/in/2.png"] and not torn  # a resumed run skips both
     assert rows == {"/in/1.png": None, "/in/2.png": 0.3}
     (tmp_path / "part-new-1.parquet").unlink()  # only old parts: the column is there, null, all the same
     assert read_scores(str(tmp_path)).column("real_threshold").to_pylist() == [None]
