@@ -402,15 +402,14 @@ def label_candidates(baseline: pa.Table, current: pa.Table, n: int) -> pa.Table:
 def one_row_per_content(table: pa.Table) -> pa.Table:
     """``table`` ordered by path, with only the first path of each non-null ``content_hash``: copies of one image
     (the score store's duplicates) are one image to label. Rows without a hash are all kept."""
+    from pipelines.score_store import first_per_hash
+
     ordered = table.take(pc.sort_indices(table, sort_keys=[("path", "ascending")]))
     if not _has_values(ordered, "content_hash"):
         return ordered
-    hashes = ordered.column("content_hash")
-    positions = pa.table({"hash": hashes, "row": pa.array(np.arange(ordered.num_rows), pa.int64())})
-    firsts = positions.filter(hashes.is_valid()).group_by("hash").aggregate([("row", "min")]).column("row_min")
-    unhashed = np.flatnonzero(hashes.is_null().to_numpy(zero_copy_only=False))
-    keep = np.sort(np.concatenate([firsts.to_numpy(), unhashed]).astype(np.int64))
-    return ordered.take(pa.array(keep, pa.int64()))
+    hashed = ordered.column("content_hash").is_valid()
+    kept = pa.concat_tables([first_per_hash(ordered.filter(hashed)), ordered.filter(pc.invert(hashed))])
+    return kept.take(pc.sort_indices(kept, sort_keys=[("path", "ascending")]))
 
 
 def label_manifest_csv(candidates: pa.Table) -> bytes:
