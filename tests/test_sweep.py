@@ -96,8 +96,10 @@ def test_the_summary_groups_seeds_and_the_best_trial_is_chosen_on_validation_onl
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_mpft_sweep_runs_a_two_by_two_grid_under_one_parent_run_and_registers_the_best(tmp_path, mlflow_server,
-                                                                                       ray_local, capsys):
+def test_mpft_sweep_runs_its_trials_under_one_parent_run_and_registers_the_best(tmp_path, mlflow_server, ray_local,
+                                                                                capsys):
+    # Two trials (each a Ray Train run, ~50 s here): the grid's cross product and the seed grouping with its spread
+    # are the unit tests' above.
     from jobs import sample_corpus as sc
 
     corpus = tmp_path / "corpus"
@@ -119,7 +121,7 @@ def test_mpft_sweep_runs_a_two_by_two_grid_under_one_parent_run_and_registers_th
     path.write_text(yaml.safe_dump(job))
 
     status = cli.main(["sweep", "--config", str(path), "--name", "grid",
-                       "--grid", "method.detector.mask.strategy=tam,none", "--grid", "method.optim.seed=0,1",
+                       "--grid", "method.detector.mask.strategy=tam,none",
                        "--test", str(corpus), "--align", "jpeg=96", "--register-best", "--max-concurrent", "1"])
 
     printed = capsys.readouterr().out
@@ -129,9 +131,8 @@ def test_mpft_sweep_runs_a_two_by_two_grid_under_one_parent_run_and_registers_th
     runs = client.search_runs([experiment.experiment_id])
     [parent] = [r for r in runs if r.info.run_name == "sweep-grid"]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert sorted(children) == ["grid-t00", "grid-t01", "grid-t02", "grid-t03"]
-    assert children["grid-t03"].data.params["method.detector.mask.strategy"] == "none"
-    assert children["grid-t03"].data.params["method.optim.seed"] == "1"
+    assert sorted(children) == ["grid-t00", "grid-t01"]
+    assert children["grid-t01"].data.params["method.detector.mask.strategy"] == "none"
     for child in children.values():
         assert {"val_mean_acc", "test_seen_acc", "test_unseen_acc", "test_unseen_acc_aligned-jpeg96"} <= set(
             child.data.metrics), child.info.run_name
@@ -140,7 +141,7 @@ def test_mpft_sweep_runs_a_two_by_two_grid_under_one_parent_run_and_registers_th
     summary_md = client.download_artifacts(parent.info.run_id, "sweep_summary.md")
     with open(summary_md) as fh:
         text = fh.read()
-    assert "| tam | 2 |" in text and "| none | 2 |" in text and "±" in text, text
+    assert "| tam | 1 |" in text and "| none | 1 |" in text, text
 
     best = parent.data.tags["sweep.best_trial"]
     assert children[best].info.status == "FINISHED"  # logging its model afterwards does not change how it went
