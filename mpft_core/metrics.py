@@ -25,7 +25,6 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 RATE_METRICS = ("acc", "acc_real", "acc_fake", "ap", "auc", "ece")
 COUNT_FIELDS = ("n", "n_real", "n_fake")
@@ -81,6 +80,10 @@ def binary_metrics(labels, scores, threshold: float = 0.5) -> dict:
     be NaN (see module docstring; ``ece`` only when there are no images); counts are ints. ValueError if a score is
     outside [0, 1].
     """
+    # Imported here: scikit-learn costs ~0.8 s to import, and most importers (config checks, decode workers) never
+    # rank anything.
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     y, s = _checked_pair(labels, scores)
     predicted = (s >= threshold).astype(np.int64)
     correct = predicted == y
