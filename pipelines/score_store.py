@@ -24,8 +24,15 @@ A lookup lists the model's folder once, opens only the parts of the buckets its 
 has more than a couple of thousand new hashes) and reads only the rows whose hash it asks for (a Parquet filter on
 ``content_hash``), several parts at a time. Runs only ever add files, each run its own and each written whole or not
 at all, so jobs writing the store at the same time never touch each other's files. A hash stored twice (two runs
-scored the same new image at once) is read once: the earliest score. Nothing compacts the parts yet, so a store
-written by many runs costs a lookup one read per part (README, *Known limits*).
+scored the same new image at once) is read once: the earliest score.
+
+Compaction: a daily run adds a file to nearly every bucket, so after a few months a lookup would open tens of
+thousands of files. When a run adds to a bucket that then holds ``COMPACT_AT_PARTS`` files or more, it merges them:
+it reads them, writes one ``part-compacted-<id>.parquet`` holding the earliest score of each hash, and only then
+deletes the files it merged. A crash in between leaves the merged file beside the originals (the same scores twice,
+read once). A lookup that finds a file gone (merged by another run meanwhile) lists the folder again: the merged file
+was written before anything was deleted. Two runs merging one bucket at once leave two merged files, which is only
+duplication. Compaction needs permission to delete in the store; without it the run warns and merges nothing.
 
 Reuse is exact within a device kind: a reused row carries the very float32 score the model produced for those bytes
 when they were first scored, and the verdict is recomputed from the model's thresholds. (Scoring the same bytes again
@@ -38,6 +45,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -65,6 +74,10 @@ STORE_SCHEMA = pa.schema([
 # scores of earlier versions are then never reused.
 SCORING_VERSION = 1
 LOOKUP_READS_IN_FLIGHT = 16
+# A bucket holding this many files after a run added to it is merged into one (module docstring: compaction).
+COMPACT_AT_PARTS = 32
+# Times a lookup lists the store again after a file it was reading was merged away by another run.
+LOOKUP_ATTEMPTS = 3
 # What a lookup copies into a reused output row.
 STORED_RESULT = ("score", "width", "height")
 HASHED_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string())])
@@ -158,12 +171,15 @@ def plan_reuse(todo: pa.Table, hashed: pa.Table, stored: pa.Table) -> ReusePlan:
 class ScoreStore:
     """One model's part of the store at ``uri``: ``lookup`` known hashes, ``add`` newly scored rows."""
 
-    def __init__(self, uri: str, fingerprint: str, cfg: Optional[StorageConfig] = None):
+    def __init__(self, uri: str, fingerprint: str, cfg: Optional[StorageConfig] = None, *,
+                 compact_at: int = COMPACT_AT_PARTS):
+        """``compact_at``: files in a bucket that make a run merge them (0: never)."""
         self.uri = uri
         self.fingerprint = fingerprint
         self.cfg = (cfg or StorageConfig()).resolved()
         self.fs, root = storage.resolve(uri, self.cfg)
         self.model_dir = f"{root.rstrip('/')}/model={fingerprint}"
+        self.compact_at = compact_at
 
     def lookup(self, hashes) -> pa.Table:
         """The stored (content_hash, score, width, height) of those of ``hashes`` (an Arrow string array or a
@@ -176,11 +192,20 @@ class ScoreStore:
         if not len(wanted):
             return _empty_results()
         by_bucket = _split_by_bucket(wanted)
-        asks = [(part, by_bucket[_bucket_of_part(part)]) for part in self._parts()
-                if _bucket_of_part(part) in by_bucket]
-        # Each read is mostly waiting for the store: several at a time (pyarrow releases the GIL while it waits).
-        with ThreadPoolExecutor(max_workers=LOOKUP_READS_IN_FLIGHT) as pool:
-            found = [t for t in pool.map(lambda ask: self._read_matches(*ask), asks) if t is not None and t.num_rows]
+        for attempt in range(1, LOOKUP_ATTEMPTS + 1):
+            asks = [(part, by_bucket[_bucket_of_part(part)]) for part in self._parts()
+                    if _bucket_of_part(part) in by_bucket]
+            # Each read is mostly waiting for the store: several at a time (pyarrow releases the GIL while it waits).
+            with ThreadPoolExecutor(max_workers=LOOKUP_READS_IN_FLIGHT) as pool:
+                read = list(pool.map(lambda ask: self._read_matches(*ask), asks))
+            if not any(t is _GONE for t in read):
+                break
+            if attempt == LOOKUP_ATTEMPTS:  # what the vanished files held is scored again: slower, never wrong
+                log.warning("score store %s: files kept disappearing while they were read (%d listings); going on "
+                            "without them", self.uri, attempt)
+            else:
+                log.info("score store: a file was merged away while it was read; listing the store again")
+        found = [t for t in read if t is not None and t is not _GONE and t.num_rows]
         if not found:
             return _empty_results()
         table = pa.concat_tables(found)
@@ -190,7 +215,8 @@ class ScoreStore:
     def add(self, rows: pa.Table, run_id: str) -> int:
         """Store ``rows`` (content_hash, score, width, height, model_uri, scored_at; rows without a score or hash are
         left out), one file per bucket named after ``run_id``, sorted by hash so Parquet's statistics can skip row
-        groups; each file appears whole or not at all (``storage.write_atomic``). Returns how many were stored."""
+        groups; each file appears whole or not at all (``storage.write_atomic``). Then buckets holding
+        ``compact_at`` files or more are merged (``compact``). Returns how many rows were stored."""
         keep = pc.and_(rows.column("score").is_valid(), rows.column("content_hash").is_valid())
         rows = rows.filter(keep).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
         if not rows.num_rows:
@@ -199,25 +225,99 @@ class ScoreStore:
         hashes = rows.column("content_hash").combine_chunks()
         for bucket, in_bucket in _bucket_ranges(hashes):
             start = in_bucket.offset - hashes.offset
-            sink = pa.BufferOutputStream()
-            pq.write_table(rows.slice(start, len(in_bucket)), sink)
-            name = storage.join(self.uri, f"model={self.fingerprint}", f"bucket={bucket}", f"part-{run_id}.parquet")
-            storage.write_atomic(name, sink.getvalue().to_pybytes(), self.cfg)
+            self._write_part(bucket, f"part-{run_id}.parquet", rows.slice(start, len(in_bucket)))
+        if self.compact_at:
+            try:
+                self.compact(min_parts=self.compact_at)
+            except OSError as err:  # housekeeping: the scores are stored, and a merged file always holds them all
+                log.warning("score store %s: merging files failed (%s); the next run tries again", self.uri, err)
         return rows.num_rows
+
+    def compact(self, min_parts: int = COMPACT_AT_PARTS) -> int:
+        """Merge every bucket holding ``min_parts`` files or more into one file (module docstring: compaction);
+        returns how many buckets were due (0 as well when the store refuses deletes)."""
+        by_bucket: dict[str, list[str]] = {}
+        for part in self._parts():
+            by_bucket.setdefault(_bucket_of_part(part), []).append(part)
+        due = {bucket: parts for bucket, parts in by_bucket.items() if len(parts) >= max(2, min_parts)}
+        if not due or not self._may_delete():
+            return 0
+        for bucket, parts in sorted(due.items()):
+            self._merge_bucket(bucket, parts)
+        return len(due)
+
+    def _may_delete(self) -> bool:
+        """Whether the store lets this job delete, tried on an empty file of its own (one fixed name, so a store
+        that refuses keeps one such file, not one per run). Without it a merged file could never replace the files
+        it merged and every run would add another copy of the whole bucket, so nothing is merged (and
+        ``compact_at`` is set to 0)."""
+        check = f"{self.model_dir}/.delete-check"
+        try:
+            with self.fs.open_output_stream(check) as out:
+                out.write(b"")
+            self.fs.delete_file(check)
+        except FileNotFoundError:  # another run's check deleted it first
+            pass
+        except OSError as err:
+            log.warning("score store %s: this job may not delete there (%s), so it does not merge the store's "
+                        "files; lookups slow down as runs add files (grant delete on the store's prefix)",
+                        self.uri, err)
+            self.compact_at = 0
+            return False
+        return True
+
+    def _merge_bucket(self, bucket: str, parts: list[str]) -> None:
+        tables, merging = [], []
+        for part in parts:
+            table = self._read_whole(part)
+            if table is _GONE:  # another run is merging this bucket: leave it to that run
+                return
+            if table is not None:  # an unreadable file stays where it is (lookups skip it too)
+                tables.append(table)
+                merging.append(part)
+        if len(merging) < 2:
+            return
+        rows = pa.concat_tables(tables)
+        rows = first_per_hash(rows.take(pc.sort_indices(rows, sort_keys=[("scored_at", "ascending")])))
+        name = f"part-compacted-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
+        self._write_part(bucket, name, rows.sort_by("content_hash"))
+        for part in merging:  # only now: until here a crash leaves every score where it was
+            try:
+                self.fs.delete_file(part)
+            except FileNotFoundError:  # merged and deleted by another run at the same time
+                pass
+        log.info("score store: merged %d files of bucket %s into %s", len(merging), bucket, name)
+
+    def _write_part(self, bucket: str, name: str, rows: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows.select(STORE_SCHEMA.names).cast(STORE_SCHEMA), sink)
+        uri = storage.join(self.uri, f"model={self.fingerprint}", f"bucket={bucket}", name)
+        storage.write_atomic(uri, sink.getvalue().to_pybytes(), self.cfg)
 
     def _parts(self) -> list[str]:
         infos = self.fs.get_file_info(pafs.FileSelector(self.model_dir, recursive=True, allow_not_found=True))
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
                       and not i.base_name.startswith("."))  # a local write's temporary file
 
-    def _read_matches(self, part: str, value_set: pa.Array) -> Optional[pa.Table]:
+    def _read_matches(self, part: str, value_set: pa.Array):
+        """The rows of ``part`` whose hash is in ``value_set``; None if it is unreadable, ``_GONE`` if it vanished."""
+        return self._read(part, columns=["content_hash", *STORED_RESULT, "scored_at"],
+                          filters=pc.is_in(pc.field("content_hash"), value_set=value_set))
+
+    def _read_whole(self, part: str):
+        return self._read(part, columns=STORE_SCHEMA.names)
+
+    def _read(self, part: str, **options):
         try:
-            table = pq.read_table(part, filesystem=self.fs, columns=["content_hash", *STORED_RESULT, "scored_at"],
-                                  filters=pc.is_in(pc.field("content_hash"), value_set=value_set))
+            return pq.read_table(part, filesystem=self.fs, **options)
+        except FileNotFoundError:  # merged away by a run compacting the store
+            return _GONE
         except pa.ArrowInvalid as err:  # not a Parquet file (copied in by hand?): its images are scored again
             log.warning("score store: skipping unreadable part %s (%s)", part, err)
             return None
-        return table
+
+
+_GONE = object()  # a part that disappeared between the listing and the read
 
 
 def _sorted_unique(hashes) -> pa.Array:

@@ -105,6 +105,19 @@ def test_a_misspelt_config_key_is_named_and_the_credentials_beside_it_are_not_pr
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["train", "retrain"])
+def test_a_config_mistake_is_reported_before_the_training_stack_is_imported(tmp_path, command):
+    job = {"name": "x", "train": {"uri": str(tmp_path)}, "val": {"uri": str(tmp_path)}, "methd": {}}
+    config = write_yaml(tmp_path / "job.yaml", job if command == "train" else {"train": job})
+    check = ("import sys\nfrom jobs import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit as exit:\n"
+             "    print(exit.code, 'torch' in sys.modules, 'open_clip' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check, command, "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=110)
+    assert done.stdout.split() == ["2", "False", "False"], done.stdout + done.stderr[-2000:]
+    assert "unknown key" in done.stderr and "methd" in done.stderr
+
+
+@pytest.mark.timeout(120)
 def test_a_misspelt_set_override_is_named_like_a_misspelt_yaml_key(tmp_path):
     config = write_yaml(tmp_path / "job.yaml", {"name": "x", "train": {"uri": str(tmp_path)},
                                                 "val": {"uri": str(tmp_path)}})

@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import fsspec.implementations.local
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -132,6 +133,128 @@ def test_a_lookup_reads_only_the_buckets_of_its_hashes_and_skips_a_torn_part(tmp
     with caplog.at_level(logging.WARNING, logger="pipelines.score_store"):
         assert store.lookup([b]).column("content_hash").to_pylist() == [b]
     assert "skipping unreadable part" in caplog.text
+
+
+def _at(day: int):
+    from datetime import datetime, timezone
+
+    return datetime(2026, 1, day, tzinfo=timezone.utc)
+
+
+def _day_rows(hashes, score: float, day: int) -> pa.Table:
+    rows = _stored_rows(hashes, [score] * len(hashes))
+    return rows.set_column(rows.schema.get_field_index("scored_at"), "scored_at",
+                           pa.array([_at(day)] * len(hashes), pa.timestamp("us", tz="UTC")))
+
+
+def _files(store: ScoreStore) -> dict[str, list[str]]:
+    by_bucket: dict[str, list[str]] = {}
+    for part in store._parts():
+        by_bucket.setdefault(part.rsplit("/", 2)[-2], []).append(part.rsplit("/", 1)[-1])
+    return by_bucket
+
+
+def _same_bucket_hashes(n: int) -> list[str]:
+    hashes, i = [], 0
+    while len(hashes) < n:
+        h = content_hash(f"image {i}".encode())
+        if h.startswith("00"):
+            hashes.append(h)
+        i += 1
+    return hashes
+
+
+def test_daily_runs_keep_each_bucket_under_the_compaction_size_and_the_earliest_score_of_each_hash(tmp_path):
+    store = ScoreStore(str(tmp_path / "store"), "m1", compact_at=4)
+    hashes = _same_bucket_hashes(8)  # all in bucket 00, so it fills up quickly
+    seen_first = {}
+    for day in range(1, 11):  # every day one image seen before (a later, different score) and a new one
+        new, again = hashes[day % 8], hashes[(day + 3) % 8]
+        store.add(_day_rows([new, again], score=day / 20, day=day), f"day{day}")
+        for h in (new, again):
+            seen_first.setdefault(h, day / 20)
+        assert all(len(files) < 4 for files in _files(store).values()), _files(store)
+
+    assert any(name.startswith("part-compacted-") for files in _files(store).values() for name in files)
+    found = store.lookup(hashes)
+    scores = dict(zip(found.column("content_hash").to_pylist(), found.column("score").to_pylist(), strict=True))
+    assert scores == pytest.approx(seen_first)  # every hash once, with the score it got the first time
+
+
+def test_a_torn_file_is_left_out_of_a_merge_and_left_in_place(tmp_path, caplog):
+    store = ScoreStore(str(tmp_path / "store"), "m1", compact_at=3)
+    a, b = _same_bucket_hashes(2)
+    store.add(_day_rows([a], 0.25, day=1), "day1")
+    torn = Path(store.model_dir) / f"bucket={a[:2]}" / "part-day0.parquet"
+    torn.write_bytes(b"PAR1 cut short")
+    with caplog.at_level(logging.WARNING, logger="pipelines.score_store"):
+        store.add(_day_rows([b], 0.75, day=2), "day2")
+
+    names = sorted(next(iter(_files(store).values())))
+    assert names[0].startswith("part-compacted-") and names[1:] == ["part-day0.parquet"]
+    assert torn.read_bytes() == b"PAR1 cut short"
+    assert store.lookup([a, b]).num_rows == 2
+
+
+def test_a_file_merged_away_during_a_lookup_is_read_from_the_merged_file(tmp_path, monkeypatch):
+    reader = ScoreStore(str(tmp_path / "store"), "m1", compact_at=0)
+    writer = ScoreStore(str(tmp_path / "store"), "m1", compact_at=0)
+    hashes = _same_bucket_hashes(3)
+    for day, h in enumerate(hashes, start=1):
+        writer.add(_day_rows([h], day / 10, day=day), f"day{day}")
+    listings = []
+    real_parts = reader._parts
+
+    def listing_then_another_run_compacts():
+        listings.append(real_parts())
+        if len(listings) == 1:
+            assert writer.compact(min_parts=2) == 1  # between this listing and the reads
+        return listings[-1]
+
+    monkeypatch.setattr(reader, "_parts", listing_then_another_run_compacts)
+    found = reader.lookup(hashes)
+
+    assert len(listings) == 2 and all("compacted" in p for p in listings[1])
+    assert sorted(found.column("score").to_pylist()) == pytest.approx([0.1, 0.2, 0.3])
+
+
+class _NoDeletes(fsspec.implementations.local.LocalFileSystem):
+    """A local folder where deleting is refused, as in a bucket whose policy grants no delete."""
+
+    def rm(self, path, recursive=False, maxdepth=None):
+        raise PermissionError(f"AccessDenied: {path}")
+
+    rm_file = rm
+
+
+def test_a_store_that_refuses_deletes_is_not_merged(tmp_path, monkeypatch, caplog):
+    import pyarrow.fs as pafs
+
+    store = ScoreStore(str(tmp_path / "store"), "m1", compact_at=2)
+    monkeypatch.setattr(store, "fs", pafs.PyFileSystem(pafs.FSSpecHandler(_NoDeletes())))
+    a, b = _same_bucket_hashes(2)
+    store.add(_day_rows([a], 0.25, day=1), "day1")
+    with caplog.at_level(logging.WARNING, logger="pipelines.score_store"):
+        store.add(_day_rows([b], 0.75, day=2), "day2")
+
+    assert sorted(next(iter(_files(store).values()))) == ["part-day1.parquet", "part-day2.parquet"]
+    assert "may not delete" in caplog.text and store.compact_at == 0
+    assert store.lookup([a, b]).num_rows == 2
+
+
+@pytest.mark.timeout(120)
+def test_compaction_on_the_s3_server_merges_and_deletes(s3_server):
+    s3_server.create_bucket("compacted-store")
+    store = ScoreStore("s3://compacted-store/tiny", "m1", s3_server.storage_config(), compact_at=3)
+    hashes = _same_bucket_hashes(4)
+    for day, h in enumerate(hashes, start=1):
+        store.add(_day_rows([h, hashes[0]], day / 10, day=day), f"day{day}")
+
+    [names] = _files(store).values()
+    assert len(names) == 2 and names[0].startswith("part-compacted-") and names[1] == "part-day4.parquet"
+    found = store.lookup(hashes)
+    scores = dict(zip(found.column("content_hash").to_pylist(), found.column("score").to_pylist(), strict=True))
+    assert scores == pytest.approx({hashes[0]: 0.1, hashes[1]: 0.2, hashes[2]: 0.3, hashes[3]: 0.4})
 
 
 # ------------------------------------------------------------------------------------------------ the scoring job
