@@ -47,9 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score store (s3://bucket/prefix or folder): inputs whose bytes it holds for this model "
                              "reuse the stored score instead of being scored again, inputs with the same bytes are "
                              "scored once, and new scores are added (rows say fresh / reused / duplicate)")
+    parser.add_argument("--inputs-per-pass", type=positive_int, default=1_000_000, metavar="N",
+                        help="score the inputs in passes of at most N (default 1,000,000): the driver's memory "
+                             "for hashes, reuse plan and rows grows with N, not with the crawl; each pass starts "
+                             "its own actors")
     parser.add_argument("--table-max", type=int, default=50,
                         help="without --output, print a table for at most this many local files")
     add_stack_arguments(parser)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def extension_list(text: str) -> list[str]:
@@ -142,6 +153,6 @@ def score_to_output(args: argparse.Namespace, storage_cfg) -> ScoreSummary:
                    extensions=tuple(source.extensions) if source.extensions else None,
                    allow_outside_corpus=source.allow_outside_corpus, storage=storage_cfg,
                    resources=resources_from_args(args), decode_in_actor=args.decode_in_actor,
-                   score_store=args.store)
+                   score_store=args.store, inputs_per_pass=args.inputs_per_pass)
     return run_score_job(job, model, tracking_uri=tracking_uri, ray_address=args.ray_address,
                          verbose=args.verbose)

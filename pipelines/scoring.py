@@ -937,6 +937,9 @@ class ScoreJob:
     # The score store (pipelines/score_store.py): inputs whose bytes it holds for this model are not scored again,
     # and inputs of this run with the same bytes are scored once. None: every input is decoded and scored.
     score_store: Optional[str] = None
+    # Inputs scored per pass: the driver holds a pass's hashes, reuse plan and rows (with a store: roughly a kilobyte
+    # per input), so memory is bounded by this rather than by the crawl. Each pass starts its own actors (seconds).
+    inputs_per_pass: int = 1_000_000
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
 
 
@@ -1102,19 +1105,35 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
                                                               bundle["meta"], device), job.storage)
         if len(done):  # even with nothing left to score: the crashed run may have died storing its last scores
             _store_earlier_scores(job, store)
-    if todo.num_rows:
-        bundle = {**bundle, "uri": model.uri, "name": model.name, "version": model.version}
+    counts = _row_counts(None)
+    bundle = {**bundle, "uri": model.uri, "name": model.name, "version": model.version}
+    for pass_job, inputs in scoring_passes(job, todo):
         if store is not None:
-            _score_through_store(job, todo, bundle, store, scorer_cls, held)
+            _score_through_store(pass_job, inputs, bundle, store, scorer_cls, held)
         else:
-            _score_fresh(job, todo, bundle, scorer_cls)
+            _score_fresh(pass_job, inputs, bundle, scorer_cls)
         # A lease lost while scoring: another job may have deleted this run's parts, so the counts would lie.
         _check_lease(held)
-    written = read_scores(job.output_uri, job.storage, run_id=job.run_id) if todo.num_rows else None
-    counts = _row_counts(written)
+        written = _row_counts(read_scores(job.output_uri, job.storage, run_id=pass_job.run_id))
+        counts = {name: counts[name] + written[name] for name in counts}
     return ScoreSummary(run_id=job.run_id, output_uri=job.output_uri, n_inputs=manifest.num_rows,
                         n_skipped_already_scored=skipped, n_torn_parts_removed=len(torn),
                         seconds=time.perf_counter() - started, model=model, **counts)
+
+
+def scoring_passes(job: ScoreJob, todo: pa.Table):
+    """(job, inputs) for each pass of at most ``job.inputs_per_pass`` inputs, in manifest order. One pass keeps the
+    job's run id; with several, pass i writes as run ``<run_id>-p<i>``, so its parts and store files are its own
+    while ``read_scores(run_id=<run_id>)`` still finds every part of the run."""
+    step = max(1, job.inputs_per_pass)
+    if todo.num_rows <= step:
+        if todo.num_rows:
+            yield job, todo
+        return
+    for i, start in enumerate(range(0, todo.num_rows, step)):
+        log.info("pass %d of %d: inputs %d-%d", i + 1, math.ceil(todo.num_rows / step), start + 1,
+                 min(start + step, todo.num_rows))
+        yield replace(job, run_id=f"{job.run_id}-p{i:05d}"), todo.slice(start, step)
 
 
 def _row_counts(written: Optional[pa.Table]) -> dict[str, int]:

@@ -327,6 +327,33 @@ def test_a_second_crawl_reuses_scores_of_seen_content_and_every_input_gets_one_r
             (fresh["verdict"], fresh["width"], fresh["height"])
 
 
+@pytest.mark.timeout(300)
+def test_a_crawl_scored_in_passes_gets_one_row_per_input_and_later_passes_reuse_earlier_ones(ray_local, model, crawls,
+                                                                                            tmp_path):
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    # Sorted: the three copies make the first pass of three, the original (same bytes) and one other the second.
+    for name in ["copy0.png", "copy1.png", "copy2.png", "img000.png", "img001.png"]:
+        shutil.copy(crawls["day1"] / "a" / name, crawl / name)
+    job = _job(crawl, tmp_path / "out", tmp_path / "store", inputs_per_pass=3)
+
+    summary = run_scoring(job, model)
+
+    rows = _by_path(_every_row(tmp_path / "out"))
+    assert {Path(p).name: r["reuse"] for p, r in rows.items()} == {
+        "copy0.png": "fresh", "copy1.png": "duplicate", "copy2.png": "duplicate",
+        "img000.png": "reused",  # its bytes were scored and stored by the first pass
+        "img001.png": "fresh"}
+    assert (summary.n_scored, summary.n_duplicates, summary.n_reused, summary.n_written) == (2, 2, 1, 5)
+    parts = {Path(p).name for p in scoring.list_part_files(str(tmp_path / "out"))}
+    assert {name.split("-")[3] for name in parts} == {"p00000", "p00001"}, parts
+    assert run_scoring(dataclasses.replace(job, run_id="again"), model).n_written == 0
+
+    plain = run_scoring(_job(crawl, tmp_path / "plain", None, inputs_per_pass=3), model)
+    assert (plain.n_scored, plain.n_written) == (5, 5)
+    assert sorted(_by_path(_every_row(tmp_path / "plain"))) == sorted(rows)
+
+
 @pytest.mark.timeout(240)
 def test_a_store_on_s3_serves_a_rerun_of_the_same_crawl_without_the_model(ray_local, s3_server, model, crawls,
                                                                           tmp_path):
