@@ -20,19 +20,20 @@ Layout (Parquet in object storage or a local folder, written by the scoring job 
 
     <store>/model=<fingerprint>/bucket=<first two hex digits of the hash>/part-<run_id>.parquet
 
-A lookup lists the model's folder once, opens only the parts of the buckets its hashes fall in (all 256 once a run
-has more than a couple of thousand new hashes) and reads only the rows whose hash it asks for (a Parquet filter on
-``content_hash``), several parts at a time. Runs only ever add files, each run its own and each written whole or not
-at all, so jobs writing the store at the same time never touch each other's files. A hash stored twice (two runs
-scored the same new image at once) is read once: the earliest score.
+A lookup lists the model's folder, opens only the parts of the buckets its hashes fall in (all 256 once a run has
+more than a couple of thousand new hashes) and reads only the rows whose hash it asks for (a Parquet filter on
+``content_hash``), several parts at a time. Each run adds files of its own, each written whole or not at all. A hash
+stored twice (two runs scored the same new image at once) is read once: the earliest score.
 
-Compaction: a daily run adds a file to nearly every bucket, so after a few months a lookup would open tens of
-thousands of files. When a run adds to a bucket that then holds ``COMPACT_AT_PARTS`` files or more, it merges them:
-it reads them, writes one ``part-compacted-<id>.parquet`` holding the earliest score of each hash, and only then
-deletes the files it merged. A crash in between leaves the merged file beside the originals (the same scores twice,
-read once). A lookup that finds a file gone (merged by another run meanwhile) lists the folder again: the merged file
-was written before anything was deleted. Two runs merging one bucket at once leave two merged files, which is only
-duplication. Compaction needs permission to delete in the store; without it the run warns and merges nothing.
+Compaction (``compact``, run by the scoring job once its rows are all written): a daily run adds a file to nearly
+every bucket, so after a few months a lookup would open tens of thousands of files. Every bucket holding
+``COMPACT_AT_PARTS`` files or more is merged: its files are read, one ``part-compacted-<time>-<id>.parquet`` holding
+the earliest score of each hash is written, and only then are the files it merged deleted (files of any run: the
+only time a run deletes what another wrote). A crash in between leaves the merged file beside the originals (the
+same scores twice, read once). A lookup that finds a file gone lists that bucket again: the merged file was written
+before anything was deleted. Two runs merging one bucket at once leave two merged files, which is only duplication.
+Merging needs permission to delete in the store: a job that cannot delete its own check file, or the first file it
+merged, warns, takes its merged file back out and merges nothing more.
 
 Reuse is exact within a device kind: a reused row carries the very float32 score the model produced for those bytes
 when they were first scored, and the verdict is recomputed from the model's thresholds. (Scoring the same bytes again
@@ -74,10 +75,10 @@ STORE_SCHEMA = pa.schema([
 # scores of earlier versions are then never reused.
 SCORING_VERSION = 1
 LOOKUP_READS_IN_FLIGHT = 16
-# A bucket holding this many files after a run added to it is merged into one (module docstring: compaction).
+# A bucket holding this many files when a scoring job ends is merged into one (module docstring: compaction).
 COMPACT_AT_PARTS = 32
-# Times a lookup lists the store again after a file it was reading was merged away by another run.
-LOOKUP_ATTEMPTS = 3
+# Times a lookup reads a bucket in which a file disappeared meanwhile (merged by another run), listing it again.
+LOOKUP_ATTEMPTS = 5
 # What a lookup copies into a reused output row.
 STORED_RESULT = ("score", "width", "height")
 HASHED_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string())])
@@ -169,17 +170,14 @@ def plan_reuse(todo: pa.Table, hashed: pa.Table, stored: pa.Table) -> ReusePlan:
 
 
 class ScoreStore:
-    """One model's part of the store at ``uri``: ``lookup`` known hashes, ``add`` newly scored rows."""
+    """One model's part of the store at ``uri``: ``lookup`` known hashes, ``add`` newly scored rows, ``compact``."""
 
-    def __init__(self, uri: str, fingerprint: str, cfg: Optional[StorageConfig] = None, *,
-                 compact_at: int = COMPACT_AT_PARTS):
-        """``compact_at``: files in a bucket that make a run merge them (0: never)."""
+    def __init__(self, uri: str, fingerprint: str, cfg: Optional[StorageConfig] = None):
         self.uri = uri
         self.fingerprint = fingerprint
         self.cfg = (cfg or StorageConfig()).resolved()
         self.fs, root = storage.resolve(uri, self.cfg)
         self.model_dir = f"{root.rstrip('/')}/model={fingerprint}"
-        self.compact_at = compact_at
 
     def lookup(self, hashes) -> pa.Table:
         """The stored (content_hash, score, width, height) of those of ``hashes`` (an Arrow string array or a
@@ -187,25 +185,30 @@ class ScoreStore:
 
         Each stored part is asked only for the hashes of its own bucket, with a Parquet filter, so a lookup costs
         about the parts of the touched buckets times their share of the hashes (not every part times every hash).
+        A bucket in which a file disappeared while it was read (merged by another run) is listed and read again.
         """
         wanted = _sorted_unique(hashes)
         if not len(wanted):
             return _empty_results()
-        by_bucket = _split_by_bucket(wanted)
+        pending = _split_by_bucket(wanted)
+        found: list[pa.Table] = []
         for attempt in range(1, LOOKUP_ATTEMPTS + 1):
-            asks = [(part, by_bucket[_bucket_of_part(part)]) for part in self._parts()
-                    if _bucket_of_part(part) in by_bucket]
-            # Each read is mostly waiting for the store: several at a time (pyarrow releases the GIL while it waits).
-            with ThreadPoolExecutor(max_workers=LOOKUP_READS_IN_FLIGHT) as pool:
-                read = list(pool.map(lambda ask: self._read_matches(*ask), asks))
-            if not any(t is _GONE for t in read):
+            asks = [(part, pending[_bucket_of_part(part)]) for part in self._parts()
+                    if _bucket_of_part(part) in pending]
+            read = self._in_parallel(lambda ask: self._read_matches(*ask), asks)
+            gone = {_bucket_of_part(part) for (part, _), table in zip(asks, read, strict=True) if table is _GONE}
+            if gone and attempt < LOOKUP_ATTEMPTS:
+                log.info("score store: %d bucket(s) changed while read (merged by another run); reading them again",
+                         len(gone))
+            elif gone:  # what those files held is scored again: slower, and the score may differ in its last bit
+                log.warning("score store %s: files kept disappearing in %d bucket(s) over %d listings; going on "
+                            "without them", self.uri, len(gone), attempt)
+                gone = set()
+            found += [t for (part, _), t in zip(asks, read, strict=True)
+                      if _bucket_of_part(part) not in gone and t is not None and t is not _GONE and t.num_rows]
+            pending = {bucket: pending[bucket] for bucket in gone}
+            if not pending:
                 break
-            if attempt == LOOKUP_ATTEMPTS:  # what the vanished files held is scored again: slower, never wrong
-                log.warning("score store %s: files kept disappearing while they were read (%d listings); going on "
-                            "without them", self.uri, attempt)
-            else:
-                log.info("score store: a file was merged away while it was read; listing the store again")
-        found = [t for t in read if t is not None and t is not _GONE and t.num_rows]
         if not found:
             return _empty_results()
         table = pa.concat_tables(found)
@@ -215,8 +218,7 @@ class ScoreStore:
     def add(self, rows: pa.Table, run_id: str) -> int:
         """Store ``rows`` (content_hash, score, width, height, model_uri, scored_at; rows without a score or hash are
         left out), one file per bucket named after ``run_id``, sorted by hash so Parquet's statistics can skip row
-        groups; each file appears whole or not at all (``storage.write_atomic``). Then buckets holding
-        ``compact_at`` files or more are merged (``compact``). Returns how many rows were stored."""
+        groups; each file appears whole or not at all (``storage.write_atomic``). Returns how many were stored."""
         keep = pc.and_(rows.column("score").is_valid(), rows.column("content_hash").is_valid())
         rows = rows.filter(keep).select(STORE_SCHEMA.names).cast(STORE_SCHEMA)
         if not rows.num_rows:
@@ -226,31 +228,38 @@ class ScoreStore:
         for bucket, in_bucket in _bucket_ranges(hashes):
             start = in_bucket.offset - hashes.offset
             self._write_part(bucket, f"part-{run_id}.parquet", rows.slice(start, len(in_bucket)))
-        if self.compact_at:
-            try:
-                self.compact(min_parts=self.compact_at)
-            except OSError as err:  # housekeeping: the scores are stored, and a merged file always holds them all
-                log.warning("score store %s: merging files failed (%s); the next run tries again", self.uri, err)
         return rows.num_rows
 
     def compact(self, min_parts: int = COMPACT_AT_PARTS) -> int:
         """Merge every bucket holding ``min_parts`` files or more into one file (module docstring: compaction);
-        returns how many buckets were due (0 as well when the store refuses deletes)."""
+        returns how many buckets were merged. Housekeeping: it never raises (a failure is a warning, and the next
+        run tries again), because the scores are stored either way."""
+        try:
+            return self._compact(max(2, min_parts))
+        except Exception as err:  # noqa: BLE001 - any failure leaves every score readable: merged or not yet
+            log.warning("score store %s: merging files failed (%s: %s); the next run tries again", self.uri,
+                        type(err).__name__, err)
+            return 0
+
+    def _compact(self, min_parts: int) -> int:
         by_bucket: dict[str, list[str]] = {}
         for part in self._parts():
             by_bucket.setdefault(_bucket_of_part(part), []).append(part)
-        due = {bucket: parts for bucket, parts in by_bucket.items() if len(parts) >= max(2, min_parts)}
+        due = {bucket: parts for bucket, parts in sorted(by_bucket.items()) if len(parts) >= min_parts}
         if not due or not self._may_delete():
             return 0
-        for bucket, parts in sorted(due.items()):
-            self._merge_bucket(bucket, parts)
-        return len(due)
+        merged = 0
+        for bucket, parts in due.items():
+            outcome = self._merge_bucket(bucket, parts)
+            if outcome is None:  # deleting refused: stop here
+                break
+            merged += outcome
+        return merged
 
     def _may_delete(self) -> bool:
-        """Whether the store lets this job delete, tried on an empty file of its own (one fixed name, so a store
-        that refuses keeps one such file, not one per run). Without it a merged file could never replace the files
-        it merged and every run would add another copy of the whole bucket, so nothing is merged (and
-        ``compact_at`` is set to 0)."""
+        """Whether this job may delete in the store, tried on an empty file of its own (one fixed name, so a store
+        that refuses keeps one such file, not one per run): without deletes a merged file could never replace the
+        files it merged, and every run would add another copy of the bucket."""
         check = f"{self.model_dir}/.delete-check"
         try:
             with self.fs.open_output_stream(check) as out:
@@ -259,34 +268,54 @@ class ScoreStore:
         except FileNotFoundError:  # another run's check deleted it first
             pass
         except OSError as err:
-            log.warning("score store %s: this job may not delete there (%s), so it does not merge the store's "
-                        "files; lookups slow down as runs add files (grant delete on the store's prefix)",
+            log.warning("score store %s: could not delete there (%s), so this run merges none of its files; lookups "
+                        "slow down as runs add files unless the job may delete under the store's prefix",
                         self.uri, err)
-            self.compact_at = 0
             return False
         return True
 
-    def _merge_bucket(self, bucket: str, parts: list[str]) -> None:
-        tables, merging = [], []
-        for part in parts:
-            table = self._read_whole(part)
-            if table is _GONE:  # another run is merging this bucket: leave it to that run
-                return
-            if table is not None:  # an unreadable file stays where it is (lookups skip it too)
-                tables.append(table)
-                merging.append(part)
-        if len(merging) < 2:
-            return
-        rows = pa.concat_tables(tables)
+    def _merge_bucket(self, bucket: str, parts: list[str]) -> Optional[int]:
+        """1 if ``parts`` were merged, 0 if left alone (another run is merging them, or fewer than two could be
+        read), None if the store refused to delete (the merged copy is then taken back out)."""
+        read = self._in_parallel(self._read_whole, parts)
+        if any(table is _GONE for table in read):  # another run is merging this bucket: leave it to that run
+            return 0
+        merging = [(part, table) for part, table in zip(parts, read, strict=True) if table is not None]
+        if len(merging) < 2:  # unreadable files stay where they are (lookups skip them too)
+            return 0
+        rows = pa.concat_tables([table for _, table in merging])
         rows = first_per_hash(rows.take(pc.sort_indices(rows, sort_keys=[("scored_at", "ascending")])))
         name = f"part-compacted-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}.parquet"
         self._write_part(bucket, name, rows.sort_by("content_hash"))
-        for part in merging:  # only now: until here a crash leaves every score where it was
-            try:
-                self.fs.delete_file(part)
-            except FileNotFoundError:  # merged and deleted by another run at the same time
-                pass
+        first, *rest = [part for part, _ in merging]
+        try:  # until here a crash leaves every score where it was
+            self._delete(first)
+        except OSError as err:
+            log.warning("score store %s: could not delete %s (%s); taking the merged copy back out and merging no "
+                        "more files this run", self.uri, first, err)
+            self._delete(f"{self.model_dir}/bucket={bucket}/{name}", quiet=True)
+            return None
+        self._in_parallel(self._delete, rest)
         log.info("score store: merged %d files of bucket %s into %s", len(merging), bucket, name)
+        return 1
+
+    def _delete(self, path: str, quiet: bool = False) -> None:
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:  # merged and deleted by another run at the same time
+            pass
+        except OSError as err:
+            if not quiet:
+                raise
+            log.warning("score store: could not delete %s either (%s); it repeats scores stored beside it", path, err)
+
+    def _in_parallel(self, fn, items: list) -> list:
+        """``[fn(item) for item in items]``, several at a time: each call mostly waits for the store (pyarrow
+        releases the GIL while it waits)."""
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(max_workers=LOOKUP_READS_IN_FLIGHT) as pool:
+            return list(pool.map(fn, items))
 
     def _write_part(self, bucket: str, name: str, rows: pa.Table) -> None:
         sink = pa.BufferOutputStream()
@@ -305,16 +334,28 @@ class ScoreStore:
                           filters=pc.is_in(pc.field("content_hash"), value_set=value_set))
 
     def _read_whole(self, part: str):
-        return self._read(part, columns=STORE_SCHEMA.names)
+        table = self._read(part, columns=STORE_SCHEMA.names)
+        if table is None or table is _GONE:
+            return table
+        try:
+            return table.cast(STORE_SCHEMA)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:  # a file of another shape
+            log.warning("score store: leaving out of the merge %s (%s)", part, err)
+            return None
 
     def _read(self, part: str, **options):
         try:
             return pq.read_table(part, filesystem=self.fs, **options)
-        except FileNotFoundError:  # merged away by a run compacting the store
+        except FileNotFoundError:  # merged away by another run
             return _GONE
-        except pa.ArrowInvalid as err:  # not a Parquet file (copied in by hand?): its images are scored again
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:  # not our Parquet (copied in by hand?): scored again
             log.warning("score store: skipping unreadable part %s (%s)", part, err)
             return None
+        except OSError:
+            # On S3 a file deleted after it was opened fails mid-read with a plain OSError: gone, if it is gone.
+            if self.fs.get_file_info(part).type == pafs.FileType.NotFound:
+                return _GONE
+            raise
 
 
 _GONE = object()  # a part that disappeared between the listing and the read

@@ -1116,6 +1116,8 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
         _check_lease(held)
         written = _row_counts(read_scores(job.output_uri, job.storage, run_id=pass_job.run_id))
         counts = {name: counts[name] + written[name] for name in counts}
+    if store is not None:  # once every row is written: merging a store's files can take a while
+        store.compact()
     return ScoreSummary(run_id=job.run_id, output_uri=job.output_uri, n_inputs=manifest.num_rows,
                         n_skipped_already_scored=skipped, n_torn_parts_removed=len(torn),
                         seconds=time.perf_counter() - started, model=model, **counts)

@@ -165,12 +165,14 @@ def _same_bucket_hashes(n: int) -> list[str]:
 
 
 def test_daily_runs_keep_each_bucket_under_the_compaction_size_and_the_earliest_score_of_each_hash(tmp_path):
-    store = ScoreStore(str(tmp_path / "store"), "m1", compact_at=4)
+    store = ScoreStore(str(tmp_path / "store"), "m1")
     hashes = _same_bucket_hashes(8)  # all in bucket 00, so it fills up quickly
     seen_first = {}
     for day in range(1, 11):  # every day one image seen before (a later, different score) and a new one
         new, again = hashes[day % 8], hashes[(day + 3) % 8]
-        store.add(_day_rows([new, again], score=day / 20, day=day), f"day{day}")
+        # Run names that sort against time: a merge that kept the first file listed would keep the latest score.
+        store.add(_day_rows([new, again], score=day / 20, day=day), f"r{99 - day:02d}")
+        assert store.compact(min_parts=4) in (0, 1)  # as each scoring job does once its rows are written
         for h in (new, again):
             seen_first.setdefault(h, day / 20)
         assert all(len(files) < 4 for files in _files(store).values()), _files(store)
@@ -182,36 +184,44 @@ def test_daily_runs_keep_each_bucket_under_the_compaction_size_and_the_earliest_
 
 
 def test_a_torn_file_is_left_out_of_a_merge_and_left_in_place(tmp_path, caplog):
-    store = ScoreStore(str(tmp_path / "store"), "m1", compact_at=3)
+    store = ScoreStore(str(tmp_path / "store"), "m1")
     a, b = _same_bucket_hashes(2)
     store.add(_day_rows([a], 0.25, day=1), "day1")
     torn = Path(store.model_dir) / f"bucket={a[:2]}" / "part-day0.parquet"
     torn.write_bytes(b"PAR1 cut short")
+    store.add(_day_rows([b], 0.75, day=2), "day2")
     with caplog.at_level(logging.WARNING, logger="pipelines.score_store"):
-        store.add(_day_rows([b], 0.75, day=2), "day2")
+        assert store.compact(min_parts=3) == 1
 
     names = sorted(next(iter(_files(store).values())))
     assert names[0].startswith("part-compacted-") and names[1:] == ["part-day0.parquet"]
     assert torn.read_bytes() == b"PAR1 cut short"
+    assert "skipping unreadable part" in caplog.text
     assert store.lookup([a, b]).num_rows == 2
 
 
-def test_a_file_merged_away_during_a_lookup_is_read_from_the_merged_file(tmp_path, monkeypatch):
-    reader = ScoreStore(str(tmp_path / "store"), "m1", compact_at=0)
-    writer = ScoreStore(str(tmp_path / "store"), "m1", compact_at=0)
-    hashes = _same_bucket_hashes(3)
-    for day, h in enumerate(hashes, start=1):
-        writer.add(_day_rows([h], day / 10, day=day), f"day{day}")
+def _stale_listing_then_compaction(reader: ScoreStore, writer: ScoreStore, monkeypatch) -> list:
+    """Makes ``reader``'s next lookup list the store, then lets ``writer`` merge it before the reads."""
     listings = []
     real_parts = reader._parts
 
     def listing_then_another_run_compacts():
         listings.append(real_parts())
         if len(listings) == 1:
-            assert writer.compact(min_parts=2) == 1  # between this listing and the reads
+            assert writer.compact(min_parts=2) == 1
         return listings[-1]
 
     monkeypatch.setattr(reader, "_parts", listing_then_another_run_compacts)
+    return listings
+
+
+def test_a_file_merged_away_during_a_lookup_is_read_from_the_merged_file(tmp_path, monkeypatch):
+    reader, writer = ScoreStore(str(tmp_path / "store"), "m1"), ScoreStore(str(tmp_path / "store"), "m1")
+    hashes = _same_bucket_hashes(3)
+    for day, h in enumerate(hashes, start=1):
+        writer.add(_day_rows([h], day / 10, day=day), f"day{day}")
+    listings = _stale_listing_then_compaction(reader, writer, monkeypatch)
+
     found = reader.lookup(hashes)
 
     assert len(listings) == 2 and all("compacted" in p for p in listings[1])
@@ -219,42 +229,61 @@ def test_a_file_merged_away_during_a_lookup_is_read_from_the_merged_file(tmp_pat
 
 
 class _NoDeletes(fsspec.implementations.local.LocalFileSystem):
-    """A local folder where deleting is refused, as in a bucket whose policy grants no delete."""
+    """A local folder where deleting is refused (``allow``: what names containing these may still be deleted), as
+    in a bucket whose policy grants no delete."""
+
+    allow = ()
 
     def rm(self, path, recursive=False, maxdepth=None):
-        raise PermissionError(f"AccessDenied: {path}")
+        if not any(name in str(path) for name in self.allow):
+            raise PermissionError(f"AccessDenied: {path}")
+        super().rm(path, recursive=recursive, maxdepth=maxdepth)
 
     rm_file = rm
 
 
-def test_a_store_that_refuses_deletes_is_not_merged(tmp_path, monkeypatch, caplog):
+class _OnlyItsOwnFiles(_NoDeletes):
+    """Deletes allowed only on what this job wrote itself (its check file, its merged file)."""
+
+    allow = (".delete-check", "part-compacted-")
+
+
+@pytest.mark.parametrize("fs_class", [_NoDeletes, _OnlyItsOwnFiles], ids=["no deletes", "only its own files"])
+def test_a_store_that_refuses_deletes_keeps_its_files_and_gains_none(tmp_path, monkeypatch, caplog, fs_class):
     import pyarrow.fs as pafs
 
-    store = ScoreStore(str(tmp_path / "store"), "m1", compact_at=2)
-    monkeypatch.setattr(store, "fs", pafs.PyFileSystem(pafs.FSSpecHandler(_NoDeletes())))
+    store = ScoreStore(str(tmp_path / "store"), "m1")
+    monkeypatch.setattr(store, "fs", pafs.PyFileSystem(pafs.FSSpecHandler(fs_class())))
     a, b = _same_bucket_hashes(2)
     store.add(_day_rows([a], 0.25, day=1), "day1")
+    store.add(_day_rows([b], 0.75, day=2), "day2")
     with caplog.at_level(logging.WARNING, logger="pipelines.score_store"):
-        store.add(_day_rows([b], 0.75, day=2), "day2")
+        assert store.compact(min_parts=2) == 0
 
     assert sorted(next(iter(_files(store).values()))) == ["part-day1.parquet", "part-day2.parquet"]
-    assert "may not delete" in caplog.text and store.compact_at == 0
+    assert "could not delete" in caplog.text
     assert store.lookup([a, b]).num_rows == 2
 
 
 @pytest.mark.timeout(120)
-def test_compaction_on_the_s3_server_merges_and_deletes(s3_server):
+def test_compaction_and_a_lookup_racing_it_on_the_s3_server(s3_server, monkeypatch):
     s3_server.create_bucket("compacted-store")
-    store = ScoreStore("s3://compacted-store/tiny", "m1", s3_server.storage_config(), compact_at=3)
+    cfg = s3_server.storage_config()
+    store = ScoreStore("s3://compacted-store/tiny", "m1", cfg)
     hashes = _same_bucket_hashes(4)
-    for day, h in enumerate(hashes, start=1):
+    for day, h in enumerate(hashes[:3], start=1):
         store.add(_day_rows([h, hashes[0]], day / 10, day=day), f"day{day}")
+    reader = ScoreStore("s3://compacted-store/tiny", "m1", cfg)
+    listings = _stale_listing_then_compaction(reader, store, monkeypatch)
 
+    found = reader.lookup(hashes)
+
+    assert len(listings) == 2
+    scores = dict(zip(found.column("content_hash").to_pylist(), found.column("score").to_pylist(), strict=True))
+    assert scores == pytest.approx({hashes[0]: 0.1, hashes[1]: 0.2, hashes[2]: 0.3})
+    store.add(_day_rows([hashes[3]], 0.4, day=4), "day4")
     [names] = _files(store).values()
     assert len(names) == 2 and names[0].startswith("part-compacted-") and names[1] == "part-day4.parquet"
-    found = store.lookup(hashes)
-    scores = dict(zip(found.column("content_hash").to_pylist(), found.column("score").to_pylist(), strict=True))
-    assert scores == pytest.approx({hashes[0]: 0.1, hashes[1]: 0.2, hashes[2]: 0.3, hashes[3]: 0.4})
 
 
 # ------------------------------------------------------------------------------------------------ the scoring job
