@@ -1,16 +1,17 @@
 """Benchmark: the scoring driver's memory with the inputs scored in passes (`mpft score --inputs-per-pass N`).
 
-    .venv/bin/python bench/score_passes.py              # 200,000 files, one pass vs four (~15 min, 2 cores)
+    .venv/bin/python bench/score_passes.py              # 200,000 files, one pass vs four
     .venv/bin/python bench/score_passes.py --quick      # 20,000 files
 
 A crawl of N real small files (distinct random bytes, so every file is new content) is scored with the score store
 on (`run_scoring` with a store: the hash pass reads every file, the lookup, the plan, the scoring, the store writes)
 once in a single pass and once in passes of N/4, each in a fresh subprocess with its own Ray instance. The model is
-bench/crawl_scale.py's ConstantScorer (a labelled constant-time stand-in: no decode, no model), so the run measures
-the pipeline's own costs. Reported per run: wall time, the driver's peak RSS above its RSS before the run, and the
-Arrow memory pool's peak (the tables the driver holds: hashes, reuse plan, rows read back). The driver still holds
-the manifest and the output's done paths whole, so its memory does not fall by the number of passes; what a pass
-bounds is the rest. Results: ``bench/results/score_passes.{json,md}``.
+``HashingConstantScorer``, bench/crawl_scale.py's ConstantScorer (a labelled constant-time stand-in: no decode, no
+model) that also hashes each file's bytes as the real decode stage does, so the scores reach the store; the run
+measures the pipeline's own costs. Reported per run: wall time, the driver's peak RSS above its RSS before the run,
+and the Arrow memory pool's peak (the tables the driver holds: hashes, reuse plan, rows read back). The driver still
+holds the manifest and the output's done paths whole, so its memory does not fall by the number of passes; what a
+pass bounds is the rest. Results: ``bench/results/score_passes.{json,md}``.
 """
 
 from __future__ import annotations
@@ -43,11 +44,27 @@ def write_crawl(folder: Path, n: int) -> None:
             (sub / f"{i:08d}.jpg").write_bytes(os.urandom(64))
 
 
+def hashing_constant_scorer():
+    """ConstantScorer that puts each file's ``content_hash`` on its row, as decoding does, so rows can be stored."""
+    import numpy as np
+
+    from bench.crawl_scale import ConstantScorer
+    from pipelines.score_store import content_hash
+
+    class HashingConstantScorer(ConstantScorer):
+        def __call__(self, batch):
+            batch = dict(batch)
+            batch["content_hash"] = np.array([content_hash(Path(p).read_bytes()) for p in batch["path"]],
+                                             dtype=object)
+            return super().__call__(batch)
+
+    return HashingConstantScorer
+
+
 def run_once(crawl: Path, work: Path, checkpoint: Path, per_pass: int) -> dict:
     """One scoring run with the store, in this (fresh) process."""
     import pyarrow as pa
 
-    from bench.crawl_scale import ConstantScorer
     from bench.memory import PeakRss
     from pipelines.processes import resident_kib
     from pipelines.runtime import init_ray, shutdown_ray
@@ -64,15 +81,25 @@ def run_once(crawl: Path, work: Path, checkpoint: Path, per_pass: int) -> dict:
         baseline = resident_kib(os.getpid())
         with PeakRss(interval=0.02, tree=False) as mem:
             started = time.perf_counter()
-            summary = run_scoring(job, model, scorer_cls=ConstantScorer)
+            summary = run_scoring(job, model, scorer_cls=hashing_constant_scorer())
             seconds = time.perf_counter() - started
     finally:
         shutdown_ray()
-    if summary.n_written != summary.n_inputs:
-        raise RuntimeError(f"{summary.n_written} rows for {summary.n_inputs} inputs")
+    if summary.n_written != summary.n_inputs or summary.n_scored != summary.n_inputs:
+        raise RuntimeError(f"{summary.n_written} rows ({summary.n_scored} scored) for {summary.n_inputs} inputs")
+    # The store must hold every score (one run's files: nothing to merge).
+    stored = sum(pq_rows(p) for p in (work / "store").rglob("*.parquet"))
+    if stored != summary.n_inputs:
+        raise RuntimeError(f"the store holds {stored} scores for {summary.n_inputs} scored inputs")
     return {"per_pass": per_pass, "n_inputs": summary.n_inputs, "n_scored": summary.n_scored, "seconds": seconds,
             "driver_peak_above_start_mib": (mem.peak_kib - baseline) / 1024,
             "arrow_pool_peak_mib": pa.default_memory_pool().max_memory() / 2**20}
+
+
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def child(args: list[str]) -> dict:
@@ -145,6 +172,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_once(Path(crawl), Path(work), Path(checkpoint), int(per_pass))))
         return 0
     args.n = args.n or (20_000 if args.quick else 200_000)
+    if args.n < 4:
+        p.error("--n must be at least 4 (the second run scores it in four passes)")
     write_results(run(args), args.quick)
     return 0
 

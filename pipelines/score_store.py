@@ -230,12 +230,12 @@ class ScoreStore:
             self._write_part(bucket, f"part-{run_id}.parquet", rows.slice(start, len(in_bucket)))
         return rows.num_rows
 
-    def compact(self, min_parts: int = COMPACT_AT_PARTS) -> int:
-        """Merge every bucket holding ``min_parts`` files or more into one file (module docstring: compaction);
-        returns how many buckets were merged. Housekeeping: it never raises (a failure is a warning, and the next
-        run tries again), because the scores are stored either way."""
+    def compact(self, min_parts: Optional[int] = None) -> int:
+        """Merge every bucket holding ``min_parts`` (default ``COMPACT_AT_PARTS``) files or more into one file (module
+        docstring: compaction); returns how many buckets were merged. Housekeeping: it never raises (a failure is a
+        warning, and the next run tries again), because the scores are stored either way."""
         try:
-            return self._compact(max(2, min_parts))
+            return self._compact(max(2, min_parts or COMPACT_AT_PARTS))
         except Exception as err:  # noqa: BLE001 - any failure leaves every score readable: merged or not yet
             log.warning("score store %s: merging files failed (%s: %s); the next run tries again", self.uri,
                         type(err).__name__, err)

@@ -5,7 +5,9 @@
 Nothing is materialised: Ray Data streams blocks through the stages with bounded buffers, so memory stays flat however
 large the input. Only the listing (one path string per input) and the already-scored paths live on the driver; with
 a score store (``ScoreJob.score_store``, pipelines/score_store.py) also each input's content hash, the reuse plan and
-this run's rows, which the driver reads back to store them and to copy duplicates (bench/crawl_scale.py measures).
+the rows scored, which the driver reads back to store them and to copy duplicates. Those three are held for one pass
+of at most ``ScoreJob.inputs_per_pass`` inputs at a time (``scoring_passes``; bench/crawl_scale.py and
+bench/score_passes.py measure).
 
 With a score store the driver writes two more kinds of part itself, whole or not at all (``storage.write_atomic``):
 ``part-<run_id>-reused-<i>.parquet`` (rows copied from the store) before the model runs, and
@@ -83,6 +85,7 @@ from ray.data.datasource import FilenameProvider
 from mpft_core.scoring import score_rows, scored_mask, verdicts
 from pipelines import storage
 from pipelines.score_store import (
+    STORE_SCHEMA,
     STORED_RESULT,
     ScoreStore,
     first_per_hash,
@@ -368,16 +371,32 @@ def _distinct_models(table: pa.Table) -> set[tuple]:
     return {tuple(row[c] for c in MODEL_COLUMNS) for row in distinct.to_pylist() if row["model_uri"] is not None}
 
 
-def read_scores(output_uri: str, cfg: Optional[StorageConfig] = None, run_id: Optional[str] = None) -> pa.Table:
-    """All scored rows under ``output_uri`` (optionally only one run's parts), one row per path (latest wins)."""
+def read_scores(output_uri: str, cfg: Optional[StorageConfig] = None, run_id: Optional[str] = None,
+                columns: Optional[list[str]] = None) -> pa.Table:
+    """All scored rows under ``output_uri`` (optionally only one run's parts), one row per path (latest wins);
+    ``columns``: only those (and ``path``, ``scored_at``), for a reader that needs a few of a large output's."""
     fs, _ = _output_location(output_uri, cfg)
     parts = list_part_files(output_uri, cfg)
     if run_id is not None:
         parts = [p for p in parts if Path(p).name.startswith(f"{PART_PREFIX}{run_id}-")]
+    return _read_parts(fs, parts, columns)
+
+
+def _read_parts(fs: pafs.FileSystem, parts: list[str], columns: Optional[list[str]] = None) -> pa.Table:
+    schema = OUTPUT_SCHEMA if columns is None else pa.schema(
+        [OUTPUT_SCHEMA.field(name) for name in dict.fromkeys(["path", "scored_at", *columns])])
     if not parts:
-        return OUTPUT_SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts], promote_options="permissive")
-    return _latest_per_path(with_every_output_column(table))
+        return schema.empty_table()
+    tables = [_read_part_columns(fs, part, schema.names if columns is not None else None) for part in parts]
+    table = with_every_output_column(pa.concat_tables(tables, promote_options="permissive"))
+    return _latest_per_path(table.select(schema.names) if columns is not None else table)
+
+
+def _read_part_columns(fs: pafs.FileSystem, part: str, columns: Optional[list[str]]) -> pa.Table:
+    if columns is None:
+        return pq.read_table(part, filesystem=fs)
+    present = set(pq.read_schema(part, filesystem=fs).names)  # parts written before a column existed lack it
+    return pq.read_table(part, filesystem=fs, columns=[name for name in columns if name in present])
 
 
 def with_every_output_column(table: pa.Table) -> pa.Table:
@@ -942,6 +961,10 @@ class ScoreJob:
     inputs_per_pass: int = 1_000_000
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
 
+    def __post_init__(self):
+        if not isinstance(self.inputs_per_pass, int) or self.inputs_per_pass < 1:
+            raise ValueError(f"inputs_per_pass must be a whole number of at least 1, not {self.inputs_per_pass!r}")
+
 
 @dataclass
 class ScoreSummary:
@@ -1107,14 +1130,17 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
             _store_earlier_scores(job, store)
     counts = _row_counts(None)
     bundle = {**bundle, "uri": model.uri, "name": model.name, "version": model.version}
-    for pass_job, inputs in scoring_passes(job, todo):
+    # Passes bound what the store's work keeps on the driver; without a store rows stream from Ray to the output.
+    passes = scoring_passes(job, todo) if store is not None else ([(job, todo)] if todo.num_rows else [])
+    for pass_job, inputs in passes:
         if store is not None:
             _score_through_store(pass_job, inputs, bundle, store, scorer_cls, held)
         else:
             _score_fresh(pass_job, inputs, bundle, scorer_cls)
         # A lease lost while scoring: another job may have deleted this run's parts, so the counts would lie.
         _check_lease(held)
-        written = _row_counts(read_scores(job.output_uri, job.storage, run_id=pass_job.run_id))
+        written = _row_counts(read_scores(job.output_uri, job.storage, run_id=pass_job.run_id,
+                                          columns=["error", "reuse"]))
         counts = {name: counts[name] + written[name] for name in counts}
     if store is not None:  # once every row is written: merging a store's files can take a while
         store.compact()
@@ -1124,9 +1150,10 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
 
 
 def scoring_passes(job: ScoreJob, todo: pa.Table):
-    """(job, inputs) for each pass of at most ``job.inputs_per_pass`` inputs, in manifest order. One pass keeps the
-    job's run id; with several, pass i writes as run ``<run_id>-p<i>``, so its parts and store files are its own
-    while ``read_scores(run_id=<run_id>)`` still finds every part of the run."""
+    """(job, inputs) for each pass of at most ``job.inputs_per_pass`` inputs, in manifest order (runs with a score
+    store: the hashes, the reuse plan and the pass's rows are the driver's to hold). One pass keeps the job's run id;
+    with several, pass i writes as run ``<run_id>-p<i>``, so its parts and store files are its own while
+    ``read_scores(run_id=<run_id>)`` still finds every part of the run."""
     step = max(1, job.inputs_per_pass)
     if todo.num_rows <= step:
         if todo.num_rows:
@@ -1255,19 +1282,25 @@ def _score_through_store(job: ScoreJob, todo: pa.Table, bundle: dict, store: Sco
 
 def _store_earlier_scores(job: ScoreJob, store: ScoreStore) -> None:
     """Add the scores earlier runs of this output computed but did not store (a crash between writing their rows
-    and storing them), so that later crawls reuse them too."""
-    written = read_scores(job.output_uri, job.storage)
-    fresh = written.filter(pc.and_(pc.equal(pc.fill_null(written.column("reuse"), REUSE_FRESH), REUSE_FRESH),
-                                   written.column("score").is_valid()))
-    fresh = fresh.filter(fresh.column("content_hash").is_valid())
-    if not fresh.num_rows:
-        return
-    known = store.lookup(fresh.column("content_hash")).column("content_hash")
-    missing = fresh.filter(pc.invert(pc.is_in(fresh.column("content_hash"), value_set=known)))
-    if missing.num_rows:
-        log.info("score store %s: adding %d scores of earlier runs of %s", store.uri, missing.num_rows,
-                 job.output_uri)
-        store.add(missing, f"{job.run_id}-earlier")  # its own file name: this run adds its new scores later
+    and storing them), so that later crawls reuse them too. Read a group of parts at a time (about
+    ``job.inputs_per_pass`` rows), only the columns the store keeps."""
+    fs, _ = _output_location(job.output_uri, job.storage)
+    parts = list_part_files(job.output_uri, job.storage)
+    per_group = max(1, job.inputs_per_pass // max(1, job.rows_per_output_file))
+    for start in range(0, len(parts), per_group):
+        written = _read_parts(fs, parts[start:start + per_group], columns=[*STORE_SCHEMA.names, "reuse"])
+        fresh = written.filter(pc.and_(pc.equal(pc.fill_null(written.column("reuse"), REUSE_FRESH), REUSE_FRESH),
+                                       written.column("score").is_valid()))
+        fresh = fresh.filter(fresh.column("content_hash").is_valid())
+        if not fresh.num_rows:
+            continue
+        known = store.lookup(fresh.column("content_hash")).column("content_hash")
+        missing = fresh.filter(pc.invert(pc.is_in(fresh.column("content_hash"), value_set=known)))
+        if missing.num_rows:
+            log.info("score store %s: adding %d scores of earlier runs of %s", store.uri, missing.num_rows,
+                     job.output_uri)
+            # Its own file name: this run adds its new scores later.
+            store.add(missing, f"{job.run_id}-earlier{start // per_group:05d}")
 
 
 def _fresh_rows(job: ScoreJob) -> pa.Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -309,9 +310,18 @@ def crawls(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.timeout(240)
-def test_a_second_crawl_reuses_scores_of_seen_content_and_every_input_gets_one_row(ray_local, model, crawls, tmp_path):
+def test_a_second_crawl_reuses_scores_of_seen_content_and_every_input_gets_one_row(ray_local, model, crawls, tmp_path,
+                                                                                   monkeypatch):
+    from pipelines import score_store
+
+    # A file in every bucket beforehand and a merge size of two: the first job merges each bucket it stores into.
+    monkeypatch.setattr(score_store, "COMPACT_AT_PARTS", 2)
     store = tmp_path / "store"
+    fillers = [f"{b:02x}" + "f" * 62 for b in range(256)]
+    ScoreStore(str(store), _fingerprint(model)).add(_day_rows(fillers, 0.5, day=1), "earlier")
     first = run_scoring(_job(crawls["day1"], tmp_path / "out1", store), model)
+    merged = sorted(store.rglob("part-compacted-*.parquet"))
+    assert merged and len(list(store.rglob("part-earlier.parquet"))) == 256 - len(merged)
 
     rows1 = _every_row(tmp_path / "out1")
     listed1 = [str(p) for p in crawls["day1"].rglob("*") if p.is_file()]
@@ -374,13 +384,16 @@ def test_a_crawl_scored_in_passes_gets_one_row_per_input_and_later_passes_reuse_
         "img000.png": "reused",  # its bytes were scored and stored by the first pass
         "img001.png": "fresh"}
     assert (summary.n_scored, summary.n_duplicates, summary.n_reused, summary.n_written) == (2, 2, 1, 5)
-    parts = {Path(p).name for p in scoring.list_part_files(str(tmp_path / "out"))}
-    assert {name.split("-")[3] for name in parts} == {"p00000", "p00001"}, parts
+    assert _every_row(tmp_path / "out").num_rows == 5
+    parts = [Path(p).name for p in scoring.list_part_files(str(tmp_path / "out"))]
+    assert {re.search(r"-(p\d{5})-", name).group(1) for name in parts} == {"p00000", "p00001"}, parts
     assert run_scoring(dataclasses.replace(job, run_id="again"), model).n_written == 0
 
+    # Without a store, rows stream from Ray to the output: nothing for passes to bound, so one pass.
     plain = run_scoring(_job(crawl, tmp_path / "plain", None, inputs_per_pass=3), model)
     assert (plain.n_scored, plain.n_written) == (5, 5)
-    assert sorted(_by_path(_every_row(tmp_path / "plain"))) == sorted(rows)
+    plain_parts = [Path(p).name for p in scoring.list_part_files(str(tmp_path / "plain"))]
+    assert plain_parts and not any(re.search(r"-p\d{5}-", name) for name in plain_parts), plain_parts
 
 
 @pytest.mark.timeout(240)
@@ -434,13 +447,17 @@ def _crash_after(original, when=lambda *a, **k: True):
     return crashing
 
 
-# (what fails, when, which part of the crawl is scored: "new" alone leaves the rerun nothing to score)
+# (what fails, when, which part of the crawl is scored: "new" alone leaves the rerun nothing to score, the job's
+# inputs per pass)
 CRASH_POINTS = {
-    "after the reused rows": ("write_rows_part", lambda job, table, tag: tag == "reused", "."),
-    "after the fresh rows, before the store": ("_score_fresh", None, "."),
-    "while storing": ("store", None, "."),
-    "while storing the last scores": ("store", None, "new"),
-    "after the duplicates": ("write_rows_part", lambda job, table, tag: tag == "duplicates", "."),
+    "after the reused rows": ("write_rows_part", lambda job, table, tag: tag == "reused", ".", 1_000_000),
+    "after the fresh rows, before the store": ("_score_fresh", None, ".", 1_000_000),
+    "while storing": ("store", None, ".", 1_000_000),
+    "while storing the last scores": ("store", None, "new", 1_000_000),
+    "after the duplicates": ("write_rows_part", lambda job, table, tag: tag == "duplicates", ".", 1_000_000),
+    # Passes of four: the copies and the broken file first, the seen images in the second pass.
+    "in the second pass, after its fresh rows": ("_score_fresh", lambda job, *a: job.run_id.endswith("-p00001"),
+                                                 ".", 4),
 }
 
 
@@ -467,7 +484,7 @@ def test_a_run_killed_at_any_step_is_completed_by_the_rerun_exactly_once_and_the
         ray_local, model, seeded, tmp_path, monkeypatch, point):
     store = shutil.copytree(seeded["store"], tmp_path / "store")
     output = tmp_path / "out"
-    name, when, part = CRASH_POINTS[point]
+    name, when, part, per_pass = CRASH_POINTS[point]
     crawl = seeded["crawl"] / part
     with monkeypatch.context() as patch:
         if name == "store":
@@ -475,9 +492,9 @@ def test_a_run_killed_at_any_step_is_completed_by_the_rerun_exactly_once_and_the
         else:
             patch.setattr(scoring, name, _crash_after(getattr(scoring, name), when or (lambda *a, **k: True)))
         with pytest.raises(Crash):
-            run_scoring(_job(crawl, output, store), model)
+            run_scoring(_job(crawl, output, store, inputs_per_pass=per_pass), model)
 
-    rerun = run_scoring(_job(crawl, output, store), model)
+    rerun = run_scoring(_job(crawl, output, store, inputs_per_pass=per_pass), model)
 
     rows = _every_row(output)
     listed = sorted(str(p) for p in crawl.rglob("*") if p.is_file())
