@@ -1,6 +1,6 @@
 """Benchmark: the scoring driver's memory with the inputs scored in passes (`mpft score --inputs-per-pass N`).
 
-    .venv/bin/python bench/score_passes.py              # 200,000 files, one pass vs four
+    .venv/bin/python bench/score_passes.py              # 400,000 files, one pass vs four (~10 min here)
     .venv/bin/python bench/score_passes.py --quick      # 20,000 files
 
 A crawl of N real small files (distinct random bytes, so every file is new content) is scored with the score store
@@ -136,8 +136,8 @@ def run(args) -> dict:
 
 def markdown(results: dict, meta: dict) -> str:
     lines = [f"# Scoring in passes ({meta['measured_at']}, commit {meta['commit']})", "",
-             f"{results['n']:,} files of 64 random bytes, score store on (empty), ConstantScorer (no decode, no "
-             f"model), {results['cores']} cores; each run in a fresh process.", "",
+             f"{results['n']:,} files of 64 random bytes, score store on (empty), HashingConstantScorer (hashes "
+             f"the bytes; no decode, no model), {results['cores']} cores; each run in a fresh process.", "",
              "| inputs per pass | passes | wall s | driver peak above start, MiB | Arrow pool peak, MiB |",
              "|---:|---:|---:|---:|---:|"]
     for r in results["runs"]:
@@ -162,7 +162,7 @@ def write_results(results: dict, quick: bool) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="20,000 files")
-    p.add_argument("--n", type=int, default=None, help="files in the crawl (default 200,000)")
+    p.add_argument("--n", type=int, default=None, help="files in the crawl (default 400,000)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--keep", action="store_true")
     p.add_argument("--child", nargs=4, metavar=("CRAWL", "WORK", "CHECKPOINT", "PER_PASS"), help=argparse.SUPPRESS)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         crawl, work, checkpoint, per_pass = args.child
         print(json.dumps(run_once(Path(crawl), Path(work), Path(checkpoint), int(per_pass))))
         return 0
-    args.n = args.n or (20_000 if args.quick else 200_000)
+    args.n = args.n or (20_000 if args.quick else 400_000)
     if args.n < 4:
         p.error("--n must be at least 4 (the second run scores it in four passes)")
     write_results(run(args), args.quick)
