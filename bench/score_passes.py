@@ -118,7 +118,7 @@ def run(args) -> dict:
     write_crawl(crawl, args.n)
     checkpoint = make_checkpoint(work)
     runs = []
-    for per_pass in (args.n, args.n // 4):
+    for per_pass in (args.n, -(-args.n // 4)):  # one pass, then exactly four
         out = work / f"run-{per_pass}"
         shutil.rmtree(out, ignore_errors=True)
         result = child(["--child", str(crawl), str(out), str(checkpoint), str(per_pass)])

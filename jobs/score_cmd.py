@@ -48,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "reuse the stored score instead of being scored again, inputs with the same bytes are "
                              "scored once, and new scores are added (rows say fresh / reused / duplicate)")
     parser.add_argument("--inputs-per-pass", type=positive_int, default=1_000_000, metavar="N",
-                        help="score the inputs in passes of at most N (default 1,000,000): the driver's memory "
-                             "for hashes, reuse plan and rows grows with N, not with the crawl; each pass starts "
-                             "its own actors")
+                        help="with --store, score the inputs in passes of at most N (default 1,000,000): the "
+                             "driver's memory for hashes, reuse plan and rows grows with N, not with the crawl; "
+                             "each pass starts its own actors")
     parser.add_argument("--table-max", type=int, default=50,
                         help="without --output, print a table for at most this many local files")
     add_stack_arguments(parser)

@@ -103,6 +103,8 @@ PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 # "_" keeps Arrow, Spark and Hive readers of the output folder from taking the record for data.
 OUTPUT_RECORD = "_mpft_output.json"
+# With a score store: one empty file per run (or pass) whose new scores all reached the store (``_mark_stored``).
+STORED_MARKERS = "_mpft_stored"
 
 OUTPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -374,7 +376,8 @@ def _distinct_models(table: pa.Table) -> set[tuple]:
 def read_scores(output_uri: str, cfg: Optional[StorageConfig] = None, run_id: Optional[str] = None,
                 columns: Optional[list[str]] = None) -> pa.Table:
     """All scored rows under ``output_uri`` (optionally only one run's parts), one row per path (latest wins);
-    ``columns``: only those (and ``path``, ``scored_at``), for a reader that needs a few of a large output's."""
+    ``columns`` (of ``OUTPUT_SCHEMA``): only those (and ``path``, ``scored_at``), for a reader that needs a few of a
+    large output's; a part written before a column existed gives nulls for it."""
     fs, _ = _output_location(output_uri, cfg)
     parts = list_part_files(output_uri, cfg)
     if run_id is not None:
@@ -395,8 +398,10 @@ def _read_parts(fs: pafs.FileSystem, parts: list[str], columns: Optional[list[st
 def _read_part_columns(fs: pafs.FileSystem, part: str, columns: Optional[list[str]]) -> pa.Table:
     if columns is None:
         return pq.read_table(part, filesystem=fs)
-    present = set(pq.read_schema(part, filesystem=fs).names)  # parts written before a column existed lack it
-    return pq.read_table(part, filesystem=fs, columns=[name for name in columns if name in present])
+    with fs.open_input_file(part) as handle:  # one open: the schema and the columns from the same file
+        parquet = pq.ParquetFile(handle)
+        present = set(parquet.schema_arrow.names)  # parts written before a column existed lack it
+        return parquet.read(columns=[name for name in columns if name in present])
 
 
 def with_every_output_column(table: pa.Table) -> pa.Table:
@@ -1135,6 +1140,7 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
     for pass_job, inputs in passes:
         if store is not None:
             _score_through_store(pass_job, inputs, bundle, store, scorer_cls, held)
+            _mark_stored(pass_job)
         else:
             _score_fresh(pass_job, inputs, bundle, scorer_cls)
         # A lease lost while scoring: another job may have deleted this run's parts, so the counts would lie.
@@ -1142,8 +1148,8 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
         written = _row_counts(read_scores(job.output_uri, job.storage, run_id=pass_job.run_id,
                                           columns=["error", "reuse"]))
         counts = {name: counts[name] + written[name] for name in counts}
-    if store is not None:  # once every row is written: merging a store's files can take a while
-        store.compact()
+        if store is not None:  # each pass adds a file per bucket; merging waits until its rows are all written
+            store.compact()
     return ScoreSummary(run_id=job.run_id, output_uri=job.output_uri, n_inputs=manifest.num_rows,
                         n_skipped_already_scored=skipped, n_torn_parts_removed=len(torn),
                         seconds=time.perf_counter() - started, model=model, **counts)
@@ -1280,12 +1286,26 @@ def _score_through_store(job: ScoreJob, todo: pa.Table, bundle: dict, store: Sco
         store.add(fresh.filter(pc.is_in(fresh.column("path"), value_set=leftover.column("path"))), f"{job.run_id}-2")
 
 
+def _mark_stored(job: ScoreJob) -> None:
+    """Record that every new score of run ``job.run_id`` reached the store: an empty ``_mpft_stored/<run_id>``."""
+    storage.write_atomic(storage.join(job.output_uri, STORED_MARKERS, job.run_id), b"",
+                         (job.storage or StorageConfig()).resolved())
+
+
+def _unmarked_parts(job: ScoreJob) -> list[str]:
+    """The output's parts written by runs (or passes) that did not record storing their scores (``_mark_stored``)."""
+    fs, root = _output_location(job.output_uri, job.storage)
+    marked = fs.get_file_info(pafs.FileSelector(f"{root.rstrip('/')}/{STORED_MARKERS}", allow_not_found=True))
+    prefixes = tuple(f"{PART_PREFIX}{Path(info.path).name}-" for info in marked if info.type == pafs.FileType.File)
+    return [p for p in list_part_files(job.output_uri, job.storage) if not Path(p).name.startswith(prefixes)]
+
+
 def _store_earlier_scores(job: ScoreJob, store: ScoreStore) -> None:
     """Add the scores earlier runs of this output computed but did not store (a crash between writing their rows
-    and storing them), so that later crawls reuse them too. Read a group of parts at a time (about
-    ``job.inputs_per_pass`` rows), only the columns the store keeps."""
+    and storing them), so that later crawls reuse them too. Only parts of runs without a stored mark are read, a
+    group at a time (about ``job.inputs_per_pass`` rows), only the columns the store keeps."""
     fs, _ = _output_location(job.output_uri, job.storage)
-    parts = list_part_files(job.output_uri, job.storage)
+    parts = _unmarked_parts(job)
     per_group = max(1, job.inputs_per_pass // max(1, job.rows_per_output_file))
     for start in range(0, len(parts), per_group):
         written = _read_parts(fs, parts[start:start + per_group], columns=[*STORE_SCHEMA.names, "reuse"])

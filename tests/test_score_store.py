@@ -173,7 +173,8 @@ def test_daily_runs_keep_each_bucket_under_the_compaction_size_and_the_earliest_
         new, again = hashes[day % 8], hashes[(day + 3) % 8]
         # Run names that sort against time: a merge that kept the first file listed would keep the latest score.
         store.add(_day_rows([new, again], score=day / 20, day=day), f"r{99 - day:02d}")
-        assert store.compact(min_parts=4) in (0, 1)  # as each scoring job does once its rows are written
+        merged = store.compact(min_parts=4)  # as each scoring job does once its rows are written
+        assert merged == (1 if day in (4, 7, 10) else 0)  # a file a day; the fourth makes one (then 1 + 3 more)
         for h in (new, again):
             seen_first.setdefault(h, day / 20)
         assert all(len(files) < 4 for files in _files(store).values()), _files(store)
@@ -249,8 +250,11 @@ class _OnlyItsOwnFiles(_NoDeletes):
     allow = (".delete-check", "part-compacted-")
 
 
-@pytest.mark.parametrize("fs_class", [_NoDeletes, _OnlyItsOwnFiles], ids=["no deletes", "only its own files"])
-def test_a_store_that_refuses_deletes_keeps_its_files_and_gains_none(tmp_path, monkeypatch, caplog, fs_class):
+@pytest.mark.parametrize("fs_class, warned", [(_NoDeletes, "could not delete there"),
+                                               (_OnlyItsOwnFiles, "taking the merged copy back out")],
+                         ids=["no deletes", "only its own files"])
+def test_a_store_that_refuses_deletes_keeps_its_files_and_gains_none(tmp_path, monkeypatch, caplog, fs_class,
+                                                                     warned):
     import pyarrow.fs as pafs
 
     store = ScoreStore(str(tmp_path / "store"), "m1")
@@ -262,7 +266,7 @@ def test_a_store_that_refuses_deletes_keeps_its_files_and_gains_none(tmp_path, m
         assert store.compact(min_parts=2) == 0
 
     assert sorted(next(iter(_files(store).values()))) == ["part-day1.parquet", "part-day2.parquet"]
-    assert "could not delete" in caplog.text
+    assert warned in caplog.text
     assert store.lookup([a, b]).num_rows == 2
 
 
@@ -420,6 +424,20 @@ def test_a_store_on_s3_serves_a_rerun_of_the_same_crawl_without_the_model(ray_lo
     assert {p: r["score"] for p, r in first.items()} == {p: r["score"] for p, r in second.items()}
 
 
+def test_inputs_per_pass_must_be_at_least_one():
+    with pytest.raises(ValueError, match="at least 1"):
+        _job("in", "out", "store", inputs_per_pass=0)
+
+
+def test_reading_a_few_columns_of_parts_written_before_a_column_existed(tmp_path):
+    old = pa.table({"path": ["/a", "/b"], "score": pa.array([0.1, 0.9], pa.float32()),
+                    "scored_at": pa.array([None, None], pa.timestamp("us", tz="UTC"))})  # no reuse, no error
+    pq.write_table(old, tmp_path / "part-old-000.parquet")
+    table = read_scores(str(tmp_path), columns=["error", "reuse"])
+    assert table.column_names == ["path", "scored_at", "error", "reuse"]
+    assert sorted(table.column("path").to_pylist()) == ["/a", "/b"] and table.column("reuse").null_count == 2
+
+
 def test_store_needs_an_output(tmp_path):
     import subprocess
     import sys
@@ -510,6 +528,9 @@ def test_a_run_killed_at_any_step_is_completed_by_the_rerun_exactly_once_and_the
     new_hashes = {r["content_hash"] for r in rows.to_pylist() if r["score"] is not None}
     stored = ScoreStore(str(store), _fingerprint(model)).lookup(sorted(new_hashes))
     assert set(stored.column("content_hash").to_pylist()) == new_hashes
+    # The rerun marked its scores stored: a later rerun reads only the parts of the run that crashed.
+    unmarked = [Path(p).name for p in scoring._unmarked_parts(_job(crawl, output, store))]
+    assert unmarked and not any(name.startswith(f"part-{rerun.run_id}") for name in unmarked), unmarked
 
 
 def _fingerprint(model: ResolvedModel) -> str:
