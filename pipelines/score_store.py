@@ -291,9 +291,6 @@ class ScoreStore:
         try:  # until here a crash leaves every score where it was
             self._delete(first)
         except OSError as err:
-            if self.fs.get_file_info(first).type == pafs.FileType.NotFound:  # deleted after all (a lost answer)
-                self._in_parallel(self._delete, rest)
-                return 1
             log.warning("score store %s: could not delete %s (%s); taking the merged copy back out and merging no "
                         "more files this run", self.uri, first, err)
             self._delete(f"{self.model_dir}/bucket={bucket}/{name}", quiet=True)
@@ -308,6 +305,9 @@ class ScoreStore:
         except FileNotFoundError:  # merged and deleted by another run at the same time
             pass
         except OSError as err:
+            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:  # deleted after all: the answer was lost
+                log.info("score store: deleting %s reported %s, but it is gone", path, err)
+                return
             if not quiet:
                 raise
             log.warning("score store: could not delete %s either (%s); it repeats scores stored beside it", path, err)

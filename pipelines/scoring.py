@@ -103,7 +103,7 @@ PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 # "_" keeps Arrow, Spark and Hive readers of the output folder from taking the record for data.
 OUTPUT_RECORD = "_mpft_output.json"
-# With a score store: one empty file per run (or pass) whose new scores all reached the store (``_mark_stored``).
+# With a score store: a small JSON file per run (or pass) naming its parts whose new scores all reached the store.
 STORED_MARKERS = "_mpft_stored"
 
 OUTPUT_SCHEMA = pa.schema([
@@ -1137,10 +1137,12 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
     bundle = {**bundle, "uri": model.uri, "name": model.name, "version": model.version}
     # Passes bound what the store's work keeps on the driver; without a store rows stream from Ray to the output.
     passes = scoring_passes(job, todo) if store is not None else ([(job, todo)] if todo.num_rows else [])
+    n_passes = 0
     for pass_job, inputs in passes:
+        n_passes += 1
         if store is not None:
             _score_through_store(pass_job, inputs, bundle, store, scorer_cls, held)
-            _mark_stored(pass_job)
+            _mark_stored(pass_job, store, _run_parts(pass_job))
         else:
             _score_fresh(pass_job, inputs, bundle, scorer_cls)
         # A lease lost while scoring: another job may have deleted this run's parts, so the counts would lie.
@@ -1150,6 +1152,8 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
         counts = {name: counts[name] + written[name] for name in counts}
         if store is not None:  # each pass adds a file per bucket; merging waits until its rows are all written
             store.compact()
+    if store is not None and not n_passes:  # nothing scored, but earlier scores may just have been stored
+        store.compact()
     return ScoreSummary(run_id=job.run_id, output_uri=job.output_uri, n_inputs=manifest.num_rows,
                         n_skipped_already_scored=skipped, n_torn_parts_removed=len(torn),
                         seconds=time.perf_counter() - started, model=model, **counts)
@@ -1286,41 +1290,61 @@ def _score_through_store(job: ScoreJob, todo: pa.Table, bundle: dict, store: Sco
         store.add(fresh.filter(pc.is_in(fresh.column("path"), value_set=leftover.column("path"))), f"{job.run_id}-2")
 
 
-def _mark_stored(job: ScoreJob) -> None:
-    """Record that every new score of run ``job.run_id`` reached the store: an empty ``_mpft_stored/<run_id>``."""
-    storage.write_atomic(storage.join(job.output_uri, STORED_MARKERS, job.run_id), b"",
-                         (job.storage or StorageConfig()).resolved())
+def _mark_stored(job: ScoreJob, store: ScoreStore, parts: list[str], name: Optional[str] = None) -> None:
+    """Record that every new score in ``parts`` (filesystem paths) reached ``store``: ``_mpft_stored/<name>`` (default
+    the run id) holding the store, its model fingerprint and the part names."""
+    record = {"store": store.uri, "fingerprint": store.fingerprint, "parts": sorted(Path(p).name for p in parts)}
+    storage.write_atomic(storage.join(job.output_uri, STORED_MARKERS, name or job.run_id),
+                         json.dumps(record).encode("utf-8"), (job.storage or StorageConfig()).resolved())
 
 
-def _unmarked_parts(job: ScoreJob) -> list[str]:
-    """The output's parts written by runs (or passes) that did not record storing their scores (``_mark_stored``)."""
+def _run_parts(job: ScoreJob) -> list[str]:
+    """The parts of run ``job.run_id`` (run ids are unique per output: the default is the time and a random id)."""
+    return [p for p in list_part_files(job.output_uri, job.storage)
+            if Path(p).name.startswith(f"{PART_PREFIX}{job.run_id}-")]
+
+
+def _unmarked_parts(job: ScoreJob, store: ScoreStore) -> list[str]:
+    """The output's parts whose scores no marker (``_mark_stored``) of this store and model says were stored."""
     fs, root = _output_location(job.output_uri, job.storage)
-    marked = fs.get_file_info(pafs.FileSelector(f"{root.rstrip('/')}/{STORED_MARKERS}", allow_not_found=True))
-    prefixes = tuple(f"{PART_PREFIX}{Path(info.path).name}-" for info in marked if info.type == pafs.FileType.File)
-    return [p for p in list_part_files(job.output_uri, job.storage) if not Path(p).name.startswith(prefixes)]
+    markers = fs.get_file_info(pafs.FileSelector(f"{root.rstrip('/')}/{STORED_MARKERS}", allow_not_found=True))
+    stored: set[str] = set()
+    for info in markers:
+        if info.type != pafs.FileType.File:
+            continue
+        try:
+            with fs.open_input_stream(info.path) as handle:
+                record = json.loads(handle.read())
+        except (OSError, ValueError):  # unreadable: its parts are read again, which is only slower
+            continue
+        if isinstance(record, dict) and (record.get("store"), record.get("fingerprint")) == (store.uri,
+                                                                                             store.fingerprint):
+            stored.update(record.get("parts") or ())
+    return [p for p in list_part_files(job.output_uri, job.storage) if Path(p).name not in stored]
 
 
 def _store_earlier_scores(job: ScoreJob, store: ScoreStore) -> None:
     """Add the scores earlier runs of this output computed but did not store (a crash between writing their rows
-    and storing them), so that later crawls reuse them too. Only parts of runs without a stored mark are read, a
-    group at a time (about ``job.inputs_per_pass`` rows), only the columns the store keeps."""
+    and storing them, or another store), so that later crawls reuse them too, then mark those parts stored. Only
+    unmarked parts are read, a group at a time (about ``job.inputs_per_pass`` rows), only the store's columns."""
     fs, _ = _output_location(job.output_uri, job.storage)
-    parts = _unmarked_parts(job)
+    parts = _unmarked_parts(job, store)
     per_group = max(1, job.inputs_per_pass // max(1, job.rows_per_output_file))
     for start in range(0, len(parts), per_group):
-        written = _read_parts(fs, parts[start:start + per_group], columns=[*STORE_SCHEMA.names, "reuse"])
+        group = parts[start:start + per_group]
+        written = _read_parts(fs, group, columns=[*STORE_SCHEMA.names, "reuse"])
         fresh = written.filter(pc.and_(pc.equal(pc.fill_null(written.column("reuse"), REUSE_FRESH), REUSE_FRESH),
                                        written.column("score").is_valid()))
         fresh = fresh.filter(fresh.column("content_hash").is_valid())
-        if not fresh.num_rows:
-            continue
-        known = store.lookup(fresh.column("content_hash")).column("content_hash")
-        missing = fresh.filter(pc.invert(pc.is_in(fresh.column("content_hash"), value_set=known)))
-        if missing.num_rows:
-            log.info("score store %s: adding %d scores of earlier runs of %s", store.uri, missing.num_rows,
-                     job.output_uri)
-            # Its own file name: this run adds its new scores later.
-            store.add(missing, f"{job.run_id}-earlier{start // per_group:05d}")
+        if fresh.num_rows:
+            known = store.lookup(fresh.column("content_hash")).column("content_hash")
+            missing = fresh.filter(pc.invert(pc.is_in(fresh.column("content_hash"), value_set=known)))
+            if missing.num_rows:
+                log.info("score store %s: adding %d scores of earlier runs of %s", store.uri, missing.num_rows,
+                         job.output_uri)
+                # Its own file name: this run adds its new scores later.
+                store.add(missing, f"{job.run_id}-earlier{start // per_group:05d}")
+        _mark_stored(job, store, group, name=f"{job.run_id}-earlier{start // per_group:05d}")
 
 
 def _fresh_rows(job: ScoreJob) -> pa.Table:

@@ -270,6 +270,32 @@ def test_a_store_that_refuses_deletes_keeps_its_files_and_gains_none(tmp_path, m
     assert store.lookup([a, b]).num_rows == 2
 
 
+class _DeletesThenFails(fsspec.implementations.local.LocalFileSystem):
+    """Deletes a part and then reports an error anyway, as a store whose answer was lost on the way."""
+
+    def rm(self, path, recursive=False, maxdepth=None):
+        super().rm(path, recursive=recursive, maxdepth=maxdepth)
+        if "part-day" in str(path):
+            raise OSError(f"connection reset after deleting {path}")
+
+    rm_file = rm
+
+
+def test_a_delete_that_went_through_despite_an_error_still_completes_the_merge(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    store = ScoreStore(str(tmp_path / "store"), "m1")
+    monkeypatch.setattr(store, "fs", pafs.PyFileSystem(pafs.FSSpecHandler(_DeletesThenFails())))
+    a, b, c = _same_bucket_hashes(3)
+    for day, h in enumerate((a, b, c), start=1):
+        store.add(_day_rows([h], day / 10, day=day), f"day{day}")
+
+    assert store.compact(min_parts=3) == 1
+    [names] = _files(store).values()
+    assert len(names) == 1 and names[0].startswith("part-compacted-")
+    assert store.lookup([a, b, c]).num_rows == 3
+
+
 @pytest.mark.timeout(120)
 def test_compaction_and_a_lookup_racing_it_on_the_s3_server(s3_server, monkeypatch):
     s3_server.create_bucket("compacted-store")
@@ -528,9 +554,11 @@ def test_a_run_killed_at_any_step_is_completed_by_the_rerun_exactly_once_and_the
     new_hashes = {r["content_hash"] for r in rows.to_pylist() if r["score"] is not None}
     stored = ScoreStore(str(store), _fingerprint(model)).lookup(sorted(new_hashes))
     assert set(stored.column("content_hash").to_pylist()) == new_hashes
-    # The rerun marked its scores stored: a later rerun reads only the parts of the run that crashed.
-    unmarked = [Path(p).name for p in scoring._unmarked_parts(_job(crawl, output, store))]
-    assert unmarked and not any(name.startswith(f"part-{rerun.run_id}") for name in unmarked), unmarked
+    # Every part is now marked stored in this store (the crashed run's by the rerun): a later rerun reads none.
+    assert list((output / "_mpft_stored").iterdir())
+    assert scoring._unmarked_parts(_job(crawl, output, store), ScoreStore(str(store), _fingerprint(model))) == []
+    assert len(scoring._unmarked_parts(_job(crawl, output, store), ScoreStore(str(tmp_path / "other"), "x"))) == \
+        len(scoring.list_part_files(str(output)))  # markers of this store say nothing about another
 
 
 def _fingerprint(model: ResolvedModel) -> str:
