@@ -179,6 +179,13 @@ class ScoreStore:
         self.fs, root = storage.resolve(uri, self.cfg)
         self.model_dir = f"{root.rstrip('/')}/model={fingerprint}"
 
+    @property
+    def identity(self) -> str:
+        """Which store and model, however the URI was spelt: the filesystem kind, the S3 endpoint, the model's folder
+        (an absolute path locally, ``bucket/key`` on S3, the fingerprint included)."""
+        endpoint = self.cfg.endpoint() if self.fs.type_name == "s3" else None
+        return json.dumps([self.fs.type_name, endpoint, self.model_dir])
+
     def lookup(self, hashes) -> pa.Table:
         """The stored (content_hash, score, width, height) of those of ``hashes`` (an Arrow string array or a
         sequence of str) the store holds, one row each.
@@ -305,12 +312,18 @@ class ScoreStore:
         except FileNotFoundError:  # merged and deleted by another run at the same time
             pass
         except OSError as err:
-            if self.fs.get_file_info(path).type == pafs.FileType.NotFound:  # deleted after all: the answer was lost
+            if self._gone(path):  # deleted after all: the answer was lost on the way
                 log.info("score store: deleting %s reported %s, but it is gone", path, err)
                 return
             if not quiet:
                 raise
             log.warning("score store: could not delete %s either (%s); it repeats scores stored beside it", path, err)
+
+    def _gone(self, path: str) -> bool:
+        try:
+            return self.fs.get_file_info(path).type == pafs.FileType.NotFound
+        except OSError:  # cannot tell: not gone, as far as anyone knows
+            return False
 
     def _in_parallel(self, fn, items: list) -> list:
         """``[fn(item) for item in items]``, several at a time: each call mostly waits for the store (pyarrow
@@ -356,7 +369,7 @@ class ScoreStore:
             return None
         except OSError:
             # On S3 a file deleted after it was opened fails mid-read with a plain OSError: gone, if it is gone.
-            if self.fs.get_file_info(part).type == pafs.FileType.NotFound:
+            if self._gone(part):
                 return _GONE
             raise
 

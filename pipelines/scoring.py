@@ -1291,9 +1291,9 @@ def _score_through_store(job: ScoreJob, todo: pa.Table, bundle: dict, store: Sco
 
 
 def _mark_stored(job: ScoreJob, store: ScoreStore, parts: list[str], name: Optional[str] = None) -> None:
-    """Record that every new score in ``parts`` (filesystem paths) reached ``store``: ``_mpft_stored/<name>`` (default
-    the run id) holding the store, its model fingerprint and the part names."""
-    record = {"store": store.uri, "fingerprint": store.fingerprint, "parts": sorted(Path(p).name for p in parts)}
+    """Record that every score in ``parts`` (filesystem paths) reached ``store``: ``_mpft_stored/<name>`` (default the
+    run id) holding the store's identity (``ScoreStore.identity``: its place and model) and the part names."""
+    record = {"store": store.identity, "parts": sorted(Path(p).name for p in parts)}
     storage.write_atomic(storage.join(job.output_uri, STORED_MARKERS, name or job.run_id),
                          json.dumps(record).encode("utf-8"), (job.storage or StorageConfig()).resolved())
 
@@ -1317,25 +1317,23 @@ def _unmarked_parts(job: ScoreJob, store: ScoreStore) -> list[str]:
                 record = json.loads(handle.read())
         except (OSError, ValueError):  # unreadable: its parts are read again, which is only slower
             continue
-        if isinstance(record, dict) and (record.get("store"), record.get("fingerprint")) == (store.uri,
-                                                                                             store.fingerprint):
+        if isinstance(record, dict) and record.get("store") == store.identity:
             stored.update(record.get("parts") or ())
     return [p for p in list_part_files(job.output_uri, job.storage) if Path(p).name not in stored]
 
 
 def _store_earlier_scores(job: ScoreJob, store: ScoreStore) -> None:
     """Add the scores earlier runs of this output computed but did not store (a crash between writing their rows
-    and storing them, or another store), so that later crawls reuse them too, then mark those parts stored. Only
-    unmarked parts are read, a group at a time (about ``job.inputs_per_pass`` rows), only the store's columns."""
+    and storing them, or runs with another store or none), so that later crawls reuse them too, then mark those
+    parts stored. Only unmarked parts are read, a group at a time (about ``job.inputs_per_pass`` rows), only the
+    store's columns; every scored row counts, whichever way it got its score (the lookup drops what is known)."""
     fs, _ = _output_location(job.output_uri, job.storage)
     parts = _unmarked_parts(job, store)
     per_group = max(1, job.inputs_per_pass // max(1, job.rows_per_output_file))
     for start in range(0, len(parts), per_group):
         group = parts[start:start + per_group]
-        written = _read_parts(fs, group, columns=[*STORE_SCHEMA.names, "reuse"])
-        fresh = written.filter(pc.and_(pc.equal(pc.fill_null(written.column("reuse"), REUSE_FRESH), REUSE_FRESH),
-                                       written.column("score").is_valid()))
-        fresh = fresh.filter(fresh.column("content_hash").is_valid())
+        written = _read_parts(fs, group, columns=list(STORE_SCHEMA.names))
+        fresh = written.filter(pc.and_(written.column("score").is_valid(), written.column("content_hash").is_valid()))
         if fresh.num_rows:
             known = store.lookup(fresh.column("content_hash")).column("content_hash")
             missing = fresh.filter(pc.invert(pc.is_in(fresh.column("content_hash"), value_set=known)))

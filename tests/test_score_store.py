@@ -464,6 +464,40 @@ def test_reading_a_few_columns_of_parts_written_before_a_column_existed(tmp_path
     assert sorted(table.column("path").to_pylist()) == ["/a", "/b"] and table.column("reuse").null_count == 2
 
 
+def _output_with_scores(output: Path, hashes: list[str]) -> None:
+    """An output holding one part of scored rows, as a run that crashed before storing them leaves it."""
+    rows = scoring.with_every_output_column(pa.table({
+        "path": [f"/crawl/{i}.png" for i in range(len(hashes))], "content_hash": hashes,
+        "score": pa.array([0.25] * len(hashes), pa.float32()), "width": pa.array([8] * len(hashes), pa.int32()),
+        "height": pa.array([8] * len(hashes), pa.int32()), "model_uri": ["m"] * len(hashes),
+        "scored_at": pa.array([_at(1)] * len(hashes), pa.timestamp("us", tz="UTC")),
+        "reuse": ["fresh", "reused"][: len(hashes)]}))
+    output.mkdir(parents=True)
+    pq.write_table(rows.select(scoring.OUTPUT_SCHEMA.names).cast(scoring.OUTPUT_SCHEMA),
+                   output / "part-crashed-000000.parquet")
+
+
+def test_a_rerun_stores_a_crashed_run_s_scores_and_marks_them_only_for_that_store(tmp_path, monkeypatch):
+    hashes = [content_hash(b"one"), content_hash(b"two")]
+    _output_with_scores(tmp_path / "out", hashes)
+    job = _job("unused", tmp_path / "out", tmp_path / "store")
+    store = ScoreStore(str(tmp_path / "store"), "m1")
+
+    with monkeypatch.context() as patch:  # the store fails while the rerun stores them: nothing is marked
+        patch.setattr(ScoreStore, "add", lambda self, rows, run_id: (_ for _ in ()).throw(Crash("store down")))
+        with pytest.raises(Crash):
+            scoring._store_earlier_scores(job, store)
+    assert len(scoring._unmarked_parts(job, store)) == 1
+
+    scoring._store_earlier_scores(job, store)
+
+    assert store.lookup(hashes).num_rows == 2  # the fresh row and the reused one: both now in this store
+    assert scoring._unmarked_parts(job, store) == []
+    assert scoring._unmarked_parts(job, ScoreStore(f"file://{tmp_path}/store/", "m1")) == []  # spelt otherwise
+    assert len(scoring._unmarked_parts(job, ScoreStore(str(tmp_path / "elsewhere"), "m1"))) == 1
+    assert len(scoring._unmarked_parts(job, ScoreStore(str(tmp_path / "store"), "m2"))) == 1
+
+
 def test_store_needs_an_output(tmp_path):
     import subprocess
     import sys
