@@ -25,7 +25,7 @@ more than a couple of thousand new hashes) and reads only the rows whose hash it
 ``content_hash``), several parts at a time. Each run adds files of its own, each written whole or not at all. A hash
 stored twice (two runs scored the same new image at once) is read once: the earliest score.
 
-Compaction (``compact``, run by the scoring job once its rows are all written): a daily run adds a file to nearly
+Compaction (``compact``, run by the scoring job once a pass's rows are all written): a daily run adds a file to nearly
 every bucket, so after a few months a lookup would open tens of thousands of files. Every bucket holding
 ``COMPACT_AT_PARTS`` files or more is merged: its files are read, one ``part-compacted-<time>-<id>.parquet`` holding
 the earliest score of each hash is written, and only then are the files it merged deleted (files of any run: the
@@ -75,7 +75,7 @@ STORE_SCHEMA = pa.schema([
 # scores of earlier versions are then never reused.
 SCORING_VERSION = 1
 LOOKUP_READS_IN_FLIGHT = 16
-# A bucket holding this many files when a scoring job ends is merged into one (module docstring: compaction).
+# A bucket holding this many files after a scoring pass is merged into one (module docstring: compaction).
 COMPACT_AT_PARTS = 32
 # Times a lookup reads a bucket in which a file disappeared meanwhile (merged by another run), listing it again.
 LOOKUP_ATTEMPTS = 5

@@ -379,10 +379,14 @@ def read_scores(output_uri: str, cfg: Optional[StorageConfig] = None, run_id: Op
     ``columns`` (of ``OUTPUT_SCHEMA``): only those (and ``path``, ``scored_at``), for a reader that needs a few of a
     large output's; a part written before a column existed gives nulls for it."""
     fs, _ = _output_location(output_uri, cfg)
-    parts = list_part_files(output_uri, cfg)
-    if run_id is not None:
-        parts = [p for p in parts if Path(p).name.startswith(f"{PART_PREFIX}{run_id}-")]
+    parts = list_part_files(output_uri, cfg) if run_id is None else run_part_files(output_uri, cfg, run_id)
     return _read_parts(fs, parts, columns)
+
+
+def run_part_files(output_uri: str, cfg: Optional[StorageConfig], run_id: str) -> list[str]:
+    """The parts of run ``run_id`` (and of its passes, ``<run_id>-p<i>``); run ids are unique per output: the
+    default is the time and a random id."""
+    return [p for p in list_part_files(output_uri, cfg) if Path(p).name.startswith(f"{PART_PREFIX}{run_id}-")]
 
 
 def _read_parts(fs: pafs.FileSystem, parts: list[str], columns: Optional[list[str]] = None) -> pa.Table:
@@ -1137,22 +1141,21 @@ def _score_remaining(job: ScoreJob, model: ResolvedModel, scorer_cls, held: Opti
     bundle = {**bundle, "uri": model.uri, "name": model.name, "version": model.version}
     # Passes bound what the store's work keeps on the driver; without a store rows stream from Ray to the output.
     passes = scoring_passes(job, todo) if store is not None else ([(job, todo)] if todo.num_rows else [])
-    n_passes = 0
+    fs, _ = _output_location(job.output_uri, job.storage)
     for pass_job, inputs in passes:
-        n_passes += 1
         if store is not None:
             _score_through_store(pass_job, inputs, bundle, store, scorer_cls, held)
-            _mark_stored(pass_job, store, _run_parts(pass_job))
         else:
             _score_fresh(pass_job, inputs, bundle, scorer_cls)
         # A lease lost while scoring: another job may have deleted this run's parts, so the counts would lie.
         _check_lease(held)
-        written = _row_counts(read_scores(job.output_uri, job.storage, run_id=pass_job.run_id,
-                                          columns=["error", "reuse"]))
+        parts = run_part_files(job.output_uri, job.storage, pass_job.run_id)
+        written = _row_counts(_read_parts(fs, parts, columns=["error", "reuse"]))
         counts = {name: counts[name] + written[name] for name in counts}
         if store is not None:  # each pass adds a file per bucket; merging waits until its rows are all written
+            _mark_stored(pass_job, store, parts)
             store.compact()
-    if store is not None and not n_passes:  # nothing scored, but earlier scores may just have been stored
+    if store is not None and not todo.num_rows:  # no pass, but earlier scores may just have been stored
         store.compact()
     return ScoreSummary(run_id=job.run_id, output_uri=job.output_uri, n_inputs=manifest.num_rows,
                         n_skipped_already_scored=skipped, n_torn_parts_removed=len(torn),
@@ -1298,17 +1301,11 @@ def _mark_stored(job: ScoreJob, store: ScoreStore, parts: list[str], name: Optio
                          json.dumps(record).encode("utf-8"), (job.storage or StorageConfig()).resolved())
 
 
-def _run_parts(job: ScoreJob) -> list[str]:
-    """The parts of run ``job.run_id`` (run ids are unique per output: the default is the time and a random id)."""
-    return [p for p in list_part_files(job.output_uri, job.storage)
-            if Path(p).name.startswith(f"{PART_PREFIX}{job.run_id}-")]
-
-
 def _unmarked_parts(job: ScoreJob, store: ScoreStore) -> list[str]:
     """The output's parts whose scores no marker (``_mark_stored``) of this store and model says were stored."""
     fs, root = _output_location(job.output_uri, job.storage)
     markers = fs.get_file_info(pafs.FileSelector(f"{root.rstrip('/')}/{STORED_MARKERS}", allow_not_found=True))
-    stored: set[str] = set()
+    identity, stored = store.identity, set()
     for info in markers:
         if info.type != pafs.FileType.File:
             continue
@@ -1317,7 +1314,7 @@ def _unmarked_parts(job: ScoreJob, store: ScoreStore) -> list[str]:
                 record = json.loads(handle.read())
         except (OSError, ValueError):  # unreadable: its parts are read again, which is only slower
             continue
-        if isinstance(record, dict) and record.get("store") == store.identity:
+        if isinstance(record, dict) and record.get("store") == identity:
             stored.update(record.get("parts") or ())
     return [p for p in list_part_files(job.output_uri, job.storage) if Path(p).name not in stored]
 
@@ -1331,7 +1328,7 @@ def _store_earlier_scores(job: ScoreJob, store: ScoreStore) -> None:
     parts = _unmarked_parts(job, store)
     per_group = max(1, job.inputs_per_pass // max(1, job.rows_per_output_file))
     for start in range(0, len(parts), per_group):
-        group = parts[start:start + per_group]
+        group, name = parts[start:start + per_group], f"{job.run_id}-earlier{start // per_group:05d}"
         written = _read_parts(fs, group, columns=list(STORE_SCHEMA.names))
         fresh = written.filter(pc.and_(written.column("score").is_valid(), written.column("content_hash").is_valid()))
         if fresh.num_rows:
@@ -1340,9 +1337,8 @@ def _store_earlier_scores(job: ScoreJob, store: ScoreStore) -> None:
             if missing.num_rows:
                 log.info("score store %s: adding %d scores of earlier runs of %s", store.uri, missing.num_rows,
                          job.output_uri)
-                # Its own file name: this run adds its new scores later.
-                store.add(missing, f"{job.run_id}-earlier{start // per_group:05d}")
-        _mark_stored(job, store, group, name=f"{job.run_id}-earlier{start // per_group:05d}")
+                store.add(missing, name)  # its own file name: this run adds its new scores later
+        _mark_stored(job, store, group, name=name)
 
 
 def _fresh_rows(job: ScoreJob) -> pa.Table:
